@@ -1,0 +1,259 @@
+//! Body types shared by the proxy: the boxed body every response uses, the
+//! request-body wrapper that enforces size and time limits while streaming,
+//! and the response-body wrapper that keeps an upstream's in-flight count
+//! and writes the access log line when the body really ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+/// Errors that cross body and client boundaries.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The one body type of every response and every upstream request: boxing
+/// lets files, redirects and streamed upstream bodies share a signature.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete in-memory body.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Why a request body was cut off. The proxy finds these in the client
+/// error's source chain to answer 413 or 408 instead of a generic 502.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BodyLimitError {
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("request body stalled for longer than {0:?}")]
+    Stalled(Duration),
+}
+
+pin_project! {
+    /// Streams a client's request body to the upstream while enforcing the
+    /// size limit (for chunked bodies, whose size is unknown up front) and
+    /// the longest allowed gap between two chunks (slow-body clients).
+    pub struct LimitedBody<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        stall: Sleep,
+        stall_timeout: Duration,
+        max_bytes: u64,
+        seen: u64,
+    }
+}
+
+impl<B> LimitedBody<B> {
+    pub fn new(inner: B, max_bytes: u64, stall_timeout: Duration) -> Self {
+        LimitedBody {
+            inner,
+            stall: tokio::time::sleep(stall_timeout),
+            stall_timeout,
+            max_bytes,
+            seen: 0,
+        }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Pending => {
+                if this.stall.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Box::new(BodyLimitError::Stalled(
+                        *this.stall_timeout,
+                    )))));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.max_bytes {
+                        return Poll::Ready(Some(Err(Box::new(BodyLimitError::TooLarge(
+                            *this.max_bytes,
+                        )))));
+                    }
+                }
+                let deadline = Instant::now() + *this.stall_timeout;
+                this.stall.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Something to run once when a response body is finished or dropped:
+/// releasing an in-flight count, writing the access log.
+pub trait OnBodyEnd: Send + 'static {
+    fn on_end(&mut self, bytes_sent: u64, completed: bool);
+}
+
+pin_project! {
+    /// Wraps a response body, counts its bytes, and calls its [`OnBodyEnd`]
+    /// exactly once: at the end of the stream, on error, or when hyper drops
+    /// the body because the client went away. In-flight accounting therefore
+    /// covers the whole body, not just the headers.
+    pub struct TrackedBody<B: Body, E: OnBodyEnd> {
+        #[pin]
+        inner: B,
+        end: Option<E>,
+        sent: u64,
+    }
+
+    impl<B: Body, E: OnBodyEnd> PinnedDrop for TrackedBody<B, E> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(mut end) = this.end.take() {
+                // hyper drops a body whose last frame it has written without
+                // polling it to `None`; that still counts as complete.
+                let completed = this.inner.is_end_stream();
+                end.on_end(*this.sent, completed);
+            }
+        }
+    }
+}
+
+impl<B: Body, E: OnBodyEnd> TrackedBody<B, E> {
+    pub fn new(inner: B, end: E) -> Self {
+        TrackedBody {
+            inner,
+            end: Some(end),
+            sent: 0,
+        }
+    }
+}
+
+impl<B, E> Body for TrackedBody<B, E>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    E: OnBodyEnd,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = ready!(this.inner.poll_frame(cx));
+        match &polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.sent += data.len() as u64;
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(mut end) = this.end.take() {
+                    end.on_end(*this.sent, false);
+                }
+            }
+            None => {
+                if let Some(mut end) = this.end.take() {
+                    end.on_end(*this.sent, true);
+                }
+            }
+        }
+        Poll::Ready(polled.map(|result| result.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Record(Arc<Mutex<Vec<(u64, bool)>>>);
+
+    impl OnBodyEnd for Record {
+        fn on_end(&mut self, bytes_sent: u64, completed: bool) {
+            self.0.lock().expect("lock").push((bytes_sent, completed));
+        }
+    }
+
+    #[tokio::test]
+    async fn tracked_body_reports_once_at_end() {
+        let record = Record::default();
+        let body = TrackedBody::new(Full::new(Bytes::from_static(b"hello")), record.clone());
+        let collected = body.collect().await.expect("body").to_bytes();
+        assert_eq!(collected, "hello");
+        assert_eq!(*record.0.lock().expect("lock"), vec![(5, true)]);
+    }
+
+    #[tokio::test]
+    async fn tracked_body_reports_when_dropped_early() {
+        let record = Record::default();
+        let mut body = TrackedBody::new(
+            http_body_util::StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, std::convert::Infallible>,
+            >()),
+            record.clone(),
+        );
+        let poll = futures_util::poll!(std::pin::pin!(&mut body).frame());
+        assert!(poll.is_pending());
+        drop(body);
+        assert_eq!(*record.0.lock().expect("lock"), vec![(0, false)]);
+    }
+
+    #[tokio::test]
+    async fn limited_body_rejects_oversize() {
+        let body = LimitedBody::new(
+            Full::new(Bytes::from_static(b"0123456789")),
+            4,
+            Duration::from_secs(5),
+        );
+        let err = body.collect().await.expect_err("too large");
+        assert_eq!(
+            err.downcast_ref::<BodyLimitError>(),
+            Some(&BodyLimitError::TooLarge(4))
+        );
+    }
+}

@@ -1,0 +1,857 @@
+//! proxy.toml: the raw serde types, their validation, and the one immutable
+//! [`Config`] the rest of the proxy reads.
+//!
+//! Parsing happens in two passes. The first is serde: unknown keys and badly
+//! typed or badly formatted values (durations, sizes, addresses) fail there,
+//! and the TOML deserializer tells us exactly where. The second pass checks
+//! what serde cannot (a route naming a service that does not exist, a site
+//! with two actions) and collects *every* problem, each anchored to a
+//! `file:line:column`, so `cutover check` can list them all at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A validated configuration. Built once per (re)load and then shared
+/// read-only; a reload builds a whole new one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this config was read from, if any; relative paths inside the
+    /// file were resolved against its directory, and hot reload watches it.
+    pub source: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub tls: Vec<TlsFiles>,
+    pub sites: Vec<Site>,
+    pub services: BTreeMap<String, Service>,
+}
+
+/// `[server]`: listeners, admin socket, state, limits.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Plain-HTTP listen address (redirects and plain sites).
+    pub http: Option<SocketAddr>,
+    /// TLS listen address.
+    pub https: Option<SocketAddr>,
+    /// Unix socket the CLI talks to.
+    pub admin_socket: Option<PathBuf>,
+    /// Where the state file lives.
+    pub state_dir: Option<PathBuf>,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` we extend instead of replacing.
+    pub trusted_proxies: Vec<IpNet>,
+    pub limits: Limits,
+}
+
+/// Timeouts and size limits. Defaults follow nginx where nginx has one,
+/// tightened where nginx's is known to be too loose for an edge proxy.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time a client has to send a complete request head (nginx: 60s).
+    pub header_read_timeout: Duration,
+    /// Idle keep-alive connections are closed after this (nginx: 75s).
+    pub idle_timeout: Duration,
+    /// Largest request head accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Largest request body accepted; larger gets 413 (nginx: 1 MiB).
+    pub max_body_bytes: u64,
+    /// Longest gap between two reads of a request body before the request
+    /// is failed with 408 (nginx's client_body_timeout).
+    pub body_timeout: Duration,
+    /// Most client connections open at once; further accepts wait.
+    pub max_connections: usize,
+    /// Time to establish a TCP connection to an upstream (then 502).
+    pub upstream_connect_timeout: Duration,
+    /// Time an upstream has to send response headers (then 504).
+    pub upstream_timeout: Duration,
+    /// Time a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            body_timeout: Duration::from_secs(30),
+            max_connections: 25_000,
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(10),
+            h2_max_concurrent_streams: 128,
+        }
+    }
+}
+
+/// One `[[tls]]` certificate chain and key, by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One `[[site]]`: a set of host names and what to do with their requests.
+#[derive(Debug, Clone)]
+pub struct Site {
+    /// Exact names, `*.suffix` wildcards, or `*` for the catch-all site.
+    pub hosts: Vec<String>,
+    /// Answer plain-HTTP requests with 301 to https.
+    pub https_redirect: bool,
+    /// `Strict-Transport-Security` value to add on HTTPS responses.
+    pub hsts: Option<String>,
+    /// Routes, longest prefix first.
+    pub routes: Vec<Route>,
+}
+
+/// One path prefix and its action.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub path: String,
+    pub action: Action,
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Forward to the named service's active upstream.
+    Service(String),
+    /// Serve one static file.
+    File(PathBuf),
+    /// Redirect to this URL with this status.
+    Redirect { to: String, code: u16 },
+    /// Answer with this status and an empty body.
+    Status(u16),
+}
+
+/// `[service.NAME]`.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    /// The upstream that serves when nothing else (state file, a switch) says otherwise.
+    pub upstream: Option<SocketAddr>,
+}
+
+/// Everything wrong with a config file, each problem located.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: where, what, and (when we know one) how to fix it.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based line and column; 0 when the problem has no location (I/O).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are
+    /// resolved against the file's directory, so a config works whatever
+    /// the current directory of the process is.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            problems: vec![Problem {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read config: {err}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut config = Config::parse(&text, &path.display().to_string(), base)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `file` names it in errors and
+    /// `base` anchors relative paths.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        let locate = Locator::new(text, file);
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError {
+            problems: vec![locate.problem(err.span(), err.message().to_string())],
+        })?;
+        Validator::new(&locate, base).validate(raw)
+    }
+
+    /// The service names routes refer to, for error messages.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+}
+
+/// Turns byte offsets into `file:line:column`.
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl<'a> Locator<'a> {
+    fn new(text: &'a str, file: &'a str) -> Self {
+        Locator { text, file }
+    }
+
+    fn problem(&self, span: Option<Range<usize>>, message: String) -> Problem {
+        let (line, column) = match span {
+            Some(span) => self.line_column(span.start),
+            None => (0, 0),
+        };
+        Problem {
+            file: self.file.to_string(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    fn line_column(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before
+            .rsplit('\n')
+            .next()
+            .map_or(0, |tail| tail.chars().count())
+            + 1;
+        (line, column)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw serde types: exactly the file's shape, unknown keys rejected.
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    tls: Vec<RawTls>,
+    #[serde(default)]
+    site: Vec<Spanned<RawSite>>,
+    #[serde(default)]
+    service: BTreeMap<String, Spanned<RawService>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
+    admin_socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    workers: Option<usize>,
+    shutdown_timeout: Option<DurationValue>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    header_read_timeout: Option<DurationValue>,
+    idle_timeout: Option<DurationValue>,
+    max_header_bytes: Option<SizeValue>,
+    max_body_bytes: Option<SizeValue>,
+    body_timeout: Option<DurationValue>,
+    max_connections: Option<usize>,
+    upstream_connect_timeout: Option<DurationValue>,
+    upstream_timeout: Option<DurationValue>,
+    tls_handshake_timeout: Option<DurationValue>,
+    h2_max_concurrent_streams: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    https_redirect: bool,
+    hsts: Option<HstsValue>,
+    service: Option<Spanned<String>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: Spanned<String>,
+    service: Option<Spanned<String>>,
+    file: Option<PathBuf>,
+    redirect: Option<String>,
+    /// With `redirect`: 301 (default), 302, 307 or 308.
+    code: Option<u16>,
+    status: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    upstream: Option<SocketAddr>,
+}
+
+/// `hsts = true` (a one-year max-age) or the header's literal value.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HstsValue {
+    Enabled(bool),
+    Header(String),
+}
+
+/// A duration written as a string: `"500ms"`, `"30s"`, `"15m"`, `"2h"`.
+#[derive(Debug, Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text)
+            .map(DurationValue)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// A size: a plain number of bytes, or a string like `"16KiB"`, `"10MiB"`.
+#[derive(Debug, Clone, Copy)]
+struct SizeValue(u64);
+
+impl<'de> Deserialize<'de> for SizeValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(u64),
+            Text(String),
+        }
+        match Either::deserialize(deserializer)? {
+            Either::Number(n) => Ok(SizeValue(n)),
+            Either::Text(text) => parse_size(&text).map(SizeValue).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"15m"`, `"2h"`, `"1d"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let hint = "expected a duration such as \"500ms\", \"30s\", \"15m\" or \"2h\"";
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("invalid duration {text:?}: missing unit; {hint}"))?;
+    let (number, unit) = trimmed.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}; {hint}"))?;
+    let millis_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("invalid duration unit in {text:?}; {hint}")),
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {text:?} is too large"))
+}
+
+/// Parses `"512"`, `"16KiB"`, `"10MiB"`, `"1GiB"` (also `k`, `KB`, `M`, `MB`…,
+/// all binary multiples, as nginx reads them).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let hint = "expected a size such as 16384, \"16KiB\" or \"10MiB\"";
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}; {hint}"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {text:?}; {hint}")),
+    };
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+// ---------------------------------------------------------------------------
+// Second pass: cross-field validation, collecting every problem.
+// ---------------------------------------------------------------------------
+
+/// A site's host names with where each was written.
+type HostSpans = Vec<(String, Range<usize>)>;
+
+struct Validator<'a> {
+    locate: &'a Locator<'a>,
+    base: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(locate: &'a Locator<'a>, base: &'a Path) -> Self {
+        Validator {
+            locate,
+            base,
+            problems: Vec::new(),
+        }
+    }
+
+    fn report(&mut self, span: Range<usize>, message: String) {
+        let problem = self.locate.problem(Some(span), message);
+        self.problems.push(problem);
+    }
+
+    fn resolve(&self, path: PathBuf) -> PathBuf {
+        if path.is_absolute() {
+            path
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let services = self.services(raw.service);
+        let server = self.server(raw.server);
+        let tls = raw
+            .tls
+            .into_iter()
+            .map(|t| TlsFiles {
+                cert: self.resolve(t.cert),
+                key: self.resolve(t.key),
+            })
+            .collect();
+        let sites = raw
+            .site
+            .into_iter()
+            .map(|site| self.site(site, &services))
+            .collect::<Vec<_>>();
+        self.check_duplicate_hosts(&sites);
+        if self.problems.is_empty() {
+            Ok(Config {
+                source: None,
+                server,
+                tls,
+                sites: sites.into_iter().map(|(site, _)| site).collect(),
+                services,
+            })
+        } else {
+            Err(ConfigError {
+                problems: self.problems,
+            })
+        }
+    }
+
+    fn services(
+        &mut self,
+        raw: BTreeMap<String, Spanned<RawService>>,
+    ) -> BTreeMap<String, Service> {
+        let mut services = BTreeMap::new();
+        for (name, spanned) in raw {
+            let span = spanned.span();
+            if !valid_service_name(&name) {
+                self.report(
+                    span,
+                    format!("invalid service name {name:?}: use letters, digits, '-' and '_'"),
+                );
+            }
+            let raw = spanned.into_inner();
+            services.insert(
+                name.clone(),
+                Service {
+                    name,
+                    upstream: raw.upstream,
+                },
+            );
+        }
+        services
+    }
+
+    fn server(&mut self, raw: RawServer) -> ServerConfig {
+        let defaults = Limits::default();
+        let l = raw.limits;
+        let limits = Limits {
+            header_read_timeout: l
+                .header_read_timeout
+                .map_or(defaults.header_read_timeout, |d| d.0),
+            idle_timeout: l.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
+            max_header_bytes: l
+                .max_header_bytes
+                .map_or(defaults.max_header_bytes, |s| s.0 as usize),
+            max_body_bytes: l.max_body_bytes.map_or(defaults.max_body_bytes, |s| s.0),
+            body_timeout: l.body_timeout.map_or(defaults.body_timeout, |d| d.0),
+            max_connections: l.max_connections.unwrap_or(defaults.max_connections),
+            upstream_connect_timeout: l
+                .upstream_connect_timeout
+                .map_or(defaults.upstream_connect_timeout, |d| d.0),
+            upstream_timeout: l
+                .upstream_timeout
+                .map_or(defaults.upstream_timeout, |d| d.0),
+            tls_handshake_timeout: l
+                .tls_handshake_timeout
+                .map_or(defaults.tls_handshake_timeout, |d| d.0),
+            h2_max_concurrent_streams: l
+                .h2_max_concurrent_streams
+                .unwrap_or(defaults.h2_max_concurrent_streams),
+        };
+        let trusted_proxies = raw
+            .trusted_proxies
+            .into_iter()
+            .filter_map(|spanned| {
+                let span = spanned.span();
+                match parse_net(spanned.get_ref()) {
+                    Ok(net) => Some(net),
+                    Err(message) => {
+                        self.report(span, message);
+                        None
+                    }
+                }
+            })
+            .collect();
+        ServerConfig {
+            http: raw.http,
+            https: raw.https,
+            admin_socket: raw.admin_socket.map(|p| self.resolve(p)),
+            state_dir: raw.state_dir.map(|p| self.resolve(p)),
+            workers: raw.workers.unwrap_or(0),
+            shutdown_timeout: raw
+                .shutdown_timeout
+                .map_or(Duration::from_secs(30), |d| d.0),
+            trusted_proxies,
+            limits,
+        }
+    }
+
+    /// Returns the site plus the spans of its hosts (for duplicate checks).
+    fn site(
+        &mut self,
+        spanned: Spanned<RawSite>,
+        services: &BTreeMap<String, Service>,
+    ) -> (Site, HostSpans) {
+        let site_span = spanned.span();
+        let raw = spanned.into_inner();
+        if raw.hosts.is_empty() {
+            self.report(
+                site_span.clone(),
+                "site has no hosts; use hosts = [\"example.org\"] or [\"*\"] for a catch-all"
+                    .into(),
+            );
+        }
+        let mut host_spans = Vec::new();
+        let mut hosts = Vec::new();
+        for host in raw.hosts {
+            let span = host.span();
+            let name = host.into_inner().to_ascii_lowercase();
+            if let Err(message) = check_host_pattern(&name) {
+                self.report(span.clone(), message);
+            }
+            host_spans.push((name.clone(), span));
+            hosts.push(name);
+        }
+        let mut routes = Vec::new();
+        if let Some(service) = raw.service {
+            self.check_service_ref(&service, services);
+            routes.push(Route {
+                path: "/".into(),
+                action: Action::Service(service.into_inner()),
+            });
+        }
+        for route in raw.route {
+            if let Some(route) = self.route(route, services) {
+                if routes.iter().any(|r: &Route| r.path == route.path) {
+                    self.report(
+                        site_span.clone(),
+                        format!("two routes for path {:?} in one site", route.path),
+                    );
+                }
+                routes.push(route);
+            }
+        }
+        routes.sort_by_key(|route| std::cmp::Reverse(route.path.len()));
+        let hsts = match raw.hsts {
+            None | Some(HstsValue::Enabled(false)) => None,
+            Some(HstsValue::Enabled(true)) => Some("max-age=31536000".to_string()),
+            Some(HstsValue::Header(value)) => Some(value),
+        };
+        let site = Site {
+            hosts,
+            https_redirect: raw.https_redirect,
+            hsts,
+            routes,
+        };
+        (site, host_spans)
+    }
+
+    fn route(
+        &mut self,
+        spanned: Spanned<RawRoute>,
+        services: &BTreeMap<String, Service>,
+    ) -> Option<Route> {
+        let span = spanned.span();
+        let raw = spanned.into_inner();
+        let path_span = raw.path.span();
+        let path = raw.path.into_inner();
+        if !path.starts_with('/') {
+            self.report(
+                path_span,
+                format!("route path {path:?} must start with '/'"),
+            );
+        }
+        let mut actions = Vec::new();
+        if let Some(service) = raw.service {
+            self.check_service_ref(&service, services);
+            actions.push(Action::Service(service.into_inner()));
+        }
+        if let Some(file) = raw.file {
+            actions.push(Action::File(self.resolve(file)));
+        }
+        if let Some(to) = raw.redirect {
+            let code = raw.code.unwrap_or(301);
+            if ![301, 302, 303, 307, 308].contains(&code) {
+                self.report(
+                    span.clone(),
+                    format!(
+                        "redirect code {code} is not a redirect; use 301, 302, 303, 307 or 308"
+                    ),
+                );
+            }
+            actions.push(Action::Redirect { to, code });
+        } else if raw.code.is_some() {
+            self.report(span.clone(), "`code` only goes with `redirect`".into());
+        }
+        if let Some(status) = raw.status {
+            if !(200..=599).contains(&status) {
+                self.report(span.clone(), format!("status {status} is not in 200..=599"));
+            }
+            actions.push(Action::Status(status));
+        }
+        if actions.len() != 1 {
+            self.report(
+                span,
+                format!(
+                    "route {path:?} needs exactly one of `service`, `file`, `redirect`, `status` (found {})",
+                    actions.len()
+                ),
+            );
+            return None;
+        }
+        actions.pop().map(|action| Route { path, action })
+    }
+
+    fn check_service_ref(&mut self, name: &Spanned<String>, services: &BTreeMap<String, Service>) {
+        if !services.contains_key(name.get_ref()) {
+            let known: Vec<&str> = services.keys().map(String::as_str).collect();
+            self.report(
+                name.span(),
+                format!(
+                    "unknown service {:?}; define [service.{}] (known: {})",
+                    name.get_ref(),
+                    name.get_ref(),
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+
+    fn check_duplicate_hosts(&mut self, sites: &[(Site, HostSpans)]) {
+        let mut seen = std::collections::HashSet::new();
+        for (_, hosts) in sites {
+            for (host, span) in hosts {
+                if !seen.insert(host.clone()) {
+                    self.report(span.clone(), format!("host {host:?} belongs to two sites"));
+                }
+            }
+        }
+    }
+}
+
+fn valid_service_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Hosts are exact names, `*.suffix`, or `*`.
+fn check_host_pattern(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if host == "*" {
+        return Ok(());
+    }
+    let valid = !name.is_empty()
+        && !name.contains('*')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid host {host:?}: use a name like \"example.org\", a wildcard \"*.example.org\", or \"*\" for a catch-all (no port)"
+        ))
+    }
+}
+
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("invalid trusted proxy {text:?}: expected an IP address or CIDR"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "proxy.toml", Path::new("/etc/cutover"))
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("1w").is_err());
+        assert_eq!(parse_size("16KiB"), Ok(16384));
+        assert_eq!(parse_size("10m"), Ok(10 << 20));
+        assert!(parse_size("ten").is_err());
+    }
+
+    #[test]
+    fn minimal_site_resolves_relative_paths() {
+        let config = parse(
+            r#"
+            [[tls]]
+            cert = "certs/a.pem"
+            key = "/abs/key.pem"
+            [[site]]
+            hosts = ["Example.org", "*.example.org"]
+            service = "web"
+            [[site.route]]
+            path = "/privacy"
+            file = "privacy.html"
+            [service.web]
+            upstream = "127.0.0.1:9000"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(config.tls[0].cert, Path::new("/etc/cutover/certs/a.pem"));
+        assert_eq!(config.tls[0].key, Path::new("/abs/key.pem"));
+        let site = &config.sites[0];
+        assert_eq!(site.hosts, vec!["example.org", "*.example.org"]);
+        assert_eq!(site.routes[0].path, "/privacy");
+        assert_eq!(
+            site.routes[0].action,
+            Action::File("/etc/cutover/privacy.html".into())
+        );
+        assert_eq!(site.routes[1].action, Action::Service("web".into()));
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let err = parse("[server]\nhttp = \"127.0.0.1:80\"\nworkerz = 2\n").unwrap_err();
+        let problem = &err.problems[0];
+        assert_eq!((problem.line, problem.column), (3, 1));
+        assert!(problem.message.contains("workerz"), "{problem}");
+        assert!(
+            problem.message.contains("workers"),
+            "hint lists valid keys: {problem}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        let err = parse("[server]\nshutdown_timeout = \"30 seconds\"\n").unwrap_err();
+        assert_eq!(err.problems[0].line, 2);
+        assert!(err.problems[0].message.contains("duration"));
+    }
+
+    #[test]
+    fn every_semantic_problem_is_listed() {
+        let err = parse(
+            r#"
+[[site]]
+hosts = ["a.example"]
+service = "nope"
+[[site.route]]
+path = "/x"
+file = "x.html"
+status = 404
+[[site]]
+hosts = ["a.example", "bad host"]
+"#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 4, "{text}");
+        assert!(
+            text.contains("proxy.toml:4:11: unknown service \"nope\""),
+            "{text}"
+        );
+        assert!(text.contains("exactly one of"), "{text}");
+        assert!(text.contains("belongs to two sites"), "{text}");
+        assert!(text.contains("invalid host \"bad host\""), "{text}");
+    }
+}

@@ -1,0 +1,300 @@
+//! Header rules for forwarding a request to an upstream and its response
+//! back: hop-by-hop removal in both directions, the `X-Forwarded-*` family,
+//! `Via`, and detection of response framing we refuse to relay.
+//!
+//! Kept free of I/O so every rule is unit-tested on plain header maps.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+/// Headers that describe one hop and never cross the proxy (RFC 9110 §7.6.1),
+/// plus the non-standard ones old clients still send.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// `Via` token this proxy adds.
+pub const VIA: &str = "1.1 cutover";
+
+/// Removes hop-by-hop headers, including every header the `Connection`
+/// header names, and `Upgrade` (re-added by the caller only for a tunnel
+/// it accepted).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP.iter() {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// The protocol a client asks to upgrade to, if it is one we tunnel.
+/// Only `websocket` is tunnelled; `h2c` and anything else is ignored (the
+/// request is forwarded as a plain request without its Upgrade header).
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let upgrade = headers.get(header::UPGRADE)?;
+    let is_websocket = upgrade
+        .to_str()
+        .map(|v| v.trim().eq_ignore_ascii_case("websocket"))
+        .unwrap_or(false);
+    (connection_upgrade && is_websocket).then(|| upgrade.clone())
+}
+
+/// Facts about the client connection the forwarding headers describe.
+#[derive(Debug, Clone)]
+pub struct ClientFacts<'a> {
+    pub addr: IpAddr,
+    /// "http" or "https": how the client reached us.
+    pub proto: &'static str,
+    /// The host the client asked for (Host or :authority), verbatim.
+    pub host: &'a str,
+    /// Peers whose forwarding headers are trusted and extended.
+    pub trusted_proxies: &'a [IpNet],
+}
+
+impl ClientFacts<'_> {
+    fn trusted(&self) -> bool {
+        self.trusted_proxies
+            .iter()
+            .any(|net| net.contains(&self.addr))
+    }
+}
+
+/// Sets `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`,
+/// `X-Forwarded-Host` and `Via` on a request about to be forwarded.
+///
+/// A client's own `X-Forwarded-*` values are kept (and extended) only when
+/// the client is a trusted proxy; otherwise they are replaced, so a client
+/// cannot forge the address the upstream sees.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let client = facts.addr.to_string();
+    let forwarded_for = if facts.trusted() {
+        let previous: Vec<&str> = headers
+            .get_all(&xff)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if previous.is_empty() {
+            client.clone()
+        } else {
+            format!("{}, {client}", previous.join(", "))
+        }
+    } else {
+        client.clone()
+    };
+    let real_ip = if facts.trusted() {
+        headers
+            .get("x-real-ip")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| client.clone())
+    } else {
+        client
+    };
+    let proto = if facts.trusted() {
+        headers
+            .get("x-forwarded-proto")
+            .cloned()
+            .unwrap_or(HeaderValue::from_static(facts.proto))
+    } else {
+        HeaderValue::from_static(facts.proto)
+    };
+    insert_str(headers, xff, &forwarded_for);
+    insert_str(headers, HeaderName::from_static("x-real-ip"), &real_ip);
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), proto);
+    insert_str(
+        headers,
+        HeaderName::from_static("x-forwarded-host"),
+        facts.host,
+    );
+    append_via(headers);
+}
+
+/// Adds our `Via` token after any existing ones.
+pub fn append_via(headers: &mut HeaderMap) {
+    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => format!("{existing}, {VIA}"),
+        _ => VIA.to_string(),
+    };
+    insert_str(headers, header::VIA, &via);
+}
+
+fn insert_str(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1
+/// upstream must get them as one field joined by "; " (RFC 9113 §8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let cookies: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if cookies.len() < 2 {
+        return;
+    }
+    let joined = cookies.join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+/// Rejects upstream responses whose length is ambiguous: `Content-Length`
+/// together with `Transfer-Encoding`, or several different lengths. Relaying
+/// such a response is how response splitting and cache poisoning start.
+pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
+    if !lengths.is_empty() && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err("upstream sent both Content-Length and Transfer-Encoding");
+    }
+    let mut values = lengths
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|v| v.trim_ascii());
+    if let Some(first) = values.next() {
+        if values.any(|other| other != first) {
+            return Err("upstream sent conflicting Content-Length values");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn strips_standard_and_connection_named_headers() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("upgrade", "h2c"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-kept"], "yes");
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_tunnelled() {
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(requested_upgrade(&ws).is_some());
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(requested_upgrade(&h2c).is_none());
+        let no_connection = map(&[("upgrade", "websocket")]);
+        assert!(requested_upgrade(&no_connection).is_none());
+    }
+
+    fn facts<'a>(addr: &str, trusted: &'a [IpNet]) -> ClientFacts<'a> {
+        ClientFacts {
+            addr: addr.parse().expect("ip"),
+            proto: "https",
+            host: "example.org",
+            trusted_proxies: trusted,
+        }
+    }
+
+    #[test]
+    fn untrusted_client_values_are_replaced() {
+        let mut headers = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-proto", "gopher"),
+        ]);
+        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &[]));
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(headers["x-real-ip"], "10.0.0.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-host"], "example.org");
+        assert_eq!(headers["via"], VIA);
+    }
+
+    #[test]
+    fn trusted_proxy_values_are_extended() {
+        let trusted = ["10.0.0.0/8".parse().expect("net")];
+        let mut headers = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("via", "1.1 lb"),
+        ]);
+        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &trusted));
+        assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.7");
+        assert_eq!(headers["via"], "1.1 lb, 1.1 cutover");
+    }
+
+    #[test]
+    fn cookies_are_joined() {
+        let mut headers = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all("cookie").iter().count(), 1);
+        assert_eq!(headers["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn ambiguous_response_framing_is_refused() {
+        assert!(check_response_framing(&map(&[("content-length", "5")])).is_ok());
+        assert!(
+            check_response_framing(&map(&[("content-length", "5"), ("content-length", "5")]))
+                .is_ok()
+        );
+        assert!(
+            check_response_framing(&map(&[("content-length", "5"), ("content-length", "6")]))
+                .is_err()
+        );
+        assert!(check_response_framing(&map(&[("content-length", "5, 6")])).is_err());
+        assert!(check_response_framing(&map(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked")
+        ]))
+        .is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! cutover: a reverse proxy with an embedded blue/green deploy controller.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; tests drive
+//! the same public API: bind listeners, build a [`Config`], call [`run`].
+
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod check;
+pub mod config;
+pub mod forward;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod snapshot;
+pub mod tls;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{run, Listeners, ServerError};

@@ -1,0 +1,540 @@
+//! The request path: validate, route, act (forward, file, redirect,
+//! status), and account for it.
+//!
+//! A request loads the current [`Snapshot`] once, as an `Arc`, and uses that
+//! one view throughout, so a switch or reload in the middle of a request
+//! never mixes two configurations. Every response leaves through
+//! [`finish`], which attaches the body tracker that releases the upstream's
+//! in-flight count and writes the access-log line when the body ends.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::{self, BodyLimitError, LimitedBody, OnBodyEnd, ProxyBody, TrackedBody};
+use crate::config::{Action, Site};
+use crate::forward::{self, ClientFacts};
+use crate::routes::{self, normalize_host};
+use crate::snapshot::Snapshot;
+use crate::upstream::{InFlight, Upstream};
+
+/// State every connection shares.
+pub struct Shared {
+    /// The current routing snapshot; replaced whole by reloads and switches.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Port of the HTTPS listener, for building redirect URLs.
+    pub https_port: Option<u16>,
+    /// Cancelled at shutdown; tunnels watch it.
+    pub shutdown: CancellationToken,
+    /// Tracks spawned tunnel tasks so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// Facts about one client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientConn {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+impl ClientConn {
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Everything that can go wrong on the request path, each mapped to one
+/// status by [`ProxyError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no site for host {0:?}")]
+    UnknownHost(String),
+    #[error("no route for path")]
+    NoRoute,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("service {0:?} has no active upstream")]
+    NoUpstream(String),
+    #[error("upstream unreachable: {0}")]
+    UpstreamConnect(String),
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("upstream protocol error: {0}")]
+    UpstreamProtocol(String),
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("request body too slow")]
+    BodyStalled,
+    #[error("file unavailable: {0}")]
+    File(String),
+}
+
+impl ProxyError {
+    /// The one place that decides which status a failure becomes.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::NoRoute | ProxyError::File(_) => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyStalled => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    /// Errors after which the connection must not be reused: the request
+    /// framing can no longer be trusted, or the body was not fully read.
+    fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge | ProxyError::BodyStalled
+        )
+    }
+
+    fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let text = format!(
+            "{} {}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        let mut response = Response::new(body::full(text));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if self.closes_connection() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let ProxyError::MethodNotAllowed = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        response
+    }
+}
+
+/// Serves one request. Never fails: every error becomes a response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ClientConn,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let snapshot = shared.snapshot.load_full();
+    let mut log = AccessLog::start(&conn, &req);
+    let outcome = dispatch(&shared, &snapshot, conn, req, &mut log).await;
+    let (response, guard) = match outcome {
+        Ok(done) => done,
+        Err(err) => {
+            if err.status().is_server_error() {
+                tracing::warn!(client.addr = %conn.addr, error = %err, "request failed");
+            } else {
+                tracing::debug!(client.addr = %conn.addr, error = %err, "request refused");
+            }
+            (err.into_response(), None)
+        }
+    };
+    Ok(finish(response, log, guard))
+}
+
+/// A response plus, when it came from an upstream, the guard that keeps the
+/// request counted there until the body ends.
+type Outcome = (Response<ProxyBody>, Option<InFlight>);
+
+async fn dispatch(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    conn: ClientConn,
+    req: Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Outcome, ProxyError> {
+    let authority = request_authority(&req)?;
+    let host = match authority.as_deref() {
+        Some(authority) => {
+            normalize_host(authority).ok_or(ProxyError::BadRequest("invalid host"))?
+        }
+        None => String::new(),
+    };
+    log.host.clone_from(&host);
+    let site = snapshot
+        .routes
+        .site(&host)
+        .ok_or_else(|| ProxyError::UnknownHost(host.clone()))?;
+    if !conn.tls && site.https_redirect {
+        return Ok((https_redirect(&host, shared.https_port, req.uri()), None));
+    }
+    let route = routes::route(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;
+    let (mut response, guard) = match &route.action {
+        Action::Status(code) => (status_response(*code), None),
+        Action::Redirect { to, code } => (redirect(to, *code), None),
+        Action::File(path) => (serve_file(path, req.method()).await?, None),
+        Action::Service(name) => {
+            let upstream = snapshot
+                .service(name)
+                .and_then(|slot| slot.active.clone())
+                .ok_or_else(|| ProxyError::NoUpstream(name.clone()))?;
+            log.upstream = Some(upstream.addr);
+            let authority = authority.unwrap_or_default();
+            let (response, guard) =
+                forward(shared, snapshot, conn, req, upstream, &authority).await?;
+            (response, Some(guard))
+        }
+    };
+    add_site_headers(&mut response, site, conn);
+    Ok((response, guard))
+}
+
+/// The authority the client addressed: the URI's (HTTP/2 `:authority`,
+/// absolute-form HTTP/1) or the single Host header. HTTP/1.1 requires
+/// exactly one Host (RFC 9112 §3.2); several are a smuggling vector.
+fn request_authority(req: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first_host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if let Some(authority) = req.uri().authority() {
+        return Ok(Some(authority.as_str().to_string()));
+    }
+    match first_host {
+        Some(value) => value
+            .to_str()
+            .map(|v| Some(v.to_string()))
+            .map_err(|_| ProxyError::BadRequest("Host header is not ASCII")),
+        None if req.version() == Version::HTTP_11 => {
+            Err(ProxyError::BadRequest("HTTP/1.1 request without Host"))
+        }
+        None => Ok(None),
+    }
+}
+
+fn https_redirect(host: &str, https_port: Option<u16>, uri: &Uri) -> Response<ProxyBody> {
+    let port = match https_port {
+        Some(443) | None => String::new(),
+        Some(port) => format!(":{port}"),
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    redirect(&format!("https://{host}{port}{path}"), 301)
+}
+
+fn redirect(location: &str, code: u16) -> Response<ProxyBody> {
+    let mut response = status_response(code);
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+fn status_response(code: u16) -> Response<ProxyBody> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
+
+/// Serves one configured static file (the seeds' privacy page). Files are
+/// small and read per request, so an edited file shows up immediately.
+async fn serve_file(
+    path: &std::path::Path,
+    method: &Method,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let contents = tokio::fs::read(path).await.map_err(|err| {
+        tracing::warn!(file = %path.display(), error = %err, "static file unavailable");
+        ProxyError::File(err.to_string())
+    })?;
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    let content_type = if mime.type_() == mime_guess::mime::TEXT {
+        format!("{mime}; charset=utf-8")
+    } else {
+        mime.to_string()
+    };
+    let length = contents.len();
+    let body = if method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(contents)
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    Ok(response)
+}
+
+fn add_site_headers(response: &mut Response<ProxyBody>, site: &Site, conn: ClientConn) {
+    if let (true, Some(hsts)) = (conn.tls, &site.hsts) {
+        if let Ok(value) = HeaderValue::from_str(hsts) {
+            response
+                .headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, value);
+        }
+    }
+}
+
+/// Forwards one request to `upstream` and relays the answer.
+async fn forward(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    conn: ClientConn,
+    mut req: Request<Incoming>,
+    upstream: Arc<Upstream>,
+    authority: &str,
+) -> Result<(Response<ProxyBody>, InFlight), ProxyError> {
+    let limits = &snapshot.config.server.limits;
+    let guard = upstream.begin_request();
+    if declared_length(&req)? > Some(limits.max_body_bytes) {
+        return Err(ProxyError::BodyTooLarge);
+    }
+    let upgrade = (req.version() == Version::HTTP_11)
+        .then(|| forward::requested_upgrade(req.headers()))
+        .flatten();
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    parts.uri = format!("http://{}{}", upstream.addr, path)
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    let headers = &mut parts.headers;
+    forward::strip_hop_by_hop(headers);
+    if parts.version == Version::HTTP_2 {
+        forward::join_cookies(headers);
+    }
+    forward::set_forwarding_headers(
+        headers,
+        &ClientFacts {
+            addr: conn.addr.ip(),
+            proto: conn.proto(),
+            host: authority,
+            trusted_proxies: &snapshot.config.server.trusted_proxies,
+        },
+    );
+    if let Ok(host) = HeaderValue::from_str(authority) {
+        headers.insert(header::HOST, host);
+    }
+    if let Some(protocol) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
+    parts.version = Version::HTTP_11;
+    let body = LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout).boxed_unsync();
+    let upstream_req = Request::from_parts(parts, body);
+
+    let sent = tokio::time::timeout(
+        limits.upstream_timeout,
+        upstream.client().request(upstream_req),
+    );
+    let mut response = sent
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(classify_client_error)?;
+
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
+        (response.status(), client_upgrade)
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        spawn_tunnel(shared, &upstream, client_upgrade, upstream_upgrade);
+        let (mut parts, _) = response.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(protocol) = protocol {
+            parts.headers.insert(header::UPGRADE, protocol);
+        }
+        return Ok((Response::from_parts(parts, body::empty()), guard));
+    }
+
+    forward::check_response_framing(response.headers())
+        .map_err(|reason| ProxyError::UpstreamProtocol(reason.to_string()))?;
+    let (mut parts, body) = response.into_parts();
+    forward::strip_hop_by_hop(&mut parts.headers);
+    forward::append_via(&mut parts.headers);
+    let body = body.map_err(body::BoxError::from).boxed_unsync();
+    Ok((Response::from_parts(parts, body), guard))
+}
+
+/// The request's declared Content-Length, if any. hyper has already refused
+/// unparsable or conflicting values, so a parse failure here is a bug
+/// signal we still answer with 400 rather than trust.
+fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(Some)
+            .ok_or(ProxyError::BadRequest("invalid Content-Length")),
+    }
+}
+
+/// Tells a request-body limit apart from an upstream failure: our own
+/// [`BodyLimitError`] travels inside the client's error chain.
+fn classify_client_error(err: hyper_util::client::legacy::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(current) = source {
+        if let Some(limit) = current.downcast_ref::<BodyLimitError>() {
+            return match limit {
+                BodyLimitError::TooLarge(_) => ProxyError::BodyTooLarge,
+                BodyLimitError::Stalled(_) => ProxyError::BodyStalled,
+            };
+        }
+        source = current.source();
+    }
+    if err.is_connect() {
+        ProxyError::UpstreamConnect(error_chain(&err))
+    } else {
+        ProxyError::UpstreamProtocol(error_chain(&err))
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(current) = source {
+        text.push_str(": ");
+        text.push_str(&current.to_string());
+        source = current.source();
+    }
+    text
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies
+/// bytes both ways until either side closes, the upstream is retired, or the
+/// proxy shuts down. The tunnel counts on its upstream meanwhile.
+fn spawn_tunnel(
+    shared: &Shared,
+    upstream: &Arc<Upstream>,
+    client: hyper::upgrade::OnUpgrade,
+    upstream_side: hyper::upgrade::OnUpgrade,
+) {
+    let tunnel = upstream.begin_tunnel();
+    let retired = upstream.tunnel_token();
+    let shutdown = shared.shutdown.clone();
+    shared.tasks.spawn(async move {
+        let (client, upstream_side) = match tokio::try_join!(client, upstream_side) {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::debug!(error = %err, "upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream_side = TokioIo::new(upstream_side);
+        tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut client, &mut upstream_side) => {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "tunnel ended with an error");
+                }
+            }
+            _ = retired.cancelled() => {
+                tracing::info!(upstream.addr = %tunnel.upstream().addr, "closing tunnel: upstream retired");
+            }
+            _ = shutdown.cancelled() => {}
+        }
+        drop(tunnel);
+    });
+}
+
+/// Attaches the access log and in-flight guard to the response body.
+fn finish(
+    response: Response<ProxyBody>,
+    mut log: AccessLog,
+    guard: Option<InFlight>,
+) -> Response<ProxyBody> {
+    log.status = response.status().as_u16();
+    let end = RequestEnd { log, _guard: guard };
+    response.map(|body| TrackedBody::new(body, end).boxed_unsync())
+}
+
+/// What is released and logged when a response body ends.
+struct RequestEnd {
+    log: AccessLog,
+    /// Held only to be dropped at the end of the body.
+    _guard: Option<InFlight>,
+}
+
+impl OnBodyEnd for RequestEnd {
+    fn on_end(&mut self, bytes_sent: u64, completed: bool) {
+        self.log.write(bytes_sent, completed);
+    }
+}
+
+/// The fields of one access-log line, written as one event on the
+/// `cutover::access` target when the response body ends (so `bytes` and
+/// `duration` are the real ones, as in nginx's log).
+struct AccessLog {
+    start: Instant,
+    client: SocketAddr,
+    method: Method,
+    path: String,
+    host: String,
+    status: u16,
+    upstream: Option<SocketAddr>,
+}
+
+impl AccessLog {
+    fn start(conn: &ClientConn, req: &Request<Incoming>) -> AccessLog {
+        AccessLog {
+            start: Instant::now(),
+            client: conn.addr,
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            host: String::new(),
+            status: 0,
+            upstream: None,
+        }
+    }
+
+    fn write(&self, bytes_sent: u64, completed: bool) {
+        let upstream = self
+            .upstream
+            .map_or_else(|| "-".to_string(), |addr| addr.to_string());
+        tracing::info!(
+            target: "cutover::access",
+            host = %self.host,
+            client.addr = %self.client,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            bytes = bytes_sent,
+            duration_ms = %format_args!("{:.3}", self.start.elapsed().as_secs_f64() * 1000.0),
+            upstream.addr = %upstream,
+            completed,
+        );
+    }
+}

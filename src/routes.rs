@@ -1,0 +1,197 @@
+//! The routing table: host → site → longest-prefix route.
+//!
+//! Built once from a [`Config`] and never mutated; a reload builds a new
+//! table and swaps it in with the rest of the [`Snapshot`](crate::snapshot::Snapshot),
+//! so a request always sees one consistent table.
+
+use std::collections::HashMap;
+
+use crate::config::{Config, Route, Site};
+
+/// Host → site lookup plus each site's routes.
+#[derive(Debug)]
+pub struct RouteTable {
+    sites: Vec<Site>,
+    /// Exact host name → index into `sites`.
+    exact: HashMap<String, usize>,
+    /// `*.suffix` patterns as (".suffix", site), longest suffix first so the
+    /// most specific wildcard wins.
+    wildcards: Vec<(String, usize)>,
+    /// The `hosts = ["*"]` site, if any: unknown hosts land here instead of 421.
+    catch_all: Option<usize>,
+}
+
+impl RouteTable {
+    pub fn new(config: &Config) -> RouteTable {
+        let mut exact = HashMap::new();
+        let mut wildcards = Vec::new();
+        let mut catch_all = None;
+        for (index, site) in config.sites.iter().enumerate() {
+            for host in &site.hosts {
+                if host == "*" {
+                    catch_all = Some(index);
+                } else if let Some(suffix) = host.strip_prefix('*') {
+                    wildcards.push((suffix.to_string(), index));
+                } else {
+                    exact.insert(host.clone(), index);
+                }
+            }
+        }
+        wildcards.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        RouteTable {
+            sites: config.sites.clone(),
+            exact,
+            wildcards,
+            catch_all,
+        }
+    }
+
+    /// The site for a host name (already lower-cased, port removed).
+    /// Exact names win over wildcards, wildcards over the catch-all.
+    pub fn site(&self, host: &str) -> Option<&Site> {
+        let index = self
+            .exact
+            .get(host)
+            .copied()
+            .or_else(|| {
+                self.wildcards
+                    .iter()
+                    .find(|(suffix, _)| {
+                        host.len() > suffix.len() && host.ends_with(suffix.as_str())
+                    })
+                    .map(|(_, index)| *index)
+            })
+            .or(self.catch_all)?;
+        self.sites.get(index)
+    }
+}
+
+/// The route whose prefix matches `path` longest. Prefixes match whole path
+/// segments: `/api` matches `/api` and `/api/users` but not `/apiary`, so a
+/// route never captures a neighbour by accident (nginx's plain prefixes do).
+pub fn route<'a>(site: &'a Site, path: &str) -> Option<&'a Route> {
+    site.routes
+        .iter()
+        .find(|route| prefix_matches(&route.path, path))
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+/// Normalizes a Host header or URI authority to a lookup key: lower case,
+/// port and trailing dot removed. Returns `None` for values that are not a
+/// plausible host (those requests get 400).
+pub fn normalize_host(authority: &str) -> Option<String> {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: keep the brackets off, drop the port.
+        let end = rest.find(']')?;
+        &rest[..end]
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+            Some(_) => return None,
+            None => authority,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let valid = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+    valid.then(|| host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Action;
+    use std::path::Path;
+
+    fn table() -> RouteTable {
+        let config = Config::parse(
+            r#"
+[[site]]
+hosts = ["example.org"]
+service = "web"
+[[site.route]]
+path = "/api"
+service = "api"
+[[site.route]]
+path = "/static/"
+status = 204
+[[site]]
+hosts = ["*.example.org"]
+service = "api"
+[[site]]
+hosts = ["*.deep.example.org"]
+service = "web"
+[service.web]
+upstream = "127.0.0.1:1"
+[service.api]
+upstream = "127.0.0.1:2"
+"#,
+            "t.toml",
+            Path::new("."),
+        )
+        .expect("valid config");
+        RouteTable::new(&config)
+    }
+
+    fn action_for(table: &RouteTable, host: &str, path: &str) -> Option<Action> {
+        let site = table.site(host)?;
+        route(site, path).map(|r| r.action.clone())
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundaries() {
+        let t = table();
+        let web = Some(Action::Service("web".into()));
+        let api = Some(Action::Service("api".into()));
+        assert_eq!(action_for(&t, "example.org", "/"), web);
+        assert_eq!(action_for(&t, "example.org", "/api"), api);
+        assert_eq!(action_for(&t, "example.org", "/api/users?x=1"), api);
+        assert_eq!(action_for(&t, "example.org", "/apiary"), web);
+        assert_eq!(
+            action_for(&t, "example.org", "/static/a.css"),
+            Some(Action::Status(204))
+        );
+    }
+
+    #[test]
+    fn wildcards_most_specific_first_and_unknown_hosts() {
+        let t = table();
+        assert_eq!(
+            action_for(&t, "a.example.org", "/"),
+            Some(Action::Service("api".into()))
+        );
+        assert_eq!(
+            action_for(&t, "x.deep.example.org", "/"),
+            Some(Action::Service("web".into()))
+        );
+        assert!(t.site("other.org").is_none());
+        assert!(
+            t.site("deep.example.org").is_some(),
+            "matches *.example.org"
+        );
+    }
+
+    #[test]
+    fn host_normalization() {
+        assert_eq!(
+            normalize_host("Example.ORG:8443").as_deref(),
+            Some("example.org")
+        );
+        assert_eq!(
+            normalize_host("example.org.").as_deref(),
+            Some("example.org")
+        );
+        assert_eq!(normalize_host("[::1]:80").as_deref(), Some("::1"));
+        assert_eq!(normalize_host("bad host"), None);
+        assert_eq!(normalize_host("a:b"), None);
+        assert_eq!(normalize_host(""), None);
+    }
+}

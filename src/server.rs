@@ -1,0 +1,290 @@
+//! Listeners and connection serving: the accept loops, TLS handshakes, the
+//! hyper connection builder with its limits, and graceful shutdown.
+//!
+//! [`run`] is the public entry point the binary and the tests share: it
+//! takes already-bound listeners (tests bind port 0), a config, and a
+//! shutdown future, and returns once every connection has finished or the
+//! shutdown deadline has passed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Limits};
+use crate::proxy::{self, ClientConn, Shared};
+use crate::snapshot::Snapshot;
+use crate::tls::{self, CertStore, SniResolver};
+
+/// The sockets to serve on, bound by the caller (the binary binds the
+/// config's addresses; tests bind port 0).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub http: Option<TcpListener>,
+    pub https: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses a config names.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let http = match config.server.http {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let https = match config.server.https {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners { http, https })
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}")))
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("an HTTPS listener needs at least one [[tls]] certificate")]
+    NoCertificates,
+    #[error("{0}")]
+    Certificates(String),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("no listener to serve on")]
+    NoListeners,
+}
+
+/// Serves until `shutdown` completes, then drains: stops accepting, lets
+/// in-flight requests finish (bounded by `server.shutdown_timeout`), closes
+/// keep-alive connections, and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    if listeners.http.is_none() && listeners.https.is_none() {
+        return Err(ServerError::NoListeners);
+    }
+    let config = Arc::new(config);
+    let acceptor = match &listeners.https {
+        Some(_) => Some(tls_acceptor(&config)?),
+        None => None,
+    };
+    let https_port = listeners
+        .https
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port());
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
+        https_port,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let limits = config.server.limits.clone();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let server = Server {
+        shared: Arc::clone(&shared),
+        builder: connection_builder(&limits),
+        connections,
+        limits,
+    };
+
+    if let Some(listener) = listeners.http {
+        log_listening("http", &listener);
+        shared
+            .tasks
+            .spawn(server.clone().accept_loop(listener, None));
+    }
+    if let Some(listener) = listeners.https {
+        log_listening("https", &listener);
+        shared
+            .tasks
+            .spawn(server.clone().accept_loop(listener, acceptor));
+    }
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    shared.shutdown.cancel();
+    shared.tasks.close();
+    let deadline = config.server.shutdown_timeout;
+    if tokio::time::timeout(deadline, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?deadline,
+            "shutdown deadline passed; closing remaining connections"
+        );
+    }
+    Ok(())
+}
+
+fn log_listening(scheme: &str, listener: &TcpListener) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen.addr = %addr, scheme, "listening");
+    }
+}
+
+fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, ServerError> {
+    let store = CertStore::load(&config.tls).map_err(|errors| {
+        ServerError::Certificates(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    if store.is_empty() {
+        return Err(ServerError::NoCertificates);
+    }
+    let resolver = SniResolver::new(store);
+    Ok(TlsAcceptor::from(tls::server_config(resolver)?))
+}
+
+/// hyper's connection builder with our limits applied.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper starts this timer whenever it waits for a request head, so
+        // it also bounds how long an idle keep-alive connection stays open.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// What each accept loop and connection task needs.
+#[derive(Clone)]
+struct Server {
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    /// One permit per open client connection: when all are taken, the
+    /// accept loop waits instead of accepting more (mini-redis's pattern).
+    connections: Arc<Semaphore>,
+    limits: Limits,
+}
+
+impl Server {
+    async fn accept_loop(self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.connections).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let accepted = tokio::select! {
+                accepted = accept_with_backoff(&listener) => accepted,
+                _ = shutdown.cancelled() => return,
+            };
+            let (stream, addr) = accepted;
+            let server = self.clone();
+            let tls = tls.clone();
+            self.shared
+                .tasks
+                .spawn(async move { server.serve_tcp(stream, addr, tls, permit).await });
+        }
+    }
+
+    async fn serve_tcp(
+        self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let _ = stream.set_nodelay(true);
+        match tls {
+            None => {
+                let conn = ClientConn { addr, tls: false };
+                self.serve(stream, conn).await;
+            }
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(
+                    self.limits.tls_handshake_timeout,
+                    acceptor.accept(stream),
+                );
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        let conn = ClientConn { addr, tls: true };
+                        self.serve(stream, conn).await;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(client.addr = %addr, error = %err, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::debug!(client.addr = %addr, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP on one connection until it closes, or shuts it down
+    /// gracefully when the server stops (in-flight requests finish, then
+    /// hyper closes the connection).
+    async fn serve<IO>(self, io: IO, conn: ClientConn)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        let service = service_fn(move |req| proxy::handle(Arc::clone(&shared), conn, req));
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let shutdown = self.shared.shutdown.clone();
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            _ = shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(client.addr = %conn.addr, error = %err, "connection ended with an error");
+        }
+    }
+}
+
+/// Accepts one connection, backing off on errors such as EMFILE instead of
+/// spinning (mini-redis's accept loop).
+async fn accept_with_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(err) => {
+                tracing::warn!(error = %err, ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
