@@ -8,6 +8,7 @@
 pub mod body;
 pub mod check;
 pub mod config;
+pub mod docker;
 pub mod forward;
 pub mod proxy;
 pub mod routes;
