@@ -143,6 +143,49 @@ pub struct Service {
     pub name: String,
     /// The upstream that serves when nothing else (state file, a switch) says otherwise.
     pub upstream: Option<SocketAddr>,
+    /// How a new upstream proves it is ready before traffic moves to it.
+    pub health: HealthCheck,
+    /// How long a switch waits for the old upstream's in-flight requests.
+    pub drain_timeout: Duration,
+    /// How long WebSocket tunnels to the old upstream may stay open after
+    /// the drain before they are closed.
+    pub websocket_grace: Duration,
+    /// Longest a request waits while the service is paused; then 503.
+    pub pause_timeout: Duration,
+}
+
+/// An HTTP health probe and its thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// Path probed with GET (with `Host: localhost`).
+    pub path: String,
+    /// Status a healthy answer has.
+    pub expect_status: u16,
+    /// JSON fields (dotted paths) that must equal these values, e.g.
+    /// Spring's `status = "UP"`.
+    pub expect_json: Vec<(String, serde_json::Value)>,
+    /// Pause between probes.
+    pub interval: Duration,
+    /// Time one probe may take.
+    pub timeout: Duration,
+    /// Consecutive healthy answers needed.
+    pub healthy_after: u32,
+    /// Overall time allowed to become healthy.
+    pub deadline: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            path: "/".into(),
+            expect_status: 200,
+            expect_json: Vec::new(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            healthy_after: 1,
+            deadline: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Everything wrong with a config file, each problem located.
@@ -342,6 +385,22 @@ struct RawRoute {
 #[serde(deny_unknown_fields)]
 struct RawService {
     upstream: Option<SocketAddr>,
+    health: Option<Spanned<RawHealth>>,
+    drain_timeout: Option<DurationValue>,
+    websocket_grace: Option<DurationValue>,
+    pause_timeout: Option<DurationValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<String>,
+    expect_status: Option<u16>,
+    expect_json: Option<BTreeMap<String, toml::Value>>,
+    interval: Option<DurationValue>,
+    timeout: Option<DurationValue>,
+    healthy_after: Option<u32>,
+    deadline: Option<DurationValue>,
 }
 
 /// `hsts = true` (a one-year max-age) or the header's literal value.
@@ -514,15 +573,61 @@ impl<'a> Validator<'a> {
                 );
             }
             let raw = spanned.into_inner();
+            let health = raw
+                .health
+                .map(|health| self.health(health))
+                .unwrap_or_default();
             services.insert(
                 name.clone(),
                 Service {
                     name,
                     upstream: raw.upstream,
+                    health,
+                    drain_timeout: raw.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                    websocket_grace: raw.websocket_grace.map_or(Duration::from_secs(10), |d| d.0),
+                    pause_timeout: raw.pause_timeout.map_or(Duration::from_secs(30), |d| d.0),
                 },
             );
         }
         services
+    }
+
+    fn health(&mut self, spanned: Spanned<RawHealth>) -> HealthCheck {
+        let span = spanned.span();
+        let raw = spanned.into_inner();
+        let defaults = HealthCheck::default();
+        let path = raw.path.unwrap_or(defaults.path);
+        if !path.starts_with('/') {
+            self.report(
+                span.clone(),
+                format!("health path {path:?} must start with '/'"),
+            );
+        }
+        let healthy_after = raw.healthy_after.unwrap_or(defaults.healthy_after);
+        if healthy_after == 0 {
+            self.report(span.clone(), "healthy_after must be at least 1".into());
+        }
+        let expect_json = raw
+            .expect_json
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(field, value)| match serde_json::to_value(value) {
+                Ok(value) => Some((field, value)),
+                Err(err) => {
+                    self.report(span.clone(), format!("expect_json.{field}: {err}"));
+                    None
+                }
+            })
+            .collect();
+        HealthCheck {
+            path,
+            expect_status: raw.expect_status.unwrap_or(defaults.expect_status),
+            expect_json,
+            interval: raw.interval.map_or(defaults.interval, |d| d.0),
+            timeout: raw.timeout.map_or(defaults.timeout, |d| d.0),
+            healthy_after,
+            deadline: raw.deadline.map_or(defaults.deadline, |d| d.0),
+        }
     }
 
     fn server(&mut self, raw: RawServer) -> ServerConfig {

@@ -5,17 +5,23 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
 pub mod check;
+pub mod client;
 pub mod config;
+pub mod controller;
 pub mod docker;
 pub mod forward;
+pub mod health;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod snapshot;
+pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use config::Config;
 pub use server::{run, Listeners, ServerError};

@@ -1,12 +1,15 @@
-//! The `cutover` binary: `serve` runs the proxy; `check` validates a config.
+//! The `cutover` binary: `serve` runs the proxy; `check` validates a config;
+//! the other subcommands are clients of a running server's admin socket.
 
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use cutover::admin::Command as AdminCommand;
 use cutover::{Config, Listeners};
+use serde_json::Value;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +34,55 @@ enum Command {
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
     },
+    /// Show services: active colour, upstream, in-flight requests.
+    Status {
+        service: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Health-check an upstream, switch traffic to it, drain the old one.
+    Switch {
+        service: String,
+        /// The new upstream, IP:PORT.
+        #[arg(long)]
+        to: String,
+        /// Skip the health check.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Hold new requests for a service (maintenance) until `resume`.
+    Pause {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Release requests held by `pause`.
+    Resume {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Re-read proxy.toml and certificates (also automatic on change).
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How a client command finds the server, and how it prints.
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin socket path.
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+    /// Read `admin_socket` from this config instead.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print JSON lines (the protocol's replies) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -39,6 +91,127 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => cutover::check::run(&config),
+        Command::Status { service, admin } => client(&admin, AdminCommand::Status { service }),
+        Command::Switch {
+            service,
+            to,
+            force,
+            admin,
+        } => client(&admin, AdminCommand::Switch { service, to, force }),
+        Command::Pause { service, admin } => client(&admin, AdminCommand::Pause { service }),
+        Command::Resume { service, admin } => client(&admin, AdminCommand::Resume { service }),
+        Command::Reload { admin } => client(&admin, AdminCommand::Reload {}),
+    }
+}
+
+/// Runs one admin command and prints its progress and result; exit code 0
+/// only on success.
+fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
+    let socket = match admin_socket(args) {
+        Ok(socket) => socket,
+        Err(err) => {
+            eprintln!("cutover: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cutover: cannot start runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = args.json;
+    let is_status = matches!(command, AdminCommand::Status { .. });
+    let result = runtime.block_on(cutover::client::call(&socket, &command, |step, message| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"type": "progress", "step": step, "message": message})
+            );
+        } else {
+            println!("{step:>9}  {message}");
+        }
+    }));
+    match result {
+        Ok(result) if json => {
+            println!("{}", serde_json::json!({"type": "ok", "result": result}));
+            ExitCode::SUCCESS
+        }
+        Ok(result) => {
+            if is_status {
+                print_status(&result);
+            } else {
+                println!("       ok  {result}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) if json => {
+            println!(
+                "{}",
+                serde_json::json!({"type": "error", "error": err.to_string()})
+            );
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("cutover: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn admin_socket(args: &AdminArgs) -> Result<PathBuf, String> {
+    if let Some(socket) = &args.socket {
+        return Ok(socket.clone());
+    }
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("proxy.toml"));
+    let config = Config::load(&path).map_err(|err| err.to_string())?;
+    config.server.admin_socket.ok_or_else(|| {
+        format!(
+            "{}: [server] admin_socket is not set; pass --socket",
+            path.display()
+        )
+    })
+}
+
+/// One line per service, for people.
+fn print_status(result: &Value) {
+    let Some(services) = result.get("services").and_then(Value::as_object) else {
+        println!("{result}");
+        return;
+    };
+    println!(
+        "{:<16} {:<6} {:<22} {:>9} {:>5}  flags",
+        "SERVICE", "COLOR", "UPSTREAM", "IN-FLIGHT", "WS"
+    );
+    for (name, service) in services {
+        let active = &service["active"];
+        let text = |key: &str| {
+            active.get(key).map_or("-".to_string(), |v| {
+                v.to_string().trim_matches('"').to_string()
+            })
+        };
+        let mut flags = Vec::new();
+        if service["paused"] == Value::Bool(true) {
+            flags.push("paused");
+        }
+        if service["busy"] == Value::Bool(true) {
+            flags.push("busy");
+        }
+        println!(
+            "{name:<16} {:<6} {:<22} {:>9} {:>5}  {}",
+            text("color"),
+            text("upstream"),
+            text("in_flight"),
+            text("websockets"),
+            flags.join(",")
+        );
     }
 }
 

@@ -71,6 +71,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("service {0:?} has no active upstream")]
     NoUpstream(String),
+    #[error("service {0:?} stayed paused longer than its pause_timeout")]
+    PausedTooLong(String),
     #[error("upstream unreachable: {0}")]
     UpstreamConnect(String),
     #[error("upstream timed out")]
@@ -93,7 +95,9 @@ impl ProxyError {
             ProxyError::UnknownHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoRoute | ProxyError::File(_) => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::NoUpstream(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoUpstream(_) | ProxyError::PausedTooLong(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamConnect(_) | ProxyError::UpstreamProtocol(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -191,10 +195,7 @@ async fn dispatch(
         Action::Redirect { to, code } => (redirect(to, *code), None),
         Action::File(path) => (serve_file(path, req.method()).await?, None),
         Action::Service(name) => {
-            let upstream = snapshot
-                .service(name)
-                .and_then(|slot| slot.active.clone())
-                .ok_or_else(|| ProxyError::NoUpstream(name.clone()))?;
+            let upstream = pick_upstream(shared, snapshot, name).await?;
             log.upstream = Some(upstream.addr);
             let authority = authority.unwrap_or_default();
             let (response, guard) =
@@ -204,6 +205,39 @@ async fn dispatch(
     };
     add_site_headers(&mut response, site, conn);
     Ok((response, guard))
+}
+
+/// The service's active upstream. While the service is paused the request
+/// waits (up to the service's `pause_timeout`, then 503) and then takes the
+/// upstream that is active at release time, which is the point of pausing.
+async fn pick_upstream(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    name: &str,
+) -> Result<Arc<Upstream>, ProxyError> {
+    let slot = snapshot
+        .service(name)
+        .ok_or_else(|| ProxyError::NoUpstream(name.to_string()))?;
+    let Some(gate) = &slot.pause else {
+        return slot
+            .active
+            .clone()
+            .ok_or_else(|| ProxyError::NoUpstream(name.to_string()));
+    };
+    let limit = snapshot
+        .config
+        .services
+        .get(name)
+        .map_or(std::time::Duration::from_secs(30), |s| s.pause_timeout);
+    if !gate.wait(limit).await {
+        return Err(ProxyError::PausedTooLong(name.to_string()));
+    }
+    shared
+        .snapshot
+        .load()
+        .service(name)
+        .and_then(|slot| slot.active.clone())
+        .ok_or_else(|| ProxyError::NoUpstream(name.to_string()))
 }
 
 /// The authority the client addressed: the URI's (HTTP/2 `:authority`,

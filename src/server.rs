@@ -22,10 +22,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::config::{Config, Limits};
+use crate::controller::Controller;
 use crate::proxy::{self, ClientConn, Shared};
 use crate::snapshot::Snapshot;
+use crate::state::{StateError, StateStore};
 use crate::tls::{self, CertStore, SniResolver};
+use crate::watch;
 
 /// The sockets to serve on, bound by the caller (the binary binds the
 /// config's addresses; tests bind port 0).
@@ -67,6 +71,10 @@ pub enum ServerError {
     Tls(#[from] rustls::Error),
     #[error("no listener to serve on")]
     NoListeners,
+    #[error("admin socket: {0}")]
+    Admin(#[from] admin::AdminError),
+    #[error("state: {0}")]
+    State(#[from] StateError),
 }
 
 /// Serves until `shutdown` completes, then drains: stops accepting, lets
@@ -81,9 +89,12 @@ pub async fn run(
         return Err(ServerError::NoListeners);
     }
     let config = Arc::new(config);
-    let acceptor = match &listeners.https {
-        Some(_) => Some(tls_acceptor(&config)?),
-        None => None,
+    let (acceptor, resolver) = match &listeners.https {
+        Some(_) => {
+            let (acceptor, resolver) = tls_acceptor(&config)?;
+            (Some(acceptor), Some(resolver))
+        }
+        None => (None, None),
     };
     let https_port = listeners
         .https
@@ -96,6 +107,30 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
     });
+    let state = config.server.state_dir.as_ref().map(StateStore::new);
+    let controller = Controller::new(Arc::clone(&shared), state, resolver);
+    controller.restore().await?;
+    if let Some(path) = &config.server.admin_socket {
+        let listener = admin::bind(path).await?;
+        shared.tasks.spawn(admin::serve(
+            listener,
+            path.clone(),
+            Arc::clone(&controller),
+            shared.shutdown.clone(),
+            shared.tasks.clone(),
+        ));
+    }
+    if config.source.is_some() {
+        if let Err(err) = watch::spawn(
+            Arc::clone(&controller),
+            &config,
+            shared.shutdown.clone(),
+            &shared.tasks,
+        ) {
+            tracing::warn!(error = %err, "cannot watch config files; use `cutover reload`");
+        }
+    }
+
     let limits = config.server.limits.clone();
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let server = Server {
@@ -141,7 +176,7 @@ fn log_listening(scheme: &str, listener: &TcpListener) {
     }
 }
 
-fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, ServerError> {
+fn tls_acceptor(config: &Config) -> Result<(TlsAcceptor, Arc<SniResolver>), ServerError> {
     let store = CertStore::load(&config.tls).map_err(|errors| {
         ServerError::Certificates(
             errors
@@ -155,7 +190,8 @@ fn tls_acceptor(config: &Config) -> Result<TlsAcceptor, ServerError> {
         return Err(ServerError::NoCertificates);
     }
     let resolver = SniResolver::new(store);
-    Ok(TlsAcceptor::from(tls::server_config(resolver)?))
+    let acceptor = TlsAcceptor::from(tls::server_config(Arc::clone(&resolver))?);
+    Ok((acceptor, resolver))
 }
 
 /// hyper's connection builder with our limits applied.
@@ -176,6 +212,18 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// The HTTP/1.1-only builder for the plain listener, with the same HTTP/1
+/// limits as [`connection_builder`] (keep the two in step).
+fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
     builder
 }
 
@@ -255,17 +303,34 @@ impl Server {
     {
         let shared = Arc::clone(&self.shared);
         let service = service_fn(move |req| proxy::handle(Arc::clone(&shared), conn, req));
-        let connection = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(connection);
         let shutdown = self.shared.shutdown.clone();
-        let result = tokio::select! {
-            result = connection.as_mut() => result,
-            _ = shutdown.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.as_mut().await
+        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = if conn.tls {
+            let connection = self
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
             }
+        } else {
+            // Plain HTTP is HTTP/1.1 only: the auto builder would also serve
+            // h2c prior knowledge (its `http1_only` is ignored with upgrades).
+            let connection = http1_builder(&self.limits)
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            }
+            .map_err(Into::into)
         };
         if let Err(err) = result {
             tracing::debug!(client.addr = %conn.addr, error = %err, "connection ended with an error");

@@ -9,16 +9,19 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::routes::RouteTable;
 use crate::upstream::Upstream;
 
 /// One consistent view of config, routes and active upstreams.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub config: Arc<Config>,
-    pub routes: RouteTable,
+    pub routes: Arc<RouteTable>,
     pub services: HashMap<String, ServiceSlot>,
 }
 
@@ -27,28 +30,60 @@ pub struct Snapshot {
 pub struct ServiceSlot {
     /// The upstream new requests go to; `None` answers 503.
     pub active: Option<Arc<Upstream>>,
+    /// Set by a switch, a deploy or the state file: a reload keeps this
+    /// upstream even if the config's `upstream` differs, because runtime
+    /// decisions outrank the file's starting point.
+    pub pinned: bool,
+    /// Present while the service is paused.
+    pub pause: Option<Arc<PauseGate>>,
+}
+
+/// Holds requests of a paused service until it is resumed.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    released: CancellationToken,
+}
+
+impl PauseGate {
+    /// Waits until released; false if `limit` passed first.
+    pub async fn wait(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.released.cancelled())
+            .await
+            .is_ok()
+    }
+
+    /// Lets every held request continue.
+    pub fn release(&self) {
+        self.released.cancel();
+    }
 }
 
 impl Snapshot {
-    /// A snapshot for a freshly loaded config. Services keep the upstream
-    /// they had in `previous` (same address → same `Arc`, so in-flight
-    /// counts and pools survive a reload); new services start on the
-    /// upstream their config names.
+    /// A snapshot for a freshly loaded config. A service keeps the upstream
+    /// it had in `previous` (the same `Arc`, so in-flight counts and pools
+    /// survive a reload) when that upstream was pinned at runtime or the
+    /// config still names the same address; otherwise it starts on the
+    /// config's `upstream`, labelled blue.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        let routes = RouteTable::new(&config);
+        let routes = Arc::new(RouteTable::new(&config));
         let services = config
             .services
             .values()
             .map(|service| {
                 let kept = previous
                     .and_then(|p| p.services.get(&service.name))
-                    .and_then(|slot| slot.active.clone());
-                let active = kept.or_else(|| {
-                    service
+                    .filter(|slot| {
+                        slot.pinned || slot.active.as_ref().map(|u| u.addr) == service.upstream
+                    })
+                    .cloned();
+                let slot = kept.unwrap_or_else(|| ServiceSlot {
+                    active: service
                         .upstream
-                        .map(|addr| Upstream::new(addr, "static", &config.server.limits))
+                        .map(|addr| Upstream::new(addr, "blue", &config.server.limits)),
+                    pinned: false,
+                    pause: None,
                 });
-                (service.name.clone(), ServiceSlot { active })
+                (service.name.clone(), slot)
             })
             .collect();
         Snapshot {
@@ -60,5 +95,12 @@ impl Snapshot {
 
     pub fn service(&self, name: &str) -> Option<&ServiceSlot> {
         self.services.get(name)
+    }
+
+    /// This snapshot with one service's slot replaced.
+    pub fn with_slot(&self, name: &str, slot: ServiceSlot) -> Snapshot {
+        let mut next = self.clone();
+        next.services.insert(name.to_string(), slot);
+        next
     }
 }

@@ -1,0 +1,295 @@
+//! The admin socket: a Unix socket speaking one JSON request per line and
+//! answering with JSON lines — zero or more `progress` events, then exactly
+//! one final `ok` or `error`. The CLI and the tests use this one protocol.
+//!
+//! ```text
+//! → {"v":1,"cmd":"switch","service":"web","to":"127.0.0.1:9001"}
+//! ← {"type":"progress","step":"health","message":"health 1/1 (attempt 1): ok"}
+//! ← {"type":"progress","step":"switched","message":"switched web to green ..."}
+//! ← {"type":"ok","result":{...}}
+//! ```
+//!
+//! `v` is the protocol version; a request from a newer client is refused
+//! with an error rather than misread. A malformed line gets an `error` reply
+//! and the connection keeps serving. Operations run in their own task, so a
+//! client that disconnects mid-switch does not abort the switch.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::controller::{Controller, Progress};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line accepted; longer lines get an error reply.
+const MAX_LINE: usize = 64 * 1024;
+
+/// One admin command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Per-service state; all services when `service` is absent.
+    Status {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
+    },
+    /// Move a service to another upstream address.
+    Switch {
+        service: String,
+        to: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Hold the service's new requests.
+    Pause { service: String },
+    /// Release held requests.
+    Resume { service: String },
+    /// Re-read the config file and certificates. (A struct variant, so
+    /// unknown fields are rejected as for every other command.)
+    Reload {},
+}
+
+/// One reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Progress { step: String, message: String },
+    Ok { result: Value },
+    Error { error: String },
+}
+
+/// A request line as sent: the version plus the command's fields.
+pub fn encode_request(command: &Command) -> String {
+    let mut value = serde_json::to_value(command).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut value {
+        map.insert("v".into(), Value::from(PROTOCOL_VERSION));
+    }
+    value.to_string()
+}
+
+/// Parses one request line, with an error message fit to send back.
+pub fn decode_request(line: &str) -> Result<Command, String> {
+    let mut value: Value =
+        serde_json::from_str(line).map_err(|err| format!("request is not JSON: {err}"))?;
+    let Value::Object(map) = &mut value else {
+        return Err("request must be a JSON object".into());
+    };
+    let version = map
+        .remove("v")
+        .ok_or("request has no protocol version \"v\"")?;
+    match version.as_u64() {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        _ => return Err(format!(
+            "protocol version {version} is not supported; this server speaks v{PROTOCOL_VERSION}"
+        )),
+    }
+    serde_json::from_value(value).map_err(|err| format!("invalid request: {err}"))
+}
+
+/// Why the admin socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}: another cutover is already serving this admin socket")]
+    InUse(PathBuf),
+    #[error("{0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket, owner-only (0600) inside a directory we create
+/// 0700. A leftover socket from a crashed server is removed; a live one
+/// means a second server, which is refused.
+pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let io = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(AdminError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(AdminError::InUse(path.to_path_buf()));
+        }
+        tracing::info!(path = %path.display(), "removing stale admin socket");
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io)?;
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves admin connections until `shutdown`, then removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    controller: Arc<Controller>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    tracing::info!(path = %path.display(), "admin socket listening");
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let controller = Arc::clone(&controller);
+                let shutdown = shutdown.clone();
+                tasks.spawn(async move { connection(stream, controller, shutdown).await });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Answers requests on one connection, one at a time, until it closes.
+async fn connection(stream: UnixStream, controller: Arc<Controller>, shutdown: CancellationToken) {
+    let (read, write) = stream.into_split();
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
+    let mut out = FramedWrite::new(write, LinesCodec::new());
+    loop {
+        let line = tokio::select! {
+            line = lines.next() => line,
+            _ = shutdown.cancelled() => return,
+        };
+        let reply_error = |error: String| Reply::Error { error };
+        let command = match line {
+            None => return,
+            Some(Ok(line)) if line.trim().is_empty() => continue,
+            Some(Ok(line)) => decode_request(&line),
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                Err(format!("request line longer than {MAX_LINE} bytes"))
+            }
+            Some(Err(LinesCodecError::Io(_))) => return,
+        };
+        let sent = match command {
+            Ok(command) => execute(command, &controller, &mut out).await,
+            Err(error) => send(&mut out, &reply_error(error)).await,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, LinesCodec>;
+
+async fn send(out: &mut Writer, reply: &Reply) -> Result<(), LinesCodecError> {
+    let line = serde_json::to_string(reply).unwrap_or_else(|_| "{}".into());
+    out.send(line).await
+}
+
+/// Runs one command in its own task, streaming its progress as it comes.
+async fn execute(
+    command: Command,
+    controller: &Arc<Controller>,
+    out: &mut Writer,
+) -> Result<(), LinesCodecError> {
+    let (events, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let controller = Arc::clone(controller);
+    let task = tokio::spawn(async move {
+        let progress = Progress::new(events);
+        run_command(command, &controller, &progress).await
+    });
+    while let Some(event) = receiver.recv().await {
+        send(
+            out,
+            &Reply::Progress {
+                step: event.step,
+                message: event.message,
+            },
+        )
+        .await?;
+    }
+    let reply = match task.await {
+        Ok(Ok(result)) => Reply::Ok { result },
+        Ok(Err(error)) => Reply::Error { error },
+        Err(join) => Reply::Error {
+            error: format!("internal error: {join}"),
+        },
+    };
+    send(out, &reply).await
+}
+
+async fn run_command(
+    command: Command,
+    controller: &Controller,
+    progress: &Progress,
+) -> Result<Value, String> {
+    let result = match command {
+        Command::Status { service } => controller.status(service.as_deref()),
+        Command::Switch { service, to, force } => {
+            let to = to
+                .parse()
+                .map_err(|_| format!("invalid upstream address {to:?}: expected IP:PORT"))?;
+            controller.switch(&service, to, force, progress).await
+        }
+        Command::Pause { service } => controller.pause(&service).await,
+        Command::Resume { service } => controller.resume(&service).await,
+        Command::Reload {} => controller.reload(progress).await,
+    };
+    result.map_err(|err| err.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_version() {
+        let command = Command::Switch {
+            service: "web".into(),
+            to: "127.0.0.1:9001".into(),
+            force: true,
+        };
+        let line = encode_request(&command);
+        assert!(line.contains("\"v\":1"), "{line}");
+        assert_eq!(decode_request(&line), Ok(command));
+    }
+
+    #[test]
+    fn malformed_requests_are_explained() {
+        let cases = [
+            ("not json", "not JSON"),
+            ("[1]", "JSON object"),
+            (r#"{"cmd":"status"}"#, "protocol version"),
+            (r#"{"v":2,"cmd":"status"}"#, "not supported"),
+            (r#"{"v":1,"cmd":"launch"}"#, "unknown variant"),
+            (r#"{"v":1,"cmd":"pause"}"#, "missing field"),
+            (r#"{"v":1,"cmd":"reload","extra":1}"#, "unknown field"),
+        ];
+        for (line, expected) in cases {
+            let err = decode_request(line).expect_err(line);
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The admin client: what `cutover status|switch|pause|resume|reload` use
+//! to talk to a running server over its admin socket.
+
+use std::path::Path;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::UnixStream;
+use tokio_util::codec::{Framed, LinesCodec};
+
+use crate::admin::{encode_request, Command, Reply};
+
+/// Why a command did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the cutover admin socket {path}: {source} (is `cutover serve` running, and may you write to it?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("admin connection failed: {0}")]
+    Io(String),
+    #[error("server closed the connection before answering")]
+    NoAnswer,
+    #[error("server sent an unreadable reply: {0}")]
+    BadReply(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends `command` and returns its result, calling `on_progress` for each
+/// progress event as it arrives.
+pub async fn call(
+    socket: &Path,
+    command: &Command,
+    mut on_progress: impl FnMut(&str, &str),
+) -> Result<Value, ClientError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let mut framed = Framed::new(stream, LinesCodec::new());
+    framed
+        .send(encode_request(command))
+        .await
+        .map_err(|err| ClientError::Io(err.to_string()))?;
+    while let Some(line) = framed.next().await {
+        let line = line.map_err(|err| ClientError::Io(err.to_string()))?;
+        let reply: Reply =
+            serde_json::from_str(&line).map_err(|err| ClientError::BadReply(err.to_string()))?;
+        match reply {
+            Reply::Progress { step, message } => on_progress(&step, &message),
+            Reply::Ok { result } => return Ok(result),
+            Reply::Error { error } => return Err(ClientError::Refused(error)),
+        }
+    }
+    Err(ClientError::NoAnswer)
+}

@@ -1,0 +1,534 @@
+//! The controller: the one writer of the routing snapshot.
+//!
+//! Every change to what traffic goes where (a switch, a pause, a reload,
+//! later a deploy) goes through here. Changes are serialized by one async
+//! mutex, so a new snapshot is always derived from the latest one and no
+//! compare-and-swap loop is needed; operations on one service are also
+//! exclusive, so a second switch or deploy of a busy service is refused with
+//! a clear message instead of racing the first.
+//!
+//! A switch is: health-check the new upstream, persist the decision, store
+//! the new snapshot (the atomic cutover: new requests go to the new upstream
+//! from this instant), then drain the old upstream: wait for its in-flight
+//! requests, give its WebSocket tunnels a grace period, and close them.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::{Config, Service};
+use crate::health::{self, ProbeError};
+use crate::proxy::Shared;
+use crate::snapshot::{PauseGate, ServiceSlot, Snapshot};
+use crate::state::{now_unix, ServiceState, State, StateError, StateStore};
+use crate::tls::{CertStore, SniResolver};
+use crate::upstream::Upstream;
+
+/// One progress line of a running operation, streamed to the admin client.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Event {
+    /// Machine-readable step name ("health", "switched", "drain", ...).
+    pub step: String,
+    /// Human-readable line.
+    pub message: String,
+}
+
+/// Where an operation sends its progress. Sending never fails the
+/// operation: a client that went away must not abort a half-done switch.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    sink: Option<UnboundedSender<Event>>,
+}
+
+impl Progress {
+    pub fn new(sink: UnboundedSender<Event>) -> Progress {
+        Progress { sink: Some(sink) }
+    }
+
+    /// Progress that goes only to the log (reloads from the file watcher).
+    pub fn log_only() -> Progress {
+        Progress { sink: None }
+    }
+
+    pub fn emit(&self, step: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(step, "{message}");
+        if let Some(sink) = &self.sink {
+            let _ = sink.send(Event {
+                step: step.to_string(),
+                message,
+            });
+        }
+    }
+}
+
+/// Why an operation was refused or failed. Every variant leaves the
+/// routing exactly as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    #[error("service {0:?} is busy: another operation on it is running; try again when it ends")]
+    Busy(String),
+    #[error("{addr} is not healthy: {reason}; traffic was not switched")]
+    Unhealthy {
+        addr: SocketAddr,
+        reason: ProbeError,
+    },
+    #[error("service {0:?} is already paused")]
+    AlreadyPaused(String),
+    #[error("service {0:?} is not paused")]
+    NotPaused(String),
+    #[error("config rejected, old config keeps serving:\n{0}")]
+    Config(String),
+    #[error("this server was not started from a config file; nothing to reload")]
+    NoConfigFile,
+    #[error("state file: {0}; nothing was changed")]
+    State(#[from] StateError),
+}
+
+/// The single writer of the routing snapshot.
+pub struct Controller {
+    shared: Arc<Shared>,
+    state: Option<StateStore>,
+    tls: Option<Arc<SniResolver>>,
+    /// Serializes snapshot writes.
+    writer: tokio::sync::Mutex<()>,
+    /// Services with an operation running.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Marks a service busy until dropped.
+struct BusyGuard<'a> {
+    controller: &'a Controller,
+    service: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.controller.busy.lock() {
+            busy.remove(&self.service);
+        }
+    }
+}
+
+impl Controller {
+    pub fn new(
+        shared: Arc<Shared>,
+        state: Option<StateStore>,
+        tls: Option<Arc<SniResolver>>,
+    ) -> Arc<Controller> {
+        Arc::new(Controller {
+            shared,
+            state,
+            tls,
+            writer: tokio::sync::Mutex::new(()),
+            busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Applies the state file at start-up: each service it names resumes
+    /// the colour and address it had before the restart.
+    pub async fn restore(&self) -> Result<(), StateError> {
+        let Some(store) = &self.state else {
+            return Ok(());
+        };
+        let state = store.load()?;
+        let _writer = self.writer.lock().await;
+        let mut snapshot = Snapshot::clone(&self.shared.snapshot.load());
+        for (name, saved) in state.services {
+            let Some(slot) = snapshot.services.get_mut(&name) else {
+                tracing::warn!(service = %name, "state file names a service the config no longer has; ignored");
+                continue;
+            };
+            let limits = &snapshot.config.server.limits;
+            slot.active = Some(Upstream::new(saved.addr, saved.color.clone(), limits));
+            slot.pinned = true;
+            tracing::info!(service = %name, color = %saved.color, upstream.addr = %saved.addr, "restored active upstream from state file");
+        }
+        self.shared.snapshot.store(Arc::new(snapshot));
+        Ok(())
+    }
+
+    fn claim(&self, service: &str) -> Result<BusyGuard<'_>, ControlError> {
+        let mut busy = self
+            .busy
+            .lock()
+            .map_err(|_| ControlError::Busy(service.to_string()))?;
+        if !busy.insert(service.to_string()) {
+            return Err(ControlError::Busy(service.to_string()));
+        }
+        Ok(BusyGuard {
+            controller: self,
+            service: service.to_string(),
+        })
+    }
+
+    fn service_config(&self, name: &str) -> Result<(Arc<Config>, Service), ControlError> {
+        let snapshot = self.shared.snapshot.load();
+        let service = snapshot
+            .config
+            .services
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
+        Ok((Arc::clone(&snapshot.config), service))
+    }
+
+    /// Moves `service` to the upstream at `to`: health check (unless
+    /// `force`), persist, swap, drain. Returns a summary for the caller.
+    pub async fn switch(
+        &self,
+        service: &str,
+        to: SocketAddr,
+        force: bool,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
+        let _busy = self.claim(service)?;
+        let (config, settings) = self.service_config(service)?;
+        if force {
+            progress.emit("health", format!("skipping health check of {to} (--force)"));
+        } else {
+            check_health(to, &settings, progress).await?;
+        }
+        let current = self.active(service);
+        let color = next_color(current.as_deref());
+        let upstream = Upstream::new(to, color, &config.server.limits);
+        let old = self.activate(service, Arc::clone(&upstream)).await?;
+        progress.emit(
+            "switched",
+            format!(
+                "switched {service} to {color} ({to}){}",
+                old.as_ref()
+                    .map(|o| format!(", was {} ({})", o.label, o.addr))
+                    .unwrap_or_default()
+            ),
+        );
+        let drain = match old {
+            Some(old) => Some(drain(&old, &settings, progress).await),
+            None => None,
+        };
+        Ok(json!({
+            "service": service,
+            "color": color,
+            "upstream": to.to_string(),
+            "drain": drain,
+        }))
+    }
+
+    /// The service's active upstream right now.
+    pub fn active(&self, service: &str) -> Option<Arc<Upstream>> {
+        self.shared
+            .snapshot
+            .load()
+            .service(service)
+            .and_then(|slot| slot.active.clone())
+    }
+
+    /// Persists and then publishes `upstream` as the service's active one;
+    /// returns the upstream it replaced. Persisting first means a crash
+    /// right after never resumes an upstream traffic had already left.
+    pub async fn activate(
+        &self,
+        service: &str,
+        upstream: Arc<Upstream>,
+    ) -> Result<Option<Arc<Upstream>>, ControlError> {
+        let _writer = self.writer.lock().await;
+        let current = self.shared.snapshot.load_full();
+        let slot = current
+            .service(service)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        let old = slot.active.clone();
+        let next = current.with_slot(
+            service,
+            ServiceSlot {
+                active: Some(upstream),
+                pinned: true,
+                pause: slot.pause,
+            },
+        );
+        self.persist(&next)?;
+        self.shared.snapshot.store(Arc::new(next));
+        Ok(old)
+    }
+
+    fn persist(&self, snapshot: &Snapshot) -> Result<(), StateError> {
+        let Some(store) = &self.state else {
+            return Ok(());
+        };
+        let previous = store.load().unwrap_or_default();
+        let mut state = State::default();
+        for (name, slot) in &snapshot.services {
+            let Some(active) = slot.active.as_ref().filter(|_| slot.pinned) else {
+                continue;
+            };
+            let since = previous
+                .services
+                .get(name)
+                .filter(|old| old.addr == active.addr && old.color == active.label)
+                .map_or_else(now_unix, |old| old.since);
+            state.services.insert(
+                name.clone(),
+                ServiceState {
+                    color: active.label.clone(),
+                    addr: active.addr,
+                    since,
+                },
+            );
+        }
+        store.save(&state)
+    }
+
+    /// Holds new requests for `service` until [`resume`](Self::resume)
+    /// (or each request's `pause_timeout`, then 503).
+    pub async fn pause(&self, service: &str) -> Result<Value, ControlError> {
+        let _writer = self.writer.lock().await;
+        let current = self.shared.snapshot.load_full();
+        let slot = current
+            .service(service)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        if slot.pause.is_some() {
+            return Err(ControlError::AlreadyPaused(service.to_string()));
+        }
+        let next = current.with_slot(
+            service,
+            ServiceSlot {
+                pause: Some(Arc::new(PauseGate::default())),
+                ..slot
+            },
+        );
+        self.shared.snapshot.store(Arc::new(next));
+        tracing::info!(service, "paused");
+        Ok(json!({ "service": service, "paused": true }))
+    }
+
+    /// Releases every request held by [`pause`](Self::pause).
+    pub async fn resume(&self, service: &str) -> Result<Value, ControlError> {
+        let _writer = self.writer.lock().await;
+        let current = self.shared.snapshot.load_full();
+        let slot = current
+            .service(service)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        let Some(gate) = slot.pause.clone() else {
+            return Err(ControlError::NotPaused(service.to_string()));
+        };
+        let next = current.with_slot(
+            service,
+            ServiceSlot {
+                pause: None,
+                ..slot
+            },
+        );
+        // Publish the unpaused snapshot first, so released requests that
+        // reload it find the service open.
+        self.shared.snapshot.store(Arc::new(next));
+        gate.release();
+        tracing::info!(service, "resumed");
+        Ok(json!({ "service": service, "paused": false }))
+    }
+
+    /// Re-reads the config file (and certificates). An invalid file or
+    /// certificate changes nothing and the error names file:line.
+    pub async fn reload(&self, progress: &Progress) -> Result<Value, ControlError> {
+        let current = self.shared.snapshot.load_full();
+        let path = current
+            .config
+            .source
+            .clone()
+            .ok_or(ControlError::NoConfigFile)?;
+        let config = Config::load(&path).map_err(|err| {
+            tracing::error!("reload rejected, old config keeps serving:\n{err}");
+            ControlError::Config(err.to_string())
+        })?;
+        let certs = match &self.tls {
+            Some(_) => Some(load_certs(&config)?),
+            None => None,
+        };
+        warn_on_restart_only_changes(&current.config, &config);
+        let _writer = self.writer.lock().await;
+        let latest = self.shared.snapshot.load_full();
+        let next = Snapshot::build(Arc::new(config), Some(&latest));
+        self.persist(&next)?;
+        self.shared.snapshot.store(Arc::new(next));
+        if let (Some(resolver), Some(certs)) = (&self.tls, certs) {
+            resolver.replace(certs);
+        }
+        progress.emit("reloaded", format!("reloaded {}", path.display()));
+        Ok(json!({ "config": path.display().to_string() }))
+    }
+
+    /// The config currently serving.
+    pub fn current_config(&self) -> Arc<Config> {
+        Arc::clone(&self.shared.snapshot.load().config)
+    }
+
+    /// Per-service facts for `cutover status`.
+    pub fn status(&self, only: Option<&str>) -> Result<Value, ControlError> {
+        let snapshot = self.shared.snapshot.load_full();
+        if let Some(name) = only {
+            if snapshot.service(name).is_none() {
+                return Err(ControlError::UnknownService(name.to_string()));
+            }
+        }
+        let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
+        let mut services = serde_json::Map::new();
+        for name in snapshot.config.services.keys() {
+            if only.is_some_and(|only| only != name) {
+                continue;
+            }
+            let Some(slot) = snapshot.service(name) else {
+                continue;
+            };
+            let active = slot.active.as_ref().map(|upstream| {
+                json!({
+                    "color": upstream.label,
+                    "upstream": upstream.addr.to_string(),
+                    "in_flight": upstream.in_flight(),
+                    "websockets": upstream.tunnels(),
+                })
+            });
+            services.insert(
+                name.clone(),
+                json!({
+                    "active": active,
+                    "paused": slot.pause.is_some(),
+                    "pinned": slot.pinned,
+                    "busy": busy.contains(name),
+                }),
+            );
+        }
+        Ok(json!({ "services": services }))
+    }
+}
+
+fn load_certs(config: &Config) -> Result<CertStore, ControlError> {
+    CertStore::load(&config.tls).map_err(|errors| {
+        let text = errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        tracing::error!("reload rejected, old certificates keep serving:\n{text}");
+        ControlError::Config(text)
+    })
+}
+
+fn warn_on_restart_only_changes(old: &Config, new: &Config) {
+    let listeners_changed = old.server.http != new.server.http
+        || old.server.https != new.server.https
+        || old.server.admin_socket != new.server.admin_socket;
+    if listeners_changed {
+        tracing::warn!("listener or admin socket addresses changed; they take effect on restart");
+    }
+}
+
+/// The colour a new upstream gets: the other one.
+fn next_color(current: Option<&Upstream>) -> &'static str {
+    match current.map(|u| u.label.as_str()) {
+        Some("blue") => "green",
+        _ => "blue",
+    }
+}
+
+async fn check_health(
+    addr: SocketAddr,
+    settings: &Service,
+    progress: &Progress,
+) -> Result<(), ControlError> {
+    let check = &settings.health;
+    progress.emit(
+        "health",
+        format!(
+            "checking http://{addr}{} (needs {} consecutive)",
+            check.path, check.healthy_after
+        ),
+    );
+    health::wait_healthy(addr, check, |report| {
+        let outcome = match &report.result {
+            Ok(()) => "ok".to_string(),
+            Err(err) => err.to_string(),
+        };
+        progress.emit(
+            "health",
+            format!(
+                "health {}/{} (attempt {}): {outcome}",
+                report.consecutive_ok, report.needed, report.attempt
+            ),
+        );
+    })
+    .await
+    .map_err(|reason| ControlError::Unhealthy { addr, reason })
+}
+
+/// Waits for the old upstream's requests, then its tunnels; reports what
+/// happened. Requests still running at the drain timeout are left to
+/// finish on the old upstream (cutover never cuts a request itself); the
+/// old upstream's connections are no longer pooled, so each closes when
+/// its request ends.
+pub async fn drain(old: &Arc<Upstream>, settings: &Service, progress: &Progress) -> Value {
+    let started = Instant::now();
+    let deadline = started + settings.drain_timeout;
+    let mut drained = old.in_flight() == 0;
+    while !drained {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        progress.emit(
+            "drain",
+            format!(
+                "draining {} ({}): {} in flight",
+                old.label,
+                old.addr,
+                old.in_flight()
+            ),
+        );
+        let step = (deadline - now).min(Duration::from_secs(1));
+        drained = old.wait_requests_done(step).await;
+    }
+    let drain_ms = started.elapsed().as_millis() as u64;
+    let left = old.in_flight();
+    if drained {
+        progress.emit("drained", format!("drained {} in {drain_ms} ms", old.label));
+    } else {
+        progress.emit(
+            "drain",
+            format!(
+                "drain timeout ({:?}) with {left} request(s) still running on {}; they finish there",
+                settings.drain_timeout, old.label
+            ),
+        );
+    }
+    let tunnels = old.tunnels();
+    if tunnels > 0 {
+        progress.emit(
+            "websockets",
+            format!(
+                "{tunnels} WebSocket(s) on {}: grace {:?} before closing",
+                old.label, settings.websocket_grace
+            ),
+        );
+        if !old.wait_tunnels_closed(settings.websocket_grace).await {
+            let open = old.tunnels();
+            old.close_tunnels();
+            progress.emit(
+                "websockets",
+                format!("closed {open} WebSocket(s) after the grace period"),
+            );
+        }
+    }
+    json!({
+        "drained": drained,
+        "drain_ms": drain_ms,
+        "still_in_flight": left,
+        "websockets_at_switch": tunnels,
+    })
+}

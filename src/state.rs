@@ -1,0 +1,174 @@
+//! The state file: which upstream each service serves from, so a restart
+//! resumes the same active colour instead of falling back to the config.
+//!
+//! Written atomically (temp file, fsync, rename, fsync of the directory):
+//! after a crash the file is either the old version or the new one, never a
+//! torn mix.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The file's name inside `state_dir`.
+pub const STATE_FILE: &str = "state.json";
+
+/// Bumped when the format changes incompatibly.
+const FORMAT_VERSION: u32 = 1;
+
+/// Everything persisted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub services: BTreeMap<String, ServiceState>,
+}
+
+/// One service's persisted facts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    /// "blue" or "green".
+    pub color: String,
+    /// Where the active colour listens.
+    pub addr: SocketAddr,
+    /// Unix seconds of the last change, for status output.
+    pub since: u64,
+}
+
+/// Reading or writing the state file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a cutover state file: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: state format version {found} is newer than this cutover understands ({FORMAT_VERSION})")]
+    TooNew { path: PathBuf, found: u32 },
+}
+
+/// Where the state lives, and the one way to read and write it.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> StateStore {
+        StateStore { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// Reads the state; a missing file is an empty state (first start).
+    pub fn load(&self) -> Result<State, StateError> {
+        let path = self.path();
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(State {
+                    version: FORMAT_VERSION,
+                    services: BTreeMap::new(),
+                })
+            }
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let state: State =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+        if state.version > FORMAT_VERSION {
+            return Err(StateError::TooNew {
+                path,
+                found: state.version,
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replaces the state file atomically.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: self.path(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let mut state = state.clone();
+        state.version = FORMAT_VERSION;
+        let bytes = serde_json::to_vec_pretty(&state).map_err(|err| io(err.into()))?;
+        let temp = self
+            .dir
+            .join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
+        write_synced(&temp, &bytes).map_err(io)?;
+        std::fs::rename(&temp, self.path()).map_err(|err| {
+            let _ = std::fs::remove_file(&temp);
+            io(err)
+        })?;
+        sync_dir(&self.dir).map_err(io)
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Makes the rename itself durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Seconds since the Unix epoch, for `since` fields.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::new(dir.path().join("nested"));
+        assert!(store.load().expect("empty").services.is_empty());
+        let mut state = State::default();
+        state.services.insert(
+            "web".into(),
+            ServiceState {
+                color: "green".into(),
+                addr: "127.0.0.1:9001".parse().expect("addr"),
+                since: 1,
+            },
+        );
+        store.save(&state).expect("save");
+        let loaded = store.load().expect("load");
+        assert_eq!(loaded.services, state.services);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("nested"))
+            .expect("dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from(STATE_FILE)]);
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_not_an_empty_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(STATE_FILE), b"{half").expect("write");
+        let err = StateStore::new(dir.path()).load().unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
+    }
+}
