@@ -18,11 +18,11 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -89,9 +89,11 @@ pub fn decode_request(line: &str) -> Result<Command, String> {
         .ok_or("request has no protocol version \"v\"")?;
     match version.as_u64() {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        _ => return Err(format!(
+        _ => {
+            return Err(format!(
             "protocol version {version} is not supported; this server speaks v{PROTOCOL_VERSION}"
-        )),
+        ))
+        }
     }
     serde_json::from_value(value).map_err(|err| format!("invalid request: {err}"))
 }
@@ -173,27 +175,22 @@ pub async fn serve(
 
 /// Answers requests on one connection, one at a time, until it closes.
 async fn connection(stream: UnixStream, controller: Arc<Controller>, shutdown: CancellationToken) {
-    let (read, write) = stream.into_split();
-    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE));
-    let mut out = FramedWrite::new(write, LinesCodec::new());
+    let (read, mut out) = stream.into_split();
+    let mut reader = BufReader::new(read);
     loop {
         let line = tokio::select! {
-            line = lines.next() => line,
+            line = read_line(&mut reader, MAX_LINE) => line,
             _ = shutdown.cancelled() => return,
         };
-        let reply_error = |error: String| Reply::Error { error };
         let command = match line {
-            None => return,
-            Some(Ok(line)) if line.trim().is_empty() => continue,
-            Some(Ok(line)) => decode_request(&line),
-            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
-                Err(format!("request line longer than {MAX_LINE} bytes"))
-            }
-            Some(Err(LinesCodecError::Io(_))) => return,
+            Err(_) | Ok(Line::End) => return,
+            Ok(Line::TooLong) => Err(format!("request line longer than {MAX_LINE} bytes")),
+            Ok(Line::Text(line)) if line.trim().is_empty() => continue,
+            Ok(Line::Text(line)) => decode_request(&line),
         };
         let sent = match command {
             Ok(command) => execute(command, &controller, &mut out).await,
-            Err(error) => send(&mut out, &reply_error(error)).await,
+            Err(error) => send(&mut out, &Reply::Error { error }).await,
         };
         if sent.is_err() {
             return;
@@ -201,19 +198,68 @@ async fn connection(stream: UnixStream, controller: Arc<Controller>, shutdown: C
     }
 }
 
-type Writer = FramedWrite<tokio::net::unix::OwnedWriteHalf, LinesCodec>;
+/// One line read from a client.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    Text(String),
+    /// The line exceeded the limit; it was read to its end and dropped, so
+    /// the next line starts clean.
+    TooLong,
+    End,
+}
 
-async fn send(out: &mut Writer, reply: &Reply) -> Result<(), LinesCodecError> {
-    let line = serde_json::to_string(reply).unwrap_or_else(|_| "{}".into());
-    out.send(line).await
+/// Reads one `\n`-terminated line of at most `max` bytes without ever
+/// buffering more than that.
+async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, max: usize) -> std::io::Result<Line> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if line.is_empty() && !too_long {
+                Line::End
+            } else if too_long {
+                Line::TooLong
+            } else {
+                Line::Text(String::from_utf8_lossy(&line).into_owned())
+            });
+        }
+        let (chunk, found_newline) = match available.iter().position(|b| *b == b'\n') {
+            Some(end) => (&available[..end], true),
+            None => (available, false),
+        };
+        if !too_long {
+            if line.len() + chunk.len() > max {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let consumed = chunk.len() + usize::from(found_newline);
+        reader.consume(consumed);
+        if found_newline {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Text(String::from_utf8_lossy(&line).into_owned())
+            });
+        }
+    }
+}
+
+async fn send(out: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(reply).unwrap_or_else(|_| "{}".into());
+    line.push('\n');
+    out.write_all(line.as_bytes()).await
 }
 
 /// Runs one command in its own task, streaming its progress as it comes.
 async fn execute(
     command: Command,
     controller: &Arc<Controller>,
-    out: &mut Writer,
-) -> Result<(), LinesCodecError> {
+    out: &mut OwnedWriteHalf,
+) -> std::io::Result<()> {
     let (events, mut receiver) = tokio::sync::mpsc::unbounded_channel();
     let controller = Arc::clone(controller);
     let task = tokio::spawn(async move {
@@ -263,6 +309,28 @@ async fn run_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn overlong_lines_are_dropped_and_reading_continues() {
+        let input: &[u8] = b"short\nxxxxxxxxxxxxxxxx\nnext\ntail";
+        let mut reader = BufReader::with_capacity(4, input);
+        let mut lines = Vec::new();
+        loop {
+            match read_line(&mut reader, 8).await.expect("read") {
+                Line::End => break,
+                line => lines.push(line),
+            }
+        }
+        assert_eq!(
+            lines,
+            vec![
+                Line::Text("short".into()),
+                Line::TooLong,
+                Line::Text("next".into()),
+                Line::Text("tail".into())
+            ]
+        );
+    }
 
     #[test]
     fn requests_round_trip_with_version() {
