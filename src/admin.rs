@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::controller::{Controller, Progress};
+use crate::deploy::ImageChoice;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -54,6 +55,23 @@ pub enum Command {
     Pause { service: String },
     /// Release held requests.
     Resume { service: String },
+    /// Deploy an image (or a tag of the configured image) to a service.
+    Deploy {
+        service: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// The caller's docker config.json, for pull credentials.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        docker_config: Option<String>,
+    },
+    /// Swap back to the warm previous colour, or redeploy its image.
+    Rollback {
+        service: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        docker_config: Option<String>,
+    },
     /// Re-read the config file and certificates. (A struct variant, so
     /// unknown fields are rejected as for every other command.)
     Reload {},
@@ -288,7 +306,7 @@ async fn execute(
 
 async fn run_command(
     command: Command,
-    controller: &Controller,
+    controller: &Arc<Controller>,
     progress: &Progress,
 ) -> Result<Value, String> {
     let result = match command {
@@ -302,6 +320,29 @@ async fn run_command(
         Command::Pause { service } => controller.pause(&service).await,
         Command::Resume { service } => controller.resume(&service).await,
         Command::Reload {} => controller.reload(progress).await,
+        Command::Deploy {
+            service,
+            image,
+            tag,
+            docker_config,
+        } => {
+            let choice = match (image, tag) {
+                (Some(image), None) => ImageChoice::Image(image),
+                (None, Some(tag)) => ImageChoice::Tag(tag),
+                _ => return Err("deploy needs exactly one of \"image\" or \"tag\"".into()),
+            };
+            controller
+                .deploy(&service, choice, docker_config.map(PathBuf::from), progress)
+                .await
+        }
+        Command::Rollback {
+            service,
+            docker_config,
+        } => {
+            controller
+                .rollback(&service, docker_config.map(PathBuf::from), progress)
+                .await
+        }
     };
     result.map_err(|err| err.to_string())
 }

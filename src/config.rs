@@ -151,6 +151,35 @@ pub struct Service {
     pub websocket_grace: Duration,
     /// Longest a request waits while the service is paused; then 503.
     pub pause_timeout: Duration,
+    /// Present when the deploy controller runs this service as containers.
+    pub container: Option<ContainerSettings>,
+}
+
+/// How the deploy controller runs a service's containers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSettings {
+    /// Repository used by `deploy --tag TAG`.
+    pub image: String,
+    /// The port the app listens on inside the container.
+    pub port: u16,
+    /// Fixed host ports for [blue, green]; `None` = ephemeral ports.
+    pub host_ports: Option<[u16; 2]>,
+    /// Environment set in the container.
+    pub env: BTreeMap<String, String>,
+    /// `KEY=VALUE` file read at each deploy (secrets stay out of proxy.toml).
+    pub env_file: Option<PathBuf>,
+    /// Bind mounts, `host:container[:ro]`.
+    pub volumes: Vec<String>,
+    /// `/etc/hosts` entries, e.g. `host.docker.internal:host-gateway`.
+    pub extra_hosts: Vec<String>,
+    /// Grace between SIGTERM and SIGKILL when stopping a container.
+    pub stop_timeout: Duration,
+    /// How long the previous colour stays running for an instant rollback.
+    pub keep_previous: Duration,
+    /// How many previously deployed images are kept locally for rollback.
+    pub retain: usize,
+    /// Docker config.json with registry credentials for pulls.
+    pub docker_config: Option<PathBuf>,
 }
 
 /// An HTTP health probe and its thresholds.
@@ -387,6 +416,20 @@ struct RawService {
     drain_timeout: Option<DurationValue>,
     websocket_grace: Option<DurationValue>,
     pause_timeout: Option<DurationValue>,
+    image: Option<String>,
+    port: Option<u16>,
+    host_ports: Option<Spanned<Vec<u16>>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    env_file: Option<PathBuf>,
+    #[serde(default)]
+    volumes: Vec<String>,
+    #[serde(default)]
+    extra_hosts: Vec<String>,
+    stop_timeout: Option<DurationValue>,
+    keep_previous: Option<DurationValue>,
+    retain: Option<usize>,
+    docker_config: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -566,11 +609,12 @@ impl<'a> Validator<'a> {
             let span = spanned.span();
             if !valid_service_name(&name) {
                 self.report(
-                    span,
+                    span.clone(),
                     format!("invalid service name {name:?}: use letters, digits, '-' and '_'"),
                 );
             }
-            let raw = spanned.into_inner();
+            let mut raw = spanned.into_inner();
+            let container = self.container(&name, &mut raw, span);
             let health = raw
                 .health
                 .map(|health| self.health(health))
@@ -584,10 +628,86 @@ impl<'a> Validator<'a> {
                     drain_timeout: raw.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
                     websocket_grace: raw.websocket_grace.map_or(Duration::from_secs(10), |d| d.0),
                     pause_timeout: raw.pause_timeout.map_or(Duration::from_secs(30), |d| d.0),
+                    container,
                 },
             );
         }
         services
+    }
+
+    /// Container settings, when the service has an `image`. Container-only
+    /// keys on a static service are reported rather than silently ignored.
+    fn container(
+        &mut self,
+        name: &str,
+        raw: &mut RawService,
+        span: Range<usize>,
+    ) -> Option<ContainerSettings> {
+        let Some(image) = raw.image.take() else {
+            let container_only = raw.port.is_some()
+                || raw.host_ports.is_some()
+                || !raw.env.is_empty()
+                || raw.env_file.is_some()
+                || !raw.volumes.is_empty()
+                || !raw.extra_hosts.is_empty()
+                || raw.keep_previous.is_some()
+                || raw.retain.is_some()
+                || raw.stop_timeout.is_some()
+                || raw.docker_config.is_some();
+            if container_only {
+                self.report(
+                    span,
+                    format!("service {name:?} has container settings but no `image`; add image = \"repo\" or remove them"),
+                );
+            }
+            return None;
+        };
+        if image.is_empty() || image.contains(char::is_whitespace) {
+            self.report(span.clone(), format!("invalid image {image:?}"));
+        }
+        let Some(port) = raw.port else {
+            self.report(
+                span,
+                format!("service {name:?} has an image but no container `port`"),
+            );
+            return None;
+        };
+        let host_ports = raw.host_ports.take().and_then(|ports| {
+            let ports_span = ports.span();
+            match ports.into_inner().as_slice() {
+                [blue, green] if blue != green && *blue != 0 && *green != 0 => {
+                    Some([*blue, *green])
+                }
+                _ => {
+                    self.report(
+                        ports_span,
+                        "host_ports needs two different ports: [blue, green]".into(),
+                    );
+                    None
+                }
+            }
+        });
+        if raw.upstream.is_some() {
+            self.report(
+                span,
+                format!("service {name:?} has both `image` and `upstream`; the controller picks the upstream of a container service"),
+            );
+        }
+        Some(ContainerSettings {
+            image,
+            port,
+            host_ports,
+            env: std::mem::take(&mut raw.env),
+            env_file: raw.env_file.take().map(|p| self.resolve(p)),
+            volumes: std::mem::take(&mut raw.volumes),
+            extra_hosts: std::mem::take(&mut raw.extra_hosts),
+            stop_timeout: raw.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
+            keep_previous: raw
+                .keep_previous
+                .map_or(Duration::from_secs(15 * 60), |d| d.0),
+            retain: raw.retain.unwrap_or(3),
+            docker_config: raw.docker_config.take().map(|p| self.resolve(p)),
+        })
     }
 
     fn health(&mut self, spanned: Spanned<RawHealth>) -> HealthCheck {
@@ -928,6 +1048,41 @@ mod tests {
         let err = parse("[server]\nshutdown_timeout = \"30 seconds\"\n").unwrap_err();
         assert_eq!(err.problems[0].line, 2);
         assert!(err.problems[0].message.contains("duration"));
+    }
+
+    #[test]
+    fn container_service_settings() {
+        let config = parse(
+            r#"
+[service.web]
+image = "registry.example/team/web"
+port = 8080
+host_ports = [8080, 8081]
+env = { TZ = "Asia/Seoul" }
+env_file = "web.env"
+keep_previous = "15m"
+health = { path = "/actuator/health", expect_json = { status = "UP" }, healthy_after = 2 }
+"#,
+        )
+        .expect("valid");
+        let web = &config.services["web"];
+        let container = web.container.as_ref().expect("container service");
+        assert_eq!(container.host_ports, Some([8080, 8081]));
+        assert_eq!(
+            container.env_file.as_deref(),
+            Some(Path::new("/etc/cutover/web.env"))
+        );
+        assert_eq!(
+            web.health.expect_json,
+            vec![("status".to_string(), serde_json::json!("UP"))]
+        );
+        let err = parse("[service.web]\nport = 8080\n").unwrap_err();
+        assert!(err.to_string().contains("no `image`"), "{err}");
+        let err = parse("[service.web]\nimage = \"x\"\nport = 1\nhost_ports = [1]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("proxy.toml:4:14: host_ports"),
+            "{err}"
+        );
     }
 
     #[test]

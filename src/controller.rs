@@ -12,7 +12,7 @@
 //! from this instant), then drain the old upstream: wait for its in-flight
 //! requests, give its WebSocket tunnels a grace period, and close them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,10 +22,13 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{Config, Service};
+use crate::docker::{DockerError, Engine};
 use crate::health::{self, ProbeError};
 use crate::proxy::Shared;
 use crate::snapshot::{PauseGate, ServiceSlot, Snapshot};
-use crate::state::{now_unix, ServiceState, State, StateError, StateStore};
+use crate::state::{
+    now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore,
+};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
 
@@ -73,7 +76,7 @@ impl Progress {
 pub enum ControlError {
     #[error("unknown service {0:?}")]
     UnknownService(String),
-    #[error("service {0:?} is busy: another operation on it is running; try again when it ends")]
+    #[error("service {0:?} is busy: a deploy, rollback or switch of it is already running; try again when it ends")]
     Busy(String),
     #[error("{addr} is not healthy: {reason}; traffic was not switched")]
     Unhealthy {
@@ -90,6 +93,18 @@ pub enum ControlError {
     NoConfigFile,
     #[error("state file: {0}; nothing was changed")]
     State(#[from] StateError),
+    #[error("service {0:?} has no `image`: it is a static upstream; use `switch` instead")]
+    NotAContainerService(String),
+    #[error("docker: {0}")]
+    Docker(#[from] DockerError),
+    #[error("deploy failed: {reason}; {old}\n--- last log lines of the new container ---\n{logs}")]
+    DeployFailed {
+        reason: String,
+        old: String,
+        logs: String,
+    },
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The single writer of the routing snapshot.
@@ -101,10 +116,25 @@ pub struct Controller {
     writer: tokio::sync::Mutex<()>,
     /// Services with an operation running.
     busy: Mutex<HashSet<String>>,
+    /// Per-service facts beyond the active upstream (persisted with it).
+    records: Mutex<HashMap<String, ServiceRecord>>,
+    /// The Docker engine, connected on first use and kept.
+    engine: tokio::sync::Mutex<Option<Engine>>,
+    /// What status says about the engine ("not used", "ok", "unreachable: ...").
+    docker_status: Mutex<String>,
+}
+
+/// What the controller remembers about a service besides its active
+/// upstream: the warm previous colour, deployed images, the last deploy.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ServiceRecord {
+    pub previous: Option<PreviousState>,
+    pub history: Vec<String>,
+    pub last_deploy: Option<DeployRecord>,
 }
 
 /// Marks a service busy until dropped.
-struct BusyGuard<'a> {
+pub(crate) struct BusyGuard<'a> {
     controller: &'a Controller,
     service: String,
 }
@@ -129,7 +159,87 @@ impl Controller {
             tls,
             writer: tokio::sync::Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
+            records: Mutex::new(HashMap::new()),
+            engine: tokio::sync::Mutex::new(None),
+            docker_status: Mutex::new("not used".into()),
         })
+    }
+
+    /// The Docker engine, connecting on first use. A failure is remembered
+    /// for `status` and retried on the next call.
+    pub async fn engine(&self) -> Result<Engine, ControlError> {
+        let mut engine = self.engine.lock().await;
+        if let Some(engine) = engine.as_ref() {
+            return Ok(engine.clone());
+        }
+        match Engine::connect().await {
+            Ok(connected) => {
+                self.set_docker_status("ok".into());
+                *engine = Some(connected.clone());
+                Ok(connected)
+            }
+            Err(err) => {
+                self.set_docker_status(format!("unreachable: {err}"));
+                Err(err.into())
+            }
+        }
+    }
+
+    pub(crate) fn set_docker_status(&self, status: String) {
+        if let Ok(mut current) = self.docker_status.lock() {
+            *current = status;
+        }
+    }
+
+    /// A copy of the service's record.
+    pub(crate) fn record(&self, service: &str) -> ServiceRecord {
+        self.records
+            .lock()
+            .map(|records| records.get(service).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Changes the service's record (persisted with the next snapshot write).
+    pub(crate) fn update_record(&self, service: &str, change: impl FnOnce(&mut ServiceRecord)) {
+        if let Ok(mut records) = self.records.lock() {
+            change(records.entry(service.to_string()).or_default());
+        }
+    }
+
+    /// Cancelled when the server shuts down.
+    pub(crate) fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Runs a background task the shutdown waits for.
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.shared.tasks.spawn(task);
+    }
+
+    /// Stops routing to the service (503) and persists that.
+    pub(crate) async fn deactivate(&self, service: &str) -> Result<(), ControlError> {
+        let _writer = self.writer.lock().await;
+        let current = self.shared.snapshot.load_full();
+        let slot = current
+            .service(service)
+            .cloned()
+            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        let next = current.with_slot(
+            service,
+            ServiceSlot {
+                active: None,
+                ..slot
+            },
+        );
+        self.persist(&next)?;
+        self.shared.snapshot.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Writes the current snapshot and records to the state file.
+    pub(crate) async fn save_state(&self) -> Result<(), StateError> {
+        let _writer = self.writer.lock().await;
+        self.persist(&self.shared.snapshot.load())
     }
 
     /// Applies the state file at start-up: each service it names resumes
@@ -147,15 +257,27 @@ impl Controller {
                 continue;
             };
             let limits = &snapshot.config.server.limits;
-            slot.active = Some(Upstream::new(saved.addr, saved.color.clone(), limits));
+            slot.active = Some(match saved.container.clone() {
+                Some(container) => {
+                    Upstream::for_container(saved.addr, saved.color.clone(), container, limits)
+                }
+                None => Upstream::new(saved.addr, saved.color.clone(), limits),
+            });
             slot.pinned = true;
+            self.update_record(&name, |record| {
+                *record = ServiceRecord {
+                    previous: saved.previous.clone(),
+                    history: saved.history.clone(),
+                    last_deploy: saved.last_deploy.clone(),
+                }
+            });
             tracing::info!(service = %name, color = %saved.color, upstream.addr = %saved.addr, "restored active upstream from state file");
         }
         self.shared.snapshot.store(Arc::new(snapshot));
         Ok(())
     }
 
-    fn claim(&self, service: &str) -> Result<BusyGuard<'_>, ControlError> {
+    pub(crate) fn claim(&self, service: &str) -> Result<BusyGuard<'_>, ControlError> {
         let mut busy = self
             .busy
             .lock()
@@ -169,7 +291,10 @@ impl Controller {
         })
     }
 
-    fn service_config(&self, name: &str) -> Result<(Arc<Config>, Service), ControlError> {
+    pub(crate) fn service_config(
+        &self,
+        name: &str,
+    ) -> Result<(Arc<Config>, Service), ControlError> {
         let snapshot = self.shared.snapshot.load();
         let service = snapshot
             .config
@@ -273,12 +398,17 @@ impl Controller {
                 .get(name)
                 .filter(|old| old.addr == active.addr && old.color == active.label)
                 .map_or_else(now_unix, |old| old.since);
+            let record = self.record(name);
             state.services.insert(
                 name.clone(),
                 ServiceState {
                     color: active.label.clone(),
                     addr: active.addr,
                     since,
+                    container: active.container.clone(),
+                    previous: record.previous,
+                    history: record.history,
+                    last_deploy: record.last_deploy,
                 },
             );
         }
@@ -379,6 +509,18 @@ impl Controller {
             }
         }
         let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
+        let since: HashMap<String, u64> = self
+            .state
+            .as_ref()
+            .and_then(|store| store.load().ok())
+            .map(|state| {
+                state
+                    .services
+                    .into_iter()
+                    .map(|(name, s)| (name, s.since))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut services = serde_json::Map::new();
         for name in snapshot.config.services.keys() {
             if only.is_some_and(|only| only != name) {
@@ -393,19 +535,41 @@ impl Controller {
                     "upstream": upstream.addr.to_string(),
                     "in_flight": upstream.in_flight(),
                     "websockets": upstream.tunnels(),
+                    "container": upstream.container.as_ref().map(|c| c.id.clone()),
+                    "image": upstream.container.as_ref().map(|c| c.image.clone()),
+                    "since": since.get(name),
+                })
+            });
+            let record = self.record(name);
+            let now = now_unix();
+            let previous = record.previous.as_ref().map(|previous| {
+                json!({
+                    "color": previous.color,
+                    "upstream": previous.addr.to_string(),
+                    "container": previous.container.as_ref().map(|c| c.id.clone()),
+                    "image": previous.container.as_ref().map(|c| c.image.clone()),
+                    "warm_for_s": previous.retire_at.saturating_sub(now),
                 })
             });
             services.insert(
                 name.clone(),
                 json!({
                     "active": active,
+                    "previous": previous,
+                    "last_deploy": record.last_deploy,
                     "paused": slot.pause.is_some(),
                     "pinned": slot.pinned,
                     "busy": busy.contains(name),
+                    "managed": snapshot.config.services.get(name).is_some_and(|s| s.container.is_some()),
                 }),
             );
         }
-        Ok(json!({ "services": services }))
+        let docker = self
+            .docker_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        Ok(json!({ "services": services, "docker": docker }))
     }
 }
 
@@ -431,14 +595,14 @@ fn warn_on_restart_only_changes(old: &Config, new: &Config) {
 }
 
 /// The colour a new upstream gets: the other one.
-fn next_color(current: Option<&Upstream>) -> &'static str {
+pub(crate) fn next_color(current: Option<&Upstream>) -> &'static str {
     match current.map(|u| u.label.as_str()) {
         Some("blue") => "green",
         _ => "blue",
     }
 }
 
-async fn check_health(
+pub(crate) async fn check_health(
     addr: SocketAddr,
     settings: &Service,
     progress: &Progress,
@@ -451,18 +615,27 @@ async fn check_health(
             check.path, check.healthy_after
         ),
     );
+    // One line per success, but a repeated failure only every tenth
+    // attempt: CI logs stay readable through a slow start.
+    let mut last_failure = String::new();
     health::wait_healthy(addr, check, |report| {
         let outcome = match &report.result {
             Ok(()) => "ok".to_string(),
             Err(err) => err.to_string(),
         };
-        progress.emit(
-            "health",
-            format!(
-                "health {}/{} (attempt {}): {outcome}",
-                report.consecutive_ok, report.needed, report.attempt
-            ),
-        );
+        let repeated = report.result.is_err() && outcome == last_failure;
+        if report.result.is_err() {
+            last_failure.clone_from(&outcome);
+        }
+        if !repeated || report.attempt % 10 == 0 {
+            progress.emit(
+                "health",
+                format!(
+                    "health {}/{} (attempt {}): {outcome}",
+                    report.consecutive_ok, report.needed, report.attempt
+                ),
+            );
+        }
     })
     .await
     .map_err(|reason| ControlError::Unhealthy { addr, reason })

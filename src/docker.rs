@@ -503,7 +503,7 @@ impl Engine {
     pub async fn list_managed(
         &self,
         service: Option<&str>,
-        container_port_of: &dyn Fn(&str) -> Option<u16>,
+        container_port_of: &(dyn Fn(&str) -> Option<u16> + Sync),
     ) -> Result<Vec<ContainerInfo>, DockerError> {
         let mut labels = vec![format!("{LABEL_MANAGED}=true")];
         if let Some(service) = service {

@@ -11,6 +11,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod deploy;
 pub mod docker;
 pub mod forward;
 pub mod health;

@@ -64,6 +64,25 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Start IMAGE as the other colour, health-check, switch, drain; exit 0
+    /// only when traffic switched.
+    Deploy {
+        service: String,
+        /// The image to deploy, REPO:TAG.
+        #[arg(long, conflicts_with = "tag", required_unless_present = "tag")]
+        image: Option<String>,
+        /// A tag of the service's configured `image`.
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Swap back to the warm previous colour, or start the previous image.
+    Rollback {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Re-read proxy.toml and certificates (also automatic on change).
     Reload {
         #[command(flatten)]
@@ -101,6 +120,27 @@ fn main() -> ExitCode {
         Command::Pause { service, admin } => client(&admin, AdminCommand::Pause { service }),
         Command::Resume { service, admin } => client(&admin, AdminCommand::Resume { service }),
         Command::Reload { admin } => client(&admin, AdminCommand::Reload {}),
+        Command::Deploy {
+            service,
+            image,
+            tag,
+            admin,
+        } => client(
+            &admin,
+            AdminCommand::Deploy {
+                service,
+                image,
+                tag,
+                docker_config: callers_docker_config(),
+            },
+        ),
+        Command::Rollback { service, admin } => client(
+            &admin,
+            AdminCommand::Rollback {
+                service,
+                docker_config: callers_docker_config(),
+            },
+        ),
     }
 }
 
@@ -161,6 +201,18 @@ fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The invoking user's docker config.json (registry credentials), so the
+/// server pulls with the CI user's login, not root's: no sudo tricks.
+fn callers_docker_config() -> Option<String> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))?;
+    let file = dir.join("config.json");
+    file.is_file()
+        .then(|| std::path::absolute(&file).unwrap_or(file))
+        .map(|path| path.display().to_string())
 }
 
 fn admin_socket(args: &AdminArgs) -> Result<PathBuf, String> {

@@ -110,6 +110,7 @@ pub async fn run(
     let state = config.server.state_dir.as_ref().map(StateStore::new);
     let controller = Controller::new(Arc::clone(&shared), state, resolver);
     controller.restore().await?;
+    controller.reconcile().await;
     if let Some(path) = &config.server.admin_socket {
         let listener = admin::bind(path).await?;
         shared.tasks.spawn(admin::serve(

@@ -34,6 +34,46 @@ pub struct ServiceState {
     pub addr: SocketAddr,
     /// Unix seconds of the last change, for status output.
     pub since: u64,
+    /// The active container, when the controller runs this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerState>,
+    /// The previous colour, kept warm for an instant rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousState>,
+    /// Images deployed, newest first (rollback targets, retention).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<String>,
+    /// The last deploy's outcome, for status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_deploy: Option<DeployRecord>,
+}
+
+/// A container the controller started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    pub id: String,
+    pub image: String,
+    pub deploy_id: String,
+}
+
+/// The previous colour and when it will be retired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousState {
+    pub color: String,
+    pub addr: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerState>,
+    /// Unix seconds after which its container is stopped and removed.
+    pub retire_at: u64,
+}
+
+/// What the last deploy or rollback did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployRecord {
+    pub image: String,
+    pub ok: bool,
+    pub message: String,
+    pub at: u64,
 }
 
 /// Reading or writing the state file failed.
@@ -151,6 +191,10 @@ mod tests {
                 color: "green".into(),
                 addr: "127.0.0.1:9001".parse().expect("addr"),
                 since: 1,
+                container: None,
+                previous: None,
+                history: vec!["web:v2".into()],
+                last_deploy: None,
             },
         );
         store.save(&state).expect("save");

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
 use crate::config::Limits;
+use crate::state::ContainerState;
 
 /// The pooled HTTP/1.1 client used to reach one upstream.
 pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
@@ -28,8 +29,10 @@ pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 pub struct Upstream {
     /// Where requests go.
     pub addr: SocketAddr,
-    /// Human label for logs and status ("blue", "green", "static").
+    /// Its colour ("blue" or "green"), for logs, status and the state file.
     pub label: String,
+    /// The container behind it, when the deploy controller started one.
+    pub container: Option<ContainerState>,
     /// The pool. Dropping the last `Upstream` reference drops the pool, which
     /// closes its idle keep-alive connections.
     client: UpstreamClient,
@@ -45,9 +48,29 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(addr: SocketAddr, label: impl Into<String>, limits: &Limits) -> Arc<Upstream> {
+        Self::build(addr, label.into(), None, limits)
+    }
+
+    /// An upstream served by a container the controller started.
+    pub fn for_container(
+        addr: SocketAddr,
+        label: impl Into<String>,
+        container: ContainerState,
+        limits: &Limits,
+    ) -> Arc<Upstream> {
+        Self::build(addr, label.into(), Some(container), limits)
+    }
+
+    fn build(
+        addr: SocketAddr,
+        label: String,
+        container: Option<ContainerState>,
+        limits: &Limits,
+    ) -> Arc<Upstream> {
         Arc::new(Upstream {
             addr,
-            label: label.into(),
+            label,
+            container,
             client: build_client(limits),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),

@@ -1,0 +1,850 @@
+//! The deploy controller: run a new image as the other colour, prove it
+//! healthy, switch traffic to it, drain the old colour and keep it warm for
+//! an instant rollback, then retire it. Also rollback, and the start-up
+//! reconciliation that makes a crash mid-deploy harmless.
+//!
+//! The steps and their failure rules are in `src/LIFECYCLE.md`. The one
+//! invariant every path keeps: traffic only ever moves to a container that
+//! passed its health check, and a failed deploy leaves the serving colour
+//! untouched.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::config::{ContainerSettings, Service};
+use crate::controller::{check_health, drain, next_color, ControlError, Controller, Progress};
+use crate::docker::{ContainerInfo, ContainerSpec, Engine};
+use crate::health;
+use crate::state::{now_unix, ContainerState, DeployRecord, PreviousState};
+use crate::upstream::Upstream;
+
+/// How often a starting container is inspected for an early exit.
+const EXIT_POLL: Duration = Duration::from_millis(250);
+
+/// Log lines of a failed container shown to the caller.
+const FAILED_LOG_LINES: usize = 20;
+
+/// What to deploy: a full image reference, or a tag of the configured image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageChoice {
+    Image(String),
+    Tag(String),
+}
+
+impl ImageChoice {
+    fn resolve(self, settings: &ContainerSettings) -> String {
+        match self {
+            ImageChoice::Image(image) => image,
+            ImageChoice::Tag(tag) => format!("{}:{tag}", settings.image),
+        }
+    }
+}
+
+impl Controller {
+    /// Deploys `choice` to `service`; Ok only when traffic switched to it.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        service: &str,
+        choice: ImageChoice,
+        docker_config: Option<PathBuf>,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
+        let _busy = self.claim(service)?;
+        self.deploy_claimed(service, choice, docker_config, progress)
+            .await
+    }
+
+    /// The deploy itself; the caller holds the service's busy claim.
+    async fn deploy_claimed(
+        self: &Arc<Self>,
+        service: &str,
+        choice: ImageChoice,
+        docker_config: Option<PathBuf>,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
+        let (config, settings) = self.service_config(service)?;
+        let container = container_settings(service, &settings)?;
+        let image = choice.resolve(&container);
+        let engine = self.engine().await?;
+        let began = Instant::now();
+
+        let docker_config = container.docker_config.clone().or(docker_config);
+        ensure_image(&engine, &image, docker_config.as_deref(), progress).await?;
+        let current = self.active(service);
+        let color = next_color(current.as_deref());
+        self.clear_color(service, color, &engine, &container, progress)
+            .await?;
+
+        let deploy_id = new_deploy_id();
+        let spec = container_spec(service, color, &image, &deploy_id, &container)?;
+        progress.emit(
+            "starting",
+            format!("starting {image} as {color} ({})", spec.name),
+        );
+        let started = engine
+            .create_and_start(&spec)
+            .await
+            .map_err(|err| start_error(err, &spec))?;
+        let start_ms = began.elapsed().as_millis() as u64;
+        let Some(addr) = started.host_addr else {
+            let _ = engine.remove_force(&started.id).await;
+            return Err(ControlError::Failed(format!(
+                "container {} published no port for {}/tcp",
+                short(&started.id),
+                container.port
+            )));
+        };
+        progress.emit(
+            "started",
+            format!("started {color} container {} on {addr}", short(&started.id)),
+        );
+
+        if let Err(reason) = self
+            .await_healthy(&engine, &started, addr, &settings, progress)
+            .await
+        {
+            return Err(self
+                .fail_deploy(
+                    service,
+                    &engine,
+                    &started,
+                    &image,
+                    reason,
+                    current.as_deref(),
+                    progress,
+                )
+                .await);
+        }
+        let healthy_ms = began.elapsed().as_millis() as u64 - start_ms;
+
+        let upstream = Upstream::for_container(
+            addr,
+            color,
+            ContainerState {
+                id: started.id.clone(),
+                image: image.clone(),
+                deploy_id: deploy_id.clone(),
+            },
+            &config.server.limits,
+        );
+        let previous_record = self.record(service);
+        self.update_record(service, |record| {
+            record.previous = current
+                .as_deref()
+                .map(|old| previous_state(old, container.keep_previous));
+            record.history.retain(|known| known != &image);
+            record.history.insert(0, image.clone());
+            record.last_deploy = Some(deploy_record(&image, true, "switched"));
+        });
+        let swap = Instant::now();
+        let old = match self.activate(service, upstream).await {
+            Ok(old) => old,
+            Err(err) => {
+                // Nothing switched: put the record back and leave no container.
+                self.update_record(service, |record| *record = previous_record);
+                let _ = engine.remove_force(&started.id).await;
+                return Err(err);
+            }
+        };
+        let switch_us = swap.elapsed().as_micros() as u64;
+        progress.emit(
+            "switched",
+            format!(
+                "switched {service} to {color} ({image}) in {switch_us} µs{}",
+                old.as_ref()
+                    .map(|o| format!(", was {}", o.label))
+                    .unwrap_or_default()
+            ),
+        );
+
+        let drain_started = Instant::now();
+        let drain_report = match &old {
+            Some(old) => Some(drain(old, &settings, progress).await),
+            None => None,
+        };
+        let drain_ms = drain_started.elapsed().as_millis() as u64;
+        if let Some(old) = &old {
+            self.keep_warm(service, old, &container, progress);
+        }
+        self.prune_images(service, &engine, container.retain).await;
+        if let Err(err) = self.save_state().await {
+            tracing::error!(service, error = %err, "could not record the deploy in the state file");
+        }
+        progress.emit("done", format!("deployed {image} to {service} as {color}"));
+        Ok(json!({
+            "service": service,
+            "color": color,
+            "image": image,
+            "container": started.id,
+            "upstream": addr.to_string(),
+            "deploy_id": deploy_id,
+            "timings": {
+                "start_ms": start_ms,
+                "healthy_ms": healthy_ms,
+                "switch_us": switch_us,
+                "drain_ms": drain_ms,
+                "total_ms": began.elapsed().as_millis() as u64,
+            },
+            "drain": drain_report,
+        }))
+    }
+
+    /// Probes the new container until healthy, giving up as soon as it exits.
+    async fn await_healthy(
+        &self,
+        engine: &Engine,
+        started: &ContainerInfo,
+        addr: std::net::SocketAddr,
+        settings: &Service,
+        progress: &Progress,
+    ) -> Result<(), String> {
+        let port = settings.container.as_ref().map_or(0, |c| c.port);
+        let exited = async {
+            loop {
+                tokio::time::sleep(EXIT_POLL).await;
+                match engine.inspect(&started.id, port).await {
+                    Ok(info) if info.running => continue,
+                    Ok(info) => {
+                        return format!(
+                            "container exited during the health check (exit code {})",
+                            info.exit_code.map_or("unknown".into(), |c| c.to_string())
+                        )
+                    }
+                    Err(err) if err.is_not_found() => return "container disappeared".to_string(),
+                    Err(err) => tracing::warn!(error = %err, "inspect failed during health check"),
+                }
+            }
+        };
+        tokio::select! {
+            healthy = check_health(addr, settings, progress) => healthy.map_err(|err| err.to_string()),
+            reason = exited => Err(reason),
+        }
+    }
+
+    /// Cleans up after a failed deploy and builds the caller's error: the
+    /// reason, the serving colour left untouched, the container's last logs.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_deploy(
+        &self,
+        service: &str,
+        engine: &Engine,
+        started: &ContainerInfo,
+        image: &str,
+        reason: String,
+        current: Option<&Upstream>,
+        progress: &Progress,
+    ) -> ControlError {
+        progress.emit("failed", format!("new container is not healthy: {reason}"));
+        let logs = match engine.logs_tail(&started.id, FAILED_LOG_LINES).await {
+            Ok(lines) if lines.is_empty() => "(no output)".to_string(),
+            Ok(lines) => lines.join("\n"),
+            Err(err) => format!("(logs unavailable: {err})"),
+        };
+        match engine.remove_force(&started.id).await {
+            Ok(()) => progress.emit(
+                "removed",
+                format!("removed failed container {}", short(&started.id)),
+            ),
+            Err(err) => {
+                tracing::error!(container = %started.id, error = %err, "could not remove failed container")
+            }
+        }
+        let old = match current {
+            Some(old) => format!("{} ({}) keeps serving, untouched", old.label, old.addr),
+            None => "no colour was serving before".to_string(),
+        };
+        self.update_record(service, |record| {
+            record.last_deploy = Some(deploy_record(image, false, &reason));
+        });
+        if let Err(err) = self.save_state().await {
+            tracing::error!(service, error = %err, "could not record the failed deploy");
+        }
+        ControlError::DeployFailed { reason, old, logs }
+    }
+
+    /// Makes room for a new container in `color`: the warm previous colour
+    /// lives there, and so may strays of this service in that colour.
+    async fn clear_color(
+        &self,
+        service: &str,
+        color: &str,
+        engine: &Engine,
+        container: &ContainerSettings,
+        progress: &Progress,
+    ) -> Result<(), ControlError> {
+        let active_id = self
+            .active(service)
+            .and_then(|u| u.container.as_ref().map(|c| c.id.clone()));
+        let occupants = engine
+            .list_managed(Some(service), &|_| Some(container.port))
+            .await?;
+        for occupant in occupants {
+            if Some(&occupant.id) == active_id.as_ref() || occupant.color.as_deref() != Some(color)
+            {
+                continue;
+            }
+            progress.emit(
+                "retire",
+                format!(
+                    "stopping previous {color} container {}",
+                    short(&occupant.id)
+                ),
+            );
+            engine
+                .stop_and_remove(&occupant.id, container.stop_timeout)
+                .await?;
+        }
+        self.update_record(service, |record| record.previous = None);
+        Ok(())
+    }
+
+    /// Keeps the old colour's container running for `keep_previous`, then
+    /// retires it (unless a rollback made it active again by then).
+    fn keep_warm(
+        self: &Arc<Self>,
+        service: &str,
+        old: &Upstream,
+        container: &ContainerSettings,
+        progress: &Progress,
+    ) {
+        let Some(old_container) = &old.container else {
+            return; // a static upstream: nothing of ours to stop
+        };
+        progress.emit(
+            "warm",
+            format!(
+                "{} ({}) stays running for {:?} for an instant rollback",
+                old.label,
+                short(&old_container.id),
+                container.keep_previous
+            ),
+        );
+        let retire_at = now_unix() + container.keep_previous.as_secs();
+        self.schedule_retirement(service.to_string(), old_container.id.clone(), retire_at);
+    }
+
+    /// Stops and removes the previous colour's container at `retire_at`.
+    pub(crate) fn schedule_retirement(
+        self: &Arc<Self>,
+        service: String,
+        container_id: String,
+        retire_at: u64,
+    ) {
+        let controller = Arc::clone(self);
+        let shutdown = self.shutdown_token();
+        self.spawn(async move {
+            let wait = Duration::from_secs(retire_at.saturating_sub(now_unix()));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            loop {
+                match controller.claim(&service) {
+                    Ok(_busy) => {
+                        controller.retire_previous(&service, &container_id).await;
+                        return;
+                    }
+                    // A deploy or rollback is running; it handles the
+                    // previous colour itself. Check again shortly.
+                    Err(_) => tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.cancelled() => return,
+                    },
+                }
+            }
+        });
+    }
+
+    async fn retire_previous(&self, service: &str, container_id: &str) {
+        let record = self.record(service);
+        let still_previous = record
+            .previous
+            .as_ref()
+            .and_then(|p| p.container.as_ref())
+            .is_some_and(|c| c.id == container_id);
+        if !still_previous {
+            return;
+        }
+        let stop_timeout = self
+            .service_config(service)
+            .ok()
+            .and_then(|(_, s)| s.container.map(|c| c.stop_timeout))
+            .unwrap_or(Duration::from_secs(10));
+        let result = match self.engine().await {
+            Ok(engine) => engine.stop_and_remove(container_id, stop_timeout).await,
+            Err(err) => {
+                tracing::warn!(service, error = %err, "cannot retire previous colour now");
+                return;
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(service, container = %short(container_id), "retired previous colour");
+                self.update_record(service, |record| record.previous = None);
+                if let Err(err) = self.save_state().await {
+                    tracing::error!(service, error = %err, "could not record the retirement");
+                }
+            }
+            Err(err) => tracing::warn!(service, error = %err, "retiring previous colour failed"),
+        }
+    }
+
+    /// Removes deployed images beyond the newest `retain` + 1 (the active
+    /// one plus `retain` rollback targets). Images still in use are kept.
+    async fn prune_images(&self, service: &str, engine: &Engine, retain: usize) {
+        let mut removed = Vec::new();
+        self.update_record(service, |record| {
+            if record.history.len() > retain + 1 {
+                removed = record.history.split_off(retain + 1);
+            }
+        });
+        for image in removed {
+            match engine.remove_image(&image).await {
+                Ok(()) => tracing::info!(service, image, "removed old image (retain)"),
+                Err(err) => tracing::debug!(service, image, error = %err, "old image kept"),
+            }
+        }
+    }
+
+    /// Swaps back to the warm previous colour (after a health check), or,
+    /// when it was retired, deploys the previous image again.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        service: &str,
+        docker_config: Option<PathBuf>,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
+        let _busy = self.claim(service)?;
+        let (config, settings) = self.service_config(service)?;
+        let container = container_settings(service, &settings)?;
+        let engine = self.engine().await?;
+        let record = self.record(service);
+        let current = self.active(service);
+        let current_image = current
+            .as_ref()
+            .and_then(|u| u.container.as_ref().map(|c| c.image.clone()));
+
+        if let Some(previous) = record.previous.clone() {
+            if let Some(warm) = warm_container(&engine, &previous, container.port).await {
+                return self
+                    .swap_back(
+                        service, previous, warm, &config, &settings, &container, current, progress,
+                    )
+                    .await;
+            }
+            progress.emit(
+                "rollback",
+                "the previous colour is no longer running; starting its image again",
+            );
+        }
+        let target = record
+            .previous
+            .and_then(|p| p.container.map(|c| c.image))
+            .or_else(|| {
+                record
+                    .history
+                    .iter()
+                    .find(|image| Some(*image) != current_image.as_ref())
+                    .cloned()
+            })
+            .ok_or_else(|| {
+                ControlError::Failed(format!(
+                    "nothing to roll back to: {service} has no previous colour or image"
+                ))
+            })?;
+        progress.emit("rollback", format!("redeploying previous image {target}"));
+        self.deploy_claimed(service, ImageChoice::Image(target), docker_config, progress)
+            .await
+    }
+
+    /// The instant rollback: the previous container is still running.
+    #[allow(clippy::too_many_arguments)]
+    async fn swap_back(
+        self: &Arc<Self>,
+        service: &str,
+        previous: PreviousState,
+        warm: ContainerInfo,
+        config: &crate::config::Config,
+        settings: &Service,
+        container: &ContainerSettings,
+        current: Option<Arc<Upstream>>,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
+        let addr = warm.host_addr.unwrap_or(previous.addr);
+        progress.emit(
+            "rollback",
+            format!(
+                "previous colour {} is still running on {addr}; checking health",
+                previous.color
+            ),
+        );
+        check_health(addr, settings, progress).await?;
+        let Some(state) = previous.container.clone() else {
+            return Err(ControlError::Failed(
+                "previous colour has no container".into(),
+            ));
+        };
+        let image = state.image.clone();
+        let upstream =
+            Upstream::for_container(addr, previous.color.clone(), state, &config.server.limits);
+        self.update_record(service, |record| {
+            record.previous = current
+                .as_deref()
+                .map(|old| previous_state(old, container.keep_previous));
+            record.history.retain(|known| known != &image);
+            record.history.insert(0, image.clone());
+            record.last_deploy = Some(deploy_record(&image, true, "rolled back"));
+        });
+        let swap = Instant::now();
+        let old = self.activate(service, upstream).await?;
+        let switch_us = swap.elapsed().as_micros() as u64;
+        progress.emit(
+            "switched",
+            format!(
+                "rolled {service} back to {} ({image}) in {switch_us} µs",
+                previous.color
+            ),
+        );
+        let drain_report = match &old {
+            Some(old) => Some(drain(old, settings, progress).await),
+            None => None,
+        };
+        if let Some(old) = &old {
+            self.keep_warm(service, old, container, progress);
+        }
+        if let Err(err) = self.save_state().await {
+            tracing::error!(service, error = %err, "could not record the rollback");
+        }
+        Ok(json!({
+            "service": service,
+            "color": previous.color,
+            "image": image,
+            "instant": true,
+            "upstream": addr.to_string(),
+            "timings": { "switch_us": switch_us },
+            "drain": drain_report,
+        }))
+    }
+
+    /// Start-up reconciliation against Docker: keep the active container if
+    /// it is running and healthy (else fall back to a healthy previous
+    /// colour, else serve nothing for that service rather than something
+    /// unhealthy), keep a warm previous colour with its retirement time,
+    /// and remove every other managed container of the service (half-started
+    /// deploys). With the engine unreachable, the last known upstreams keep
+    /// serving and `status` says so.
+    pub async fn reconcile(self: &Arc<Self>) {
+        let config = self.current_config();
+        let managed: Vec<(String, Service)> = config
+            .services
+            .iter()
+            .filter(|(_, s)| s.container.is_some())
+            .map(|(name, s)| (name.clone(), s.clone()))
+            .collect();
+        if managed.is_empty() {
+            return;
+        }
+        let engine = match self.engine().await {
+            Ok(engine) => engine,
+            Err(err) => {
+                tracing::error!(error = %err, "docker engine unreachable at start-up: serving the last known upstreams unchecked");
+                return;
+            }
+        };
+        for (name, settings) in managed {
+            if let Err(err) = self.reconcile_service(&engine, &name, &settings).await {
+                tracing::error!(service = %name, error = %err, "reconciliation failed");
+            }
+        }
+        if let Err(err) = self.save_state().await {
+            tracing::error!(error = %err, "could not write the reconciled state");
+        }
+    }
+
+    async fn reconcile_service(
+        self: &Arc<Self>,
+        engine: &Engine,
+        service: &str,
+        settings: &Service,
+    ) -> Result<(), ControlError> {
+        let container = container_settings(service, settings)?;
+        let containers = engine
+            .list_managed(Some(service), &|_| Some(container.port))
+            .await?;
+        let active = self.active(service);
+        let active_id = active
+            .as_ref()
+            .and_then(|u| u.container.as_ref().map(|c| c.id.clone()));
+        let record = self.record(service);
+        let previous_id = record
+            .previous
+            .as_ref()
+            .and_then(|p| p.container.as_ref().map(|c| c.id.clone()));
+        let (mut active_info, mut previous_info) = (None, None);
+        for info in containers {
+            if Some(&info.id) == active_id.as_ref() && info.running {
+                active_info = Some(info);
+            } else if Some(&info.id) == previous_id.as_ref() && info.running {
+                previous_info = Some(info);
+            } else {
+                tracing::warn!(service, container = %info.name, deploy = ?info.deploy_id, "removing orphan container (unfinished deploy or stopped colour)");
+                engine.remove_force(&info.id).await?;
+            }
+        }
+
+        let active_ok = match (&active, &active_info) {
+            (Some(active), Some(info)) => {
+                let addr = info.host_addr.unwrap_or(active.addr);
+                if probe_a_few(addr, settings).await {
+                    if addr != active.addr {
+                        self.reactivate_at(service, active, addr).await?;
+                    }
+                    true
+                } else {
+                    tracing::error!(service, container = %info.name, "active container is not healthy");
+                    false
+                }
+            }
+            // A static upstream (no container) stays as the state file says.
+            (Some(active), None) if active.container.is_none() => true,
+            _ => false,
+        };
+        if active_ok {
+            match (record.previous, previous_info) {
+                (Some(previous), Some(_)) => {
+                    if let Some(c) = &previous.container {
+                        self.schedule_retirement(
+                            service.to_string(),
+                            c.id.clone(),
+                            previous.retire_at,
+                        );
+                    }
+                }
+                (Some(_), None) => self.update_record(service, |r| r.previous = None),
+                _ => {}
+            }
+            return Ok(());
+        }
+        // The active colour is gone or unhealthy: the warm previous colour,
+        // if healthy, takes over; otherwise nothing is served.
+        if let (Some(previous), Some(info)) = (record.previous, previous_info) {
+            let addr = info.host_addr.unwrap_or(previous.addr);
+            if let (true, Some(state)) = (probe_a_few(addr, settings).await, previous.container) {
+                let limits = self.current_config().server.limits.clone();
+                let upstream =
+                    Upstream::for_container(addr, previous.color.clone(), state, &limits);
+                self.update_record(service, |r| r.previous = None);
+                self.activate(service, upstream).await?;
+                tracing::warn!(service, color = %previous.color, "active colour was gone or unhealthy: serving the previous colour");
+                return Ok(());
+            }
+        }
+        if active.is_some() {
+            self.deactivate(service).await?;
+            tracing::error!(
+                service,
+                "no healthy container: the service answers 503 until the next deploy"
+            );
+        }
+        Ok(())
+    }
+
+    /// Re-points the active upstream at a new published address (the
+    /// engine may have re-published an ephemeral port).
+    async fn reactivate_at(
+        &self,
+        service: &str,
+        active: &Upstream,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), ControlError> {
+        let limits = self.current_config().server.limits.clone();
+        let upstream = match &active.container {
+            Some(c) => Upstream::for_container(addr, active.label.clone(), c.clone(), &limits),
+            None => Upstream::new(addr, active.label.clone(), &limits),
+        };
+        self.activate(service, upstream).await.map(|_| ())
+    }
+}
+
+fn container_settings(
+    service: &str,
+    settings: &Service,
+) -> Result<ContainerSettings, ControlError> {
+    settings
+        .container
+        .clone()
+        .ok_or_else(|| ControlError::NotAContainerService(service.to_string()))
+}
+
+/// Pulls `image` unless the engine already has it.
+async fn ensure_image(
+    engine: &Engine,
+    image: &str,
+    docker_config: Option<&std::path::Path>,
+    progress: &Progress,
+) -> Result<(), ControlError> {
+    if engine.image_exists(image).await? {
+        progress.emit("image", format!("{image} is present locally"));
+        return Ok(());
+    }
+    progress.emit("pulling", format!("pulling {image}"));
+    let mut last = String::new();
+    engine
+        .pull(image, docker_config, &mut |line| last = line)
+        .await
+        .map_err(|err| ControlError::Failed(format!("cannot pull {image}: {err}")))?;
+    progress.emit("pulled", format!("pulled {image} {last}"));
+    Ok(())
+}
+
+/// The container to create for this deploy. `env_file` is read now, so an
+/// edited secret applies to the next deploy without touching proxy.toml.
+fn container_spec(
+    service: &str,
+    color: &str,
+    image: &str,
+    deploy_id: &str,
+    settings: &ContainerSettings,
+) -> Result<ContainerSpec, ControlError> {
+    let mut env = Vec::new();
+    if let Some(path) = &settings.env_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ControlError::Failed(format!("env_file {}: {err}", path.display())))?;
+        env.extend(parse_env_file(&text));
+    }
+    env.extend(settings.env.iter().map(|(k, v)| format!("{k}={v}")));
+    let host_port = settings
+        .host_ports
+        .map(|[blue, green]| if color == "blue" { blue } else { green });
+    Ok(ContainerSpec {
+        name: format!("cutover-{service}-{color}-{deploy_id}"),
+        image: image.to_string(),
+        service: service.to_string(),
+        color: color.to_string(),
+        deploy_id: deploy_id.to_string(),
+        container_port: settings.port,
+        host_port,
+        env,
+        volumes: settings.volumes.clone(),
+        extra_hosts: settings.extra_hosts.clone(),
+    })
+}
+
+/// `KEY=VALUE` lines; blank lines and `#` comments skipped, as docker's
+/// `--env-file` reads them.
+fn parse_env_file(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#') && line.contains('='))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Explains a start failure; a taken fixed host port gets its own message.
+fn start_error(err: crate::docker::DockerError, spec: &ContainerSpec) -> ControlError {
+    if err.is_port_in_use() {
+        let port = spec.host_port.map_or("?".into(), |p| p.to_string());
+        return ControlError::Failed(format!(
+            "cannot start {} container: host port 127.0.0.1:{port} is already in use by another process (see host_ports); nothing was left behind",
+            spec.color
+        ));
+    }
+    ControlError::Docker(err)
+}
+
+/// The previous container if it is still running.
+async fn warm_container(
+    engine: &Engine,
+    previous: &PreviousState,
+    port: u16,
+) -> Option<ContainerInfo> {
+    let id = &previous.container.as_ref()?.id;
+    engine
+        .inspect(id, port)
+        .await
+        .ok()
+        .filter(|info| info.running)
+}
+
+/// One healthy probe out of a few tries, for start-up reconciliation.
+async fn probe_a_few(addr: std::net::SocketAddr, settings: &Service) -> bool {
+    for _ in 0..3 {
+        if health::probe(addr, &settings.health).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(settings.health.interval).await;
+    }
+    false
+}
+
+fn previous_state(old: &Upstream, keep: Duration) -> PreviousState {
+    PreviousState {
+        color: old.label.clone(),
+        addr: old.addr,
+        container: old.container.clone(),
+        retire_at: now_unix() + keep.as_secs(),
+    }
+}
+
+fn deploy_record(image: &str, ok: bool, message: &str) -> DeployRecord {
+    DeployRecord {
+        image: image.to_string(),
+        ok,
+        message: message.to_string(),
+        at: now_unix(),
+    }
+}
+
+/// Short, sortable and unique enough for one host: milliseconds since the
+/// epoch in hex plus the process id.
+fn new_deploy_id() -> String {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{millis:x}{:x}", std::process::id() & 0xfff)
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_lines() {
+        let text = "# secrets\nDB_PASSWORD=s3cret\n\n  TZ=Asia/Seoul  \nnot a pair\n";
+        assert_eq!(
+            parse_env_file(text),
+            vec!["DB_PASSWORD=s3cret", "TZ=Asia/Seoul"]
+        );
+    }
+
+    #[test]
+    fn tag_uses_the_configured_repository() {
+        let settings = ContainerSettings {
+            image: "registry.example/team/web".into(),
+            port: 8080,
+            host_ports: Some([8080, 8081]),
+            env: Default::default(),
+            env_file: None,
+            volumes: vec![],
+            extra_hosts: vec![],
+            stop_timeout: Duration::from_secs(1),
+            keep_previous: Duration::from_secs(1),
+            retain: 1,
+            docker_config: None,
+        };
+        assert_eq!(
+            ImageChoice::Tag("abc123".into()).resolve(&settings),
+            "registry.example/team/web:abc123"
+        );
+        let spec = container_spec("web", "green", "img:1", "d1", &settings).expect("spec");
+        assert_eq!(spec.host_port, Some(8081));
+        assert_eq!(spec.name, "cutover-web-green-d1");
+    }
+}
