@@ -107,6 +107,27 @@ pub enum ControlError {
     Failed(String),
 }
 
+/// What [`Controller::activate`] did.
+#[derive(Debug)]
+pub struct Activation {
+    /// The upstream that was active before.
+    pub old: Option<Arc<Upstream>>,
+    /// Time to write the state file (temp, fsync, rename, fsync dir).
+    pub persist: Duration,
+    /// Time of the swap itself: one `ArcSwap::store`.
+    pub swap: Duration,
+}
+
+impl Activation {
+    /// Timings for a result document.
+    pub fn timings(&self) -> Value {
+        json!({
+            "persist_us": self.persist.as_micros() as u64,
+            "swap_ns": self.swap.as_nanos() as u64,
+        })
+    }
+}
+
 /// The single writer of the routing snapshot.
 pub struct Controller {
     shared: Arc<Shared>,
@@ -324,7 +345,8 @@ impl Controller {
         let current = self.active(service);
         let color = next_color(current.as_deref());
         let upstream = Upstream::new(to, color, &config.server.limits);
-        let old = self.activate(service, Arc::clone(&upstream)).await?;
+        let activation = self.activate(service, Arc::clone(&upstream)).await?;
+        let old = activation.old.clone();
         progress.emit(
             "switched",
             format!(
@@ -342,6 +364,7 @@ impl Controller {
             "service": service,
             "color": color,
             "upstream": to.to_string(),
+            "timings": activation.timings(),
             "drain": drain,
         }))
     }
@@ -362,7 +385,7 @@ impl Controller {
         &self,
         service: &str,
         upstream: Arc<Upstream>,
-    ) -> Result<Option<Arc<Upstream>>, ControlError> {
+    ) -> Result<Activation, ControlError> {
         let _writer = self.writer.lock().await;
         let current = self.shared.snapshot.load_full();
         let slot = current
@@ -378,9 +401,14 @@ impl Controller {
                 pause: slot.pause,
             },
         );
+        let persist_started = Instant::now();
         self.persist(&next)?;
-        self.shared.snapshot.store(Arc::new(next));
-        Ok(old)
+        let persist = persist_started.elapsed();
+        let next = Arc::new(next);
+        let swap_started = Instant::now();
+        self.shared.snapshot.store(next);
+        let swap = swap_started.elapsed();
+        Ok(Activation { old, persist, swap })
     }
 
     fn persist(&self, snapshot: &Snapshot) -> Result<(), StateError> {

@@ -139,9 +139,8 @@ impl Controller {
             record.history.insert(0, image.clone());
             record.last_deploy = Some(deploy_record(&image, true, "switched"));
         });
-        let swap = Instant::now();
-        let old = match self.activate(service, upstream).await {
-            Ok(old) => old,
+        let activation = match self.activate(service, upstream).await {
+            Ok(activation) => activation,
             Err(err) => {
                 // Nothing switched: put the record back and leave no container.
                 self.update_record(service, |record| *record = previous_record);
@@ -149,11 +148,13 @@ impl Controller {
                 return Err(err);
             }
         };
-        let switch_us = swap.elapsed().as_micros() as u64;
+        let old = activation.old.clone();
         progress.emit(
             "switched",
             format!(
-                "switched {service} to {color} ({image}) in {switch_us} µs{}",
+                "switched {service} to {color} ({image}): swap {} ns after a {} µs state write{}",
+                activation.swap.as_nanos(),
+                activation.persist.as_micros(),
                 old.as_ref()
                     .map(|o| format!(", was {}", o.label))
                     .unwrap_or_default()
@@ -184,7 +185,8 @@ impl Controller {
             "timings": {
                 "start_ms": start_ms,
                 "healthy_ms": healthy_ms,
-                "switch_us": switch_us,
+                "persist_us": activation.persist.as_micros() as u64,
+                "swap_ns": activation.swap.as_nanos() as u64,
                 "drain_ms": drain_ms,
                 "total_ms": began.elapsed().as_millis() as u64,
             },
@@ -498,14 +500,14 @@ impl Controller {
             record.history.insert(0, image.clone());
             record.last_deploy = Some(deploy_record(&image, true, "rolled back"));
         });
-        let swap = Instant::now();
-        let old = self.activate(service, upstream).await?;
-        let switch_us = swap.elapsed().as_micros() as u64;
+        let activation = self.activate(service, upstream).await?;
+        let old = activation.old.clone();
         progress.emit(
             "switched",
             format!(
-                "rolled {service} back to {} ({image}) in {switch_us} µs",
-                previous.color
+                "rolled {service} back to {} ({image}): swap {} ns",
+                previous.color,
+                activation.swap.as_nanos()
             ),
         );
         let drain_report = match &old {
@@ -524,7 +526,7 @@ impl Controller {
             "image": image,
             "instant": true,
             "upstream": addr.to_string(),
-            "timings": { "switch_us": switch_us },
+            "timings": activation.timings(),
             "drain": drain_report,
         }))
     }

@@ -232,38 +232,75 @@ fn admin_socket(args: &AdminArgs) -> Result<PathBuf, String> {
     })
 }
 
-/// One line per service, for people.
+/// One block per service, for people.
 fn print_status(result: &Value) {
     let Some(services) = result.get("services").and_then(Value::as_object) else {
         println!("{result}");
         return;
     };
-    println!(
-        "{:<16} {:<6} {:<22} {:>9} {:>5}  flags",
-        "SERVICE", "COLOR", "UPSTREAM", "IN-FLIGHT", "WS"
-    );
+    let text = |value: &Value, key: &str| match value.get(key) {
+        None | Some(Value::Null) => "-".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
     for (name, service) in services {
         let active = &service["active"];
-        let text = |key: &str| {
-            active.get(key).map_or("-".to_string(), |v| {
-                v.to_string().trim_matches('"').to_string()
-            })
-        };
         let mut flags = Vec::new();
-        if service["paused"] == Value::Bool(true) {
-            flags.push("paused");
-        }
-        if service["busy"] == Value::Bool(true) {
-            flags.push("busy");
+        for flag in ["paused", "busy"] {
+            if service[flag] == Value::Bool(true) {
+                flags.push(flag);
+            }
         }
         println!(
-            "{name:<16} {:<6} {:<22} {:>9} {:>5}  {}",
-            text("color"),
-            text("upstream"),
-            text("in_flight"),
-            text("websockets"),
-            flags.join(",")
+            "{name}{}",
+            if flags.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", flags.join(", "))
+            }
         );
+        if active.is_null() {
+            println!("  active:    none (requests get 503)");
+        } else {
+            println!(
+                "  active:    {} {}  image {}  container {}  in-flight {}  websockets {}",
+                text(active, "color"),
+                text(active, "upstream"),
+                text(active, "image"),
+                text(active, "container")
+                    .chars()
+                    .take(12)
+                    .collect::<String>(),
+                text(active, "in_flight"),
+                text(active, "websockets"),
+            );
+        }
+        let previous = &service["previous"];
+        if !previous.is_null() {
+            println!(
+                "  previous:  {} {}  image {}  warm for {}s more",
+                text(previous, "color"),
+                text(previous, "upstream"),
+                text(previous, "image"),
+                text(previous, "warm_for_s"),
+            );
+        }
+        let last = &service["last_deploy"];
+        if !last.is_null() {
+            let outcome = if last["ok"] == Value::Bool(true) {
+                "ok"
+            } else {
+                "FAILED"
+            };
+            println!(
+                "  last deploy: {} {outcome}: {}",
+                text(last, "image"),
+                text(last, "message")
+            );
+        }
+    }
+    if let Some(docker) = result.get("docker").and_then(Value::as_str) {
+        println!("docker: {docker}");
     }
 }
 
