@@ -495,3 +495,63 @@ async fn restart_resumes_the_active_colour_from_the_state_file() {
     );
     proxy.stop().await.expect("stop");
 }
+
+/// An HTTP/1.1 upstream that counts its open TCP connections.
+async fn counting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let open = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&open);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_to_the_old_upstream_close_after_the_drain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old_addr, old_open) = counting_upstream().await;
+    let (new_addr, _) = counting_upstream().await;
+    let proxy = start_proxy(&config_text(dir.path(), old_addr, "")).await;
+    // Concurrent requests leave several pooled keep-alive connections.
+    let requests = (0..4).map(|_| http_get(proxy.http_addr, "localhost", "/slow"));
+    for resp in futures_util::future::join_all(requests).await {
+        assert_eq!(resp.status, 200);
+    }
+    assert!(
+        old_open.load(Ordering::SeqCst) >= 1,
+        "the proxy pools connections to the old upstream"
+    );
+
+    admin(dir.path(), switch("web", new_addr))
+        .await
+        .0
+        .expect("switch");
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    while old_open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} pooled connection(s) to the old upstream still open after the drain",
+            old_open.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.stop().await.expect("stop");
+}
