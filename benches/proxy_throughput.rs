@@ -1,0 +1,1228 @@
+//! Throughput and latency of cutover against the upstream alone, nginx and
+//! HAProxy: `cargo bench --bench proxy_throughput`.
+//!
+//! Method
+//! - One upstream for every target: this same bench binary re-executed as a
+//!   child process (`BENCH_ROLE=upstream`), a single-threaded hyper 1
+//!   HTTP/1.1 server answering every request with a fixed 100-byte body. A
+//!   separate process keeps it from sharing a runtime with the load
+//!   generator. It exits when its stdin closes, so it dies with the bench.
+//! - The targets, measured one after another in one run on one machine:
+//!   `direct` (the upstream itself), cutover (the release binary cargo builds
+//!   for this bench, `workers = 1`, one catch-all site; once with
+//!   `RUST_LOG=warn` and once with `RUST_LOG=info`, i.e. with its access log
+//!   written to a file), nginx (`worker_processes 1`, keep-alive upstream
+//!   pool, no access log) and HAProxy (`nbthread 1`, `http-reuse always`).
+//!   Every proxy gets one worker thread, so the comparison is per core. A
+//!   proxy that is not installed gets a "not installed" row.
+//! - Load: `wrk -t1 -c64 --latency` when wrk is installed, and always the
+//!   built-in generator (64 keep-alive hyper connections on one thread, every
+//!   request timed in microseconds). Each measured run is preceded by an
+//!   unmeasured warm-up run with the same generator. Every row names the
+//!   generator that produced it; ratios and "added p99" compare a proxy with
+//!   `direct` measured by the same generator. The verdict is printed per
+//!   generator; prefer wrk's line when wrk is present.
+//! - The load average is printed before and after: anything else running on
+//!   the machine (a build) skews req/s and latency far more than it skews
+//!   CPU per request.
+//! - "target CPU µs/req" is the user + system CPU time the target process
+//!   (the upstream for `direct`, else the proxy alone) used during the
+//!   measured run, from `/proc/PID/stat`, divided by the requests served. Load
+//!   generator, proxy and upstream share the machine's cores, so on a small
+//!   machine req/s measures how well the three share them; CPU per request
+//!   measures the proxy's own cost and is the steadier number of the two.
+//! - Everything listens on 127.0.0.1 and every load is bounded in time.
+//!
+//! Output: a Markdown table on stdout, and the same data as JSON in
+//! `target/bench-results/proxy_throughput.json` (or `$BENCH_RESULTS`).
+//!
+//! Environment: `BENCH_SECONDS` (measured seconds per run, default 5),
+//! `BENCH_WARMUP_SECONDS` (default 1), `BENCH_CONNECTIONS` (default 64),
+//! `BENCH_GENERATORS` (`wrk,builtin` by default; either one alone works),
+//! `BENCH_CUTOVER_INFO=0` to skip the `RUST_LOG=info` cutover row,
+//! `BENCH_CUTOVER_BIN` to measure another cutover binary.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn main() {
+    if std::env::var("BENCH_ROLE").as_deref() == Ok("upstream") {
+        upstream::serve();
+        return;
+    }
+    // `cargo bench` passes --bench; `cargo test --benches` does not, and a
+    // test run should not spend a minute driving load.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("proxy_throughput: run it with `cargo bench --bench proxy_throughput`; skipped");
+        return;
+    }
+    let settings = Settings::from_env();
+    let machine = Machine::describe();
+    println!("{}", machine.markdown());
+    println!("{}", settings.describe());
+
+    let rows = run_all(&settings);
+    let load_after = load_average();
+    println!(
+        "- load average before / after: {} / {load_after}",
+        machine.load
+    );
+    println!("{}", report::markdown(&rows));
+    println!("{}", report::verdict(&rows));
+    let path = report::write_json(&machine, &settings, &rows);
+    println!("JSON: {}", path.display());
+}
+
+// ---------------------------------------------------------------------------
+// Settings and machine description
+// ---------------------------------------------------------------------------
+
+/// What one bench run does, read from the environment.
+#[derive(Debug, Clone)]
+struct Settings {
+    seconds: u64,
+    warmup_seconds: u64,
+    connections: usize,
+    generators: Vec<Generator>,
+    cutover_info_row: bool,
+}
+
+/// The load generator that produced a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Generator {
+    Wrk,
+    Builtin,
+}
+
+impl Generator {
+    fn name(self) -> &'static str {
+        match self {
+            Generator::Wrk => "wrk",
+            Generator::Builtin => "builtin",
+        }
+    }
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let wanted = env_or("BENCH_GENERATORS", "wrk,builtin".to_string());
+        let mut generators = Vec::new();
+        if wanted.contains("wrk") {
+            if tool_installed("wrk") {
+                generators.push(Generator::Wrk);
+            } else {
+                println!("wrk: not installed (apt-get install wrk); built-in generator only");
+            }
+        }
+        if wanted.contains("builtin") || generators.is_empty() {
+            generators.push(Generator::Builtin);
+        }
+        Settings {
+            seconds: env_or("BENCH_SECONDS", 5).max(1),
+            warmup_seconds: env_or("BENCH_WARMUP_SECONDS", 1),
+            connections: env_or("BENCH_CONNECTIONS", 64).max(1),
+            generators,
+            cutover_info_row: env_or("BENCH_CUTOVER_INFO", 1) != 0,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let generators: Vec<&str> = self.generators.iter().map(|g| g.name()).collect();
+        format!(
+            "Load: {} keep-alive connections, {} s warm-up + {} s measured per run; generators: {}.\n",
+            self.connections,
+            self.warmup_seconds,
+            self.seconds,
+            generators.join(", ")
+        )
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether `name` runs at all (on PATH and executable).
+fn tool_installed(name: &str) -> bool {
+    Command::new(name)
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The facts printed above the table, so numbers are never read without
+/// knowing what produced them.
+struct Machine {
+    date: String,
+    cores: usize,
+    cpu: String,
+    kernel: String,
+    tools: Vec<(String, String)>,
+    /// /proc/loadavg when the bench started.
+    load: String,
+    /// Share of all cores busy during one second just before the start:
+    /// other work on the machine skews every number, req/s most.
+    busy_percent: Option<f64>,
+}
+
+impl Machine {
+    fn describe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|line| line.starts_with("model name"))
+            .and_then(|line| line.split(':').nth(1))
+            .map_or("unknown", str::trim)
+            .to_string();
+        let tools = [
+            ("nginx", &["-v"][..]),
+            ("haproxy", &["-v"][..]),
+            ("wrk", &["-v"][..]),
+        ]
+        .iter()
+        .map(|(tool, args)| (tool.to_string(), first_line_of(tool, args)))
+        .collect();
+        Machine {
+            date: first_line_of("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu,
+            kernel: first_line_of("uname", &["-sr"]),
+            tools,
+            load: load_average(),
+            busy_percent: busy_percent(Duration::from_secs(1)),
+        }
+    }
+
+    fn markdown(&self) -> String {
+        let mut text = String::from("# cutover proxy throughput\n\n");
+        let _ = writeln!(text, "- date: {}", self.date);
+        let _ = writeln!(text, "- cores (nproc): {}", self.cores);
+        let _ = writeln!(text, "- CPU: {}", self.cpu);
+        let _ = writeln!(text, "- kernel: {}", self.kernel);
+        for (tool, version) in &self.tools {
+            let _ = writeln!(text, "- {tool}: {version}");
+        }
+        let _ = writeln!(text, "- load average (1/5/15 min) at start: {}", self.load);
+        if let Some(busy) = self.busy_percent {
+            let _ = writeln!(text, "- CPU busy in the second before start: {busy:.0}%");
+        }
+        if self.busy_percent.is_some_and(|busy| busy > 10.0) {
+            let _ = writeln!(
+                text,
+                "- WARNING: the machine is busy; req/s and latencies will be noisy"
+            );
+        }
+        text
+    }
+}
+
+/// How busy all cores were over `window`, from two reads of /proc/stat.
+fn busy_percent(window: Duration) -> Option<f64> {
+    let before = cpu_jiffies()?;
+    std::thread::sleep(window);
+    let after = cpu_jiffies()?;
+    let total = after.0.checked_sub(before.0)?;
+    let idle = after.1.checked_sub(before.1)?;
+    (total > 0).then(|| 100.0 * (total - idle) as f64 / total as f64)
+}
+
+/// (all, idle + iowait) jiffies of the machine's aggregate `cpu` line.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = values.get(3)? + values.get(4)?;
+    Some((values.iter().sum(), idle))
+}
+
+/// The first three fields of /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// First line a command prints (stdout, else stderr: nginx -v uses stderr),
+/// or "not installed".
+fn first_line_of(program: &str, args: &[&str]) -> String {
+    match Command::new(program).args(args).output() {
+        Ok(output) => {
+            let text = if output.stdout.is_empty() {
+                output.stderr
+            } else {
+                output.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        }
+        Err(_) => "not installed".to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The run: targets in order, each measured by every generator
+// ---------------------------------------------------------------------------
+
+/// One line of the result table.
+#[derive(Debug, Clone)]
+struct Row {
+    target: String,
+    generator: Option<Generator>,
+    outcome: Result<Measurement, String>,
+}
+
+/// What one load run measured.
+#[derive(Debug, Clone, Default)]
+struct Measurement {
+    requests: u64,
+    seconds: f64,
+    requests_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    /// Connection errors, timeouts and non-200 answers.
+    errors: u64,
+    /// CPU time (user + system) the target process used per request: the
+    /// upstream for `direct`, the proxy alone otherwise.
+    cpu_us_per_request: Option<f64>,
+}
+
+fn run_all(settings: &Settings) -> Vec<Row> {
+    let scratch = tempfile::tempdir().expect("create a temporary directory for configs and logs");
+    let upstream = upstream::Process::spawn();
+    let mut rows = Vec::new();
+
+    rows.extend(measure("direct", upstream.addr, upstream.pid(), settings));
+
+    let cutover = targets::cutover_binary();
+    let mut cutover_variants = vec![("cutover (RUST_LOG=warn)", "warn")];
+    if settings.cutover_info_row {
+        cutover_variants.push(("cutover (RUST_LOG=info, access log)", "info"));
+    }
+    for (name, log_level) in cutover_variants {
+        let dir = scratch.path().join(format!("cutover-{log_level}"));
+        let started = targets::start_cutover(&cutover, &dir, upstream.addr, log_level);
+        rows.extend(measure_started(name, started, settings));
+    }
+
+    let started = targets::start_nginx(&scratch.path().join("nginx"), upstream.addr);
+    rows.extend(measure_started("nginx", started, settings));
+
+    let started = targets::start_haproxy(&scratch.path().join("haproxy"), upstream.addr);
+    rows.extend(measure_started("haproxy", started, settings));
+
+    drop(upstream);
+    rows
+}
+
+/// Measures a target that may have failed to start (or is not installed):
+/// a failure becomes one row that says why.
+fn measure_started(
+    name: &str,
+    started: Result<targets::Running, String>,
+    settings: &Settings,
+) -> Vec<Row> {
+    match started {
+        Ok(running) => {
+            let rows = measure(name, running.addr, running.pid(), settings);
+            drop(running);
+            rows
+        }
+        Err(reason) => {
+            eprintln!("{name}: {reason}");
+            vec![Row {
+                target: name.to_string(),
+                generator: None,
+                outcome: Err(reason),
+            }]
+        }
+    }
+}
+
+/// Runs every generator against one address: an unmeasured warm-up, then
+/// the measured run, with the CPU time process `pid` spent meanwhile.
+fn measure(name: &str, addr: SocketAddr, pid: u32, settings: &Settings) -> Vec<Row> {
+    settings
+        .generators
+        .iter()
+        .map(|&generator| {
+            eprintln!("measuring {name} with {} ...", generator.name());
+            let outcome = measure_one(generator, addr, pid, settings);
+            Row {
+                target: name.to_string(),
+                generator: Some(generator),
+                outcome,
+            }
+        })
+        .collect()
+}
+
+fn measure_one(
+    generator: Generator,
+    addr: SocketAddr,
+    pid: u32,
+    settings: &Settings,
+) -> Result<Measurement, String> {
+    let load = |seconds| match generator {
+        Generator::Wrk => wrk::run(addr, settings.connections, seconds),
+        Generator::Builtin => Ok(loadgen::run(addr, settings.connections, seconds)),
+    };
+    if settings.warmup_seconds > 0 {
+        load(settings.warmup_seconds)?;
+    }
+    let before = cpu_ticks(pid);
+    let mut measurement = load(settings.seconds)?;
+    measurement.cpu_us_per_request = cpu_per_request(before, cpu_ticks(pid), &measurement);
+    Ok(measurement)
+}
+
+/// User + system CPU time of a process so far, in clock ticks
+/// (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; the fields after it don't.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Linux reports process CPU time in USER_HZ ticks, 100 per second on every
+/// mainstream architecture.
+const MICROS_PER_TICK: f64 = 10_000.0;
+
+fn cpu_per_request(before: Option<u64>, after: Option<u64>, m: &Measurement) -> Option<f64> {
+    let ticks = after?.checked_sub(before?)?;
+    (m.requests > 0).then(|| ticks as f64 * MICROS_PER_TICK / m.requests as f64)
+}
+
+// ---------------------------------------------------------------------------
+// Processes and readiness
+// ---------------------------------------------------------------------------
+
+/// A child process that is killed and reaped when dropped, so a panic in
+/// the bench never leaves a proxy running.
+struct ChildGuard {
+    name: String,
+    child: Child,
+}
+
+impl ChildGuard {
+    fn new(name: &str, child: Child) -> ChildGuard {
+        ChildGuard {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has already exited, and how.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("{} exited early: {status}", self.name)),
+            Ok(None) => None,
+            Err(err) => Some(format!("cannot query {}: {err}", self.name)),
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago. The child binds it right after, so
+/// the race with other processes on the machine is theoretical.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// Waits until `GET /` on `addr` answers 200, the child dies, or 10 s pass.
+fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline {
+        if let Some(exit) = child.exited() {
+            return Err(format!("{exit}; log: {}", tail(log)));
+        }
+        match probe(addr) {
+            Ok(status_line) if status_line.contains(" 200 ") => return Ok(()),
+            Ok(status_line) => last = status_line,
+            Err(err) => last = err.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "{} did not answer 200 within 10 s (last: {last}); log: {}",
+        child.name,
+        tail(log)
+    ))
+}
+
+/// One blocking `GET /`; returns the status line.
+fn probe(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// The last lines of a log file, for error messages.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(5);
+    let joined = lines[start..].join(" | ");
+    if joined.is_empty() {
+        format!("{} is empty", path.display())
+    } else {
+        joined
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The upstream: this binary re-executed with BENCH_ROLE=upstream
+// ---------------------------------------------------------------------------
+
+mod upstream {
+    use super::*;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::header::{HeaderValue, CONTENT_TYPE};
+    use hyper::service::service_fn;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+
+    /// The fixed response body: exactly 100 bytes.
+    const BODY: &[u8; 100] =
+        b"cutover bench upstream: a fixed body of exactly one hundred bytes, padded with dots................\n";
+
+    /// The running upstream child; killed when dropped.
+    pub struct Process {
+        pub addr: SocketAddr,
+        child: ChildGuard,
+    }
+
+    impl Process {
+        pub fn pid(&self) -> u32 {
+            self.child.pid()
+        }
+
+        /// Starts the upstream and reads the address it bound from its stdout.
+        pub fn spawn() -> Process {
+            let exe = std::env::current_exe().expect("locate the bench executable");
+            let mut child = Command::new(exe)
+                .env("BENCH_ROLE", "upstream")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start the upstream process");
+            let stdout = child.stdout.take().expect("upstream stdout is piped");
+            let mut line = String::new();
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("read the upstream's address");
+            let addr = line
+                .trim()
+                .strip_prefix("listening ")
+                .and_then(|addr| addr.parse().ok())
+                .unwrap_or_else(|| panic!("upstream printed {line:?}, not its address"));
+            Process {
+                addr,
+                child: ChildGuard::new("upstream", child),
+            }
+        }
+    }
+
+    /// The child's entry point: serve until stdin closes (the bench ended or
+    /// died), on one thread.
+    pub fn serve() {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build the upstream runtime");
+        runtime.block_on(accept_loop());
+    }
+
+    async fn accept_loop() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("upstream: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("upstream: local address");
+        println!("listening {addr}");
+        std::io::stdout().flush().expect("upstream: flush stdout");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                    let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The proxies under test
+// ---------------------------------------------------------------------------
+
+mod targets {
+    use super::*;
+
+    /// A started proxy; stopped when dropped.
+    pub struct Running {
+        pub addr: SocketAddr,
+        child: ChildGuard,
+    }
+
+    impl Running {
+        pub fn pid(&self) -> u32 {
+            self.child.pid()
+        }
+    }
+
+    /// The cutover binary cargo built for this bench (bench profile, i.e.
+    /// release settings), unless `BENCH_CUTOVER_BIN` names another.
+    pub fn cutover_binary() -> PathBuf {
+        std::env::var_os("BENCH_CUTOVER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cutover")))
+    }
+
+    /// Writes `text` to `dir/name`, creating `dir`.
+    fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
+        std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|err| format!("write {}: {err}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Spawns `command` with stdout and stderr in `log`, then waits for it
+    /// to answer on `addr`.
+    fn launch(
+        name: &str,
+        mut command: Command,
+        addr: SocketAddr,
+        log: &Path,
+    ) -> Result<Running, String> {
+        let log_file =
+            std::fs::File::create(log).map_err(|err| format!("create {}: {err}", log.display()))?;
+        let log_copy = log_file
+            .try_clone()
+            .map_err(|err| format!("duplicate log handle: {err}"))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_copy)
+            .stderr(log_file)
+            .spawn()
+            .map_err(|err| format!("cannot start {name}: {err}"))?;
+        let mut child = ChildGuard::new(name, child);
+        wait_ready(addr, &mut child, log)?;
+        Ok(Running { addr, child })
+    }
+
+    fn listen_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], free_port()))
+    }
+
+    pub fn start_cutover(
+        binary: &Path,
+        dir: &Path,
+        upstream: SocketAddr,
+        log_level: &str,
+    ) -> Result<Running, String> {
+        if !binary.exists() {
+            return Err(format!("cutover binary {} not found", binary.display()));
+        }
+        let addr = listen_addr();
+        let config = format!(
+            "[server]\n\
+             http = \"{addr}\"\n\
+             workers = 1\n\
+             \n\
+             [[site]]\n\
+             hosts = [\"*\"]\n\
+             service = \"up\"\n\
+             \n\
+             [service.up]\n\
+             upstream = \"{upstream}\"\n"
+        );
+        let path = write_config(dir, "proxy.toml", &config)?;
+        let mut command = Command::new(binary);
+        command
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", log_level);
+        launch("cutover", command, addr, &dir.join("cutover.log"))
+    }
+
+    pub fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<Running, String> {
+        if !tool_installed("nginx") {
+            return Err("nginx: not installed (apt-get install nginx)".to_string());
+        }
+        let addr = listen_addr();
+        let d = dir.display();
+        // keepalive_requests is raised on both sides so neither nginx nor
+        // cutover recycles connections mid-run (cutover never does).
+        let config = format!(
+            "worker_processes 1;\n\
+             daemon off;\n\
+             master_process off;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+             \x20   access_log off;\n\
+             \x20   keepalive_requests 1000000;\n\
+             \x20   client_body_temp_path {d}/client_body;\n\
+             \x20   proxy_temp_path {d}/proxy;\n\
+             \x20   fastcgi_temp_path {d}/fastcgi;\n\
+             \x20   uwsgi_temp_path {d}/uwsgi;\n\
+             \x20   scgi_temp_path {d}/scgi;\n\
+             \x20   upstream up {{\n\
+             \x20       server {upstream};\n\
+             \x20       keepalive 64;\n\
+             \x20       keepalive_requests 1000000;\n\
+             \x20   }}\n\
+             \x20   server {{\n\
+             \x20       listen {addr};\n\
+             \x20       location / {{\n\
+             \x20           proxy_pass http://up;\n\
+             \x20           proxy_http_version 1.1;\n\
+             \x20           proxy_set_header Connection \"\";\n\
+             \x20       }}\n\
+             \x20   }}\n\
+             }}\n"
+        );
+        let path = write_config(dir, "nginx.conf", &config)?;
+        let error_log = dir.join("error.log");
+        validate_nginx(dir, &path, &error_log)?;
+        let mut command = Command::new("nginx");
+        command
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&path)
+            .arg("-e")
+            .arg(&error_log);
+        launch("nginx", command, addr, &dir.join("nginx.out"))
+    }
+
+    /// `nginx -t`, so a bad config is reported with nginx's own message.
+    fn validate_nginx(dir: &Path, config: &Path, error_log: &Path) -> Result<(), String> {
+        let output = Command::new("nginx")
+            .arg("-t")
+            .arg("-q")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(config)
+            .arg("-e")
+            .arg(error_log)
+            .output()
+            .map_err(|err| format!("cannot run nginx -t: {err}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nginx -t failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    pub fn start_haproxy(dir: &Path, upstream: SocketAddr) -> Result<Running, String> {
+        if !tool_installed("haproxy") {
+            return Err("haproxy: not installed (apt-get install haproxy)".to_string());
+        }
+        let addr = listen_addr();
+        let config = format!(
+            "global\n\
+             \x20   nbthread 1\n\
+             \x20   maxconn 4096\n\
+             defaults\n\
+             \x20   mode http\n\
+             \x20   option http-keep-alive\n\
+             \x20   timeout connect 5s\n\
+             \x20   timeout client 30s\n\
+             \x20   timeout server 30s\n\
+             frontend bench\n\
+             \x20   bind {addr}\n\
+             \x20   default_backend up\n\
+             backend up\n\
+             \x20   http-reuse always\n\
+             \x20   server up {upstream}\n"
+        );
+        let path = write_config(dir, "haproxy.cfg", &config)?;
+        let mut command = Command::new("haproxy");
+        command.arg("-db").arg("-f").arg(&path);
+        launch("haproxy", command, addr, &dir.join("haproxy.log"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load generators
+// ---------------------------------------------------------------------------
+
+/// Latency percentiles from raw samples (microseconds), nearest rank.
+fn percentile(sorted: &[u32], percent: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+mod loadgen {
+    //! The built-in generator: `connections` keep-alive HTTP/1.1
+    //! connections on one thread (like `wrk -t1`), each sending `GET /`
+    //! back to back and timing every request.
+
+    use super::*;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::http1;
+    use hyper::{Request, StatusCode};
+    use hyper_util::rt::TokioIo;
+
+    /// A request that takes longer than this counts as an error.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// What one connection saw during the measured window.
+    #[derive(Default)]
+    struct ConnStats {
+        latencies_us: Vec<u32>,
+        errors: u64,
+    }
+
+    /// Drives `connections` connections for `seconds` and times every request.
+    pub fn run(addr: SocketAddr, connections: usize, seconds: u64) -> Measurement {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build the load generator runtime");
+        let until = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        let stats = runtime.block_on(async {
+            let tasks: Vec<_> = (0..connections)
+                .map(|_| tokio::spawn(connection(addr, until)))
+                .collect();
+            let mut all = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                all.push(task.await.unwrap_or_else(|_| ConnStats {
+                    errors: 1,
+                    ..ConnStats::default()
+                }));
+            }
+            all
+        });
+        summarize(stats, seconds as f64)
+    }
+
+    /// One connection's loop; reconnects after an error until `until`.
+    async fn connection(addr: SocketAddr, until: tokio::time::Instant) -> ConnStats {
+        let mut stats = ConnStats::default();
+        let host = addr.to_string();
+        while tokio::time::Instant::now() < until {
+            let Ok(mut sender) = connect(addr).await else {
+                stats.errors += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            while tokio::time::Instant::now() < until {
+                let started = tokio::time::Instant::now();
+                let ok = request(&mut sender, &host).await;
+                let elapsed = started.elapsed().as_micros();
+                stats
+                    .latencies_us
+                    .push(u32::try_from(elapsed).unwrap_or(u32::MAX));
+                if !ok {
+                    stats.errors += 1;
+                    break;
+                }
+            }
+        }
+        stats
+    }
+
+    async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Empty<Bytes>>, String> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|err| err.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|err| err.to_string())?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// One `GET /` with its body read to the end; false on any failure or
+    /// a status other than 200 (the connection is then replaced).
+    async fn request(sender: &mut http1::SendRequest<Empty<Bytes>>, host: &str) -> bool {
+        let exchange = async {
+            sender.ready().await.ok()?;
+            let req = Request::get("/")
+                .header(hyper::header::HOST, host)
+                .body(Empty::new())
+                .ok()?;
+            let response = sender.send_request(req).await.ok()?;
+            let status = response.status();
+            response.into_body().collect().await.ok()?;
+            (status == StatusCode::OK).then_some(())
+        };
+        matches!(
+            tokio::time::timeout(REQUEST_TIMEOUT, exchange).await,
+            Ok(Some(()))
+        )
+    }
+
+    fn summarize(stats: Vec<ConnStats>, seconds: f64) -> Measurement {
+        let errors = stats.iter().map(|s| s.errors).sum();
+        let mut latencies: Vec<u32> = stats.into_iter().flat_map(|s| s.latencies_us).collect();
+        latencies.sort_unstable();
+        let requests = latencies.len() as u64;
+        Measurement {
+            requests,
+            seconds,
+            requests_per_second: requests as f64 / seconds,
+            p50_us: percentile(&latencies, 50.0),
+            p99_us: percentile(&latencies, 99.0),
+            max_us: latencies.last().copied().map_or(0.0, f64::from),
+            errors,
+            cpu_us_per_request: None,
+        }
+    }
+}
+
+mod wrk {
+    //! Runs `wrk -t1 -c<connections> --latency` and parses its report.
+
+    use super::*;
+
+    pub fn run(addr: SocketAddr, connections: usize, seconds: u64) -> Result<Measurement, String> {
+        let url = format!("http://{addr}/");
+        let report = invoke(&url, connections, seconds)?;
+        parse(&report).ok_or_else(|| format!("cannot parse wrk output:\n{report}"))
+    }
+
+    fn invoke(url: &str, connections: usize, seconds: u64) -> Result<String, String> {
+        let output = Command::new("wrk")
+            .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
+            .args(["--timeout", "5s", "--latency", url])
+            .output()
+            .map_err(|err| format!("cannot run wrk: {err}"))?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "wrk failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    /// Picks the numbers out of wrk's report:
+    /// ```text
+    ///     Latency   580.12us  100.00us   5.00ms   90.00%
+    ///      50%  550.00us
+    ///      99%    1.20ms
+    ///   123456 requests in 5.00s, 20.00MB read
+    ///   Socket errors: connect 0, read 0, write 0, timeout 0
+    ///   Non-2xx or 3xx responses: 5
+    /// ```
+    pub fn parse(report: &str) -> Option<Measurement> {
+        let mut m = Measurement::default();
+        let mut have = (false, false, false, false);
+        for line in report.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["Latency", _avg, _stdev, max, ..] => {
+                    m.max_us = micros(max)?;
+                    have.0 = true;
+                }
+                ["50%", value] => {
+                    m.p50_us = micros(value)?;
+                    have.1 = true;
+                }
+                ["99%", value] => {
+                    m.p99_us = micros(value)?;
+                    have.2 = true;
+                }
+                [count, "requests", "in", secs, ..] => {
+                    m.requests = count.parse().ok()?;
+                    m.seconds = secs
+                        .trim_end_matches(',')
+                        .trim_end_matches('s')
+                        .parse()
+                        .ok()?;
+                    have.3 = true;
+                }
+                ["Socket", "errors:", rest @ ..] => {
+                    m.errors += rest
+                        .iter()
+                        .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                        .sum::<u64>();
+                }
+                ["Non-2xx", "or", "3xx", "responses:", count] => {
+                    m.errors += count.parse::<u64>().ok()?;
+                }
+                _ => {}
+            }
+        }
+        if have != (true, true, true, true) || m.seconds <= 0.0 {
+            return None;
+        }
+        m.requests_per_second = m.requests as f64 / m.seconds;
+        Some(m)
+    }
+
+    /// "580.12us", "1.20ms", "2.00s" → microseconds.
+    fn micros(text: &str) -> Option<f64> {
+        let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+            (n, 1.0)
+        } else if let Some(n) = text.strip_suffix("ms") {
+            (n, 1_000.0)
+        } else if let Some(n) = text.strip_suffix('m') {
+            (n, 60_000_000.0)
+        } else if let Some(n) = text.strip_suffix('s') {
+            (n, 1_000_000.0)
+        } else {
+            (text, 1.0)
+        };
+        number.parse::<f64>().ok().map(|n| n * scale)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reporting
+// ---------------------------------------------------------------------------
+
+mod report {
+    use super::*;
+
+    /// The `direct` measurement taken with the same generator.
+    fn direct_for(rows: &[Row], generator: Option<Generator>) -> Option<&Measurement> {
+        rows.iter()
+            .find(|row| row.target == "direct" && row.generator == generator)
+            .and_then(|row| row.outcome.as_ref().ok())
+    }
+
+    fn ms(us: f64) -> String {
+        format!("{:.3}", us / 1000.0)
+    }
+
+    pub fn markdown(rows: &[Row]) -> String {
+        let mut text = String::from(
+            "| target | generator | req/s | ratio to direct | p50 ms | p99 ms | max ms | errors | added p99 vs direct (ms) | target CPU µs/req |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for row in rows {
+            let generator = row.generator.map_or("-", Generator::name);
+            match &row.outcome {
+                Ok(m) => {
+                    let direct = direct_for(rows, row.generator);
+                    let ratio = direct.map_or("-".to_string(), |d| {
+                        format!("{:.2}", m.requests_per_second / d.requests_per_second)
+                    });
+                    let added = match direct {
+                        Some(d) if row.target != "direct" => ms(m.p99_us - d.p99_us),
+                        _ => "-".to_string(),
+                    };
+                    let _ = writeln!(
+                        text,
+                        "| {} | {generator} | {:.0} | {ratio} | {} | {} | {} | {} | {added} | {} |",
+                        row.target,
+                        m.requests_per_second,
+                        ms(m.p50_us),
+                        ms(m.p99_us),
+                        ms(m.max_us),
+                        m.errors,
+                        m.cpu_us_per_request
+                            .map_or("-".to_string(), |cpu| format!("{cpu:.1}")),
+                    );
+                }
+                Err(reason) => {
+                    let _ = writeln!(
+                        text,
+                        "| {} | {generator} | {reason} | - | - | - | - | - | - | - |",
+                        row.target
+                    );
+                }
+            }
+        }
+        text
+    }
+
+    /// cutover (RUST_LOG=warn) against nginx, per generator: the two
+    /// criteria are req/s ≥ nginx and added p99 ≤ nginx's.
+    pub fn verdict(rows: &[Row]) -> String {
+        let mut text = String::from("Verdict (cutover RUST_LOG=warn vs nginx):\n");
+        let find = |target: &str, generator: Generator| {
+            rows.iter()
+                .find(|r| r.target.starts_with(target) && r.generator == Some(generator))
+                .and_then(|r| r.outcome.as_ref().ok())
+        };
+        let generators: Vec<Generator> = {
+            let mut seen = Vec::new();
+            for generator in rows.iter().filter_map(|r| r.generator) {
+                if !seen.contains(&generator) {
+                    seen.push(generator);
+                }
+            }
+            seen
+        };
+        for generator in generators {
+            let (Some(direct), Some(cutover), Some(nginx)) = (
+                find("direct", generator),
+                find("cutover (RUST_LOG=warn)", generator),
+                find("nginx", generator),
+            ) else {
+                let _ = writeln!(text, "- {}: not enough rows to compare", generator.name());
+                continue;
+            };
+            let throughput_ok = cutover.requests_per_second >= nginx.requests_per_second;
+            let added_cutover = cutover.p99_us - direct.p99_us;
+            let added_nginx = nginx.p99_us - direct.p99_us;
+            let latency_ok = added_cutover <= added_nginx;
+            let _ = writeln!(
+                text,
+                "- {}: req/s {:.0} vs {:.0} ({:.2}x) {}; added p99 {} ms vs {} ms {}",
+                generator.name(),
+                cutover.requests_per_second,
+                nginx.requests_per_second,
+                cutover.requests_per_second / nginx.requests_per_second,
+                if throughput_ok { "MEETS" } else { "MISSES" },
+                ms(added_cutover),
+                ms(added_nginx),
+                if latency_ok { "MEETS" } else { "MISSES" },
+            );
+            if let (Some(ours), Some(theirs)) =
+                (cutover.cpu_us_per_request, nginx.cpu_us_per_request)
+            {
+                let _ = writeln!(
+                    text,
+                    "  CPU per request: cutover {ours:.1} µs vs nginx {theirs:.1} µs ({:.2}x)",
+                    ours / theirs
+                );
+            }
+        }
+        text
+    }
+
+    /// Writes the JSON report and returns its path.
+    pub fn write_json(machine: &Machine, settings: &Settings, rows: &[Row]) -> PathBuf {
+        let path = std::env::var_os("BENCH_RESULTS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/bench-results/proxy_throughput.json")
+            });
+        let json = serde_json::json!({
+            "machine": {
+                "date": machine.date,
+                "cores": machine.cores,
+                "cpu": machine.cpu,
+                                "kernel": machine.kernel,
+                                "load_average_at_start": machine.load,
+                "cpu_busy_percent_before_start": machine.busy_percent,
+                "tools": machine.tools.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            },
+            "settings": {
+                "seconds": settings.seconds,
+                "warmup_seconds": settings.warmup_seconds,
+                "connections": settings.connections,
+            },
+            "rows": rows.iter().map(|row| row_json(rows, row)).collect::<Vec<_>>(),
+        });
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
+        }
+        let text = serde_json::to_string_pretty(&json).expect("serialize the results");
+        std::fs::write(&path, text + "\n")
+            .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        path
+    }
+
+    fn row_json(rows: &[Row], row: &Row) -> serde_json::Value {
+        let generator = row.generator.map(Generator::name);
+        match &row.outcome {
+            Ok(m) => {
+                let direct = direct_for(rows, row.generator);
+                serde_json::json!({
+                    "target": row.target,
+                    "generator": generator,
+                    "requests": m.requests,
+                    "seconds": m.seconds,
+                    "requests_per_second": m.requests_per_second,
+                    "ratio_to_direct": direct.map(|d| m.requests_per_second / d.requests_per_second),
+                    "p50_ms": m.p50_us / 1000.0,
+                    "p99_ms": m.p99_us / 1000.0,
+                    "max_ms": m.max_us / 1000.0,
+                    "added_p99_ms": direct
+                        .filter(|_| row.target != "direct")
+                        .map(|d| (m.p99_us - d.p99_us) / 1000.0),
+                                    "errors": m.errors,
+                    "target_cpu_us_per_request": m.cpu_us_per_request,
+                })
+            }
+            Err(reason) => serde_json::json!({
+                "target": row.target,
+                "generator": generator,
+                "skipped": reason,
+            }),
+        }
+    }
+}
