@@ -67,10 +67,12 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 #[derive(Debug, Clone)]
 pub struct ClientFacts<'a> {
     pub addr: IpAddr,
+    /// The client address as a header value, made once per connection.
+    pub addr_value: &'a HeaderValue,
     /// "http" or "https": how the client reached us.
     pub proto: &'static str,
     /// The host the client asked for (Host or :authority), verbatim.
-    pub host: &'a str,
+    pub host: &'a HeaderValue,
     /// Peers whose forwarding headers are trusted and extended.
     pub trusted_proxies: &'a [IpNet],
 }
@@ -88,59 +90,62 @@ impl ClientFacts<'_> {
 ///
 /// A client's own `X-Forwarded-*` values are kept (and extended) only when
 /// the client is a trusted proxy; otherwise they are replaced, so a client
-/// cannot forge the address the upstream sees.
+/// cannot forge the address the upstream sees. The untrusted case (almost
+/// every request at an edge proxy) only clones prepared header values.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    let client = facts.addr.to_string();
-    let forwarded_for = if facts.trusted() {
-        let previous: Vec<&str> = headers
-            .get_all(&xff)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if previous.is_empty() {
-            client.clone()
-        } else {
-            format!("{}, {client}", previous.join(", "))
-        }
+    let real_ip = HeaderName::from_static("x-real-ip");
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if facts.trusted() {
+        extend_trusted(headers, facts);
     } else {
-        client.clone()
-    };
-    let real_ip = if facts.trusted() {
-        headers
-            .get("x-real-ip")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .unwrap_or_else(|| client.clone())
-    } else {
-        client
-    };
-    let proto = if facts.trusted() {
-        headers
-            .get("x-forwarded-proto")
-            .cloned()
-            .unwrap_or(HeaderValue::from_static(facts.proto))
-    } else {
-        HeaderValue::from_static(facts.proto)
-    };
-    insert_str(headers, xff, &forwarded_for);
-    insert_str(headers, HeaderName::from_static("x-real-ip"), &real_ip);
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), proto);
-    insert_str(
-        headers,
+        headers.insert(xff, facts.addr_value.clone());
+        headers.insert(real_ip, facts.addr_value.clone());
+        headers.insert(proto, HeaderValue::from_static(facts.proto));
+    }
+    headers.insert(
         HeaderName::from_static("x-forwarded-host"),
-        facts.host,
+        facts.host.clone(),
     );
     append_via(headers);
 }
 
+/// A trusted proxy's values are extended (`X-Forwarded-For`) or kept.
+fn extend_trusted(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let client = facts.addr.to_string();
+    let previous: Vec<&str> = headers
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if previous.is_empty() {
+        client
+    } else {
+        format!("{}, {client}", previous.join(", "))
+    };
+    insert_str(headers, xff, &forwarded_for);
+    let real_ip = HeaderName::from_static("x-real-ip");
+    if !headers.contains_key(&real_ip) {
+        headers.insert(real_ip, facts.addr_value.clone());
+    }
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if !headers.contains_key(&proto) {
+        headers.insert(proto, HeaderValue::from_static(facts.proto));
+    }
+}
+
 /// Adds our `Via` token after any existing ones.
 pub fn append_via(headers: &mut HeaderMap) {
-    let via = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {VIA}"),
-        _ => VIA.to_string(),
-    };
-    insert_str(headers, header::VIA, &via);
+    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.is_empty() => {
+            let via = format!("{existing}, {VIA}");
+            insert_str(headers, header::VIA, &via);
+        }
+        _ => {
+            headers.insert(header::VIA, HeaderValue::from_static(VIA));
+        }
+    }
 }
 
 fn insert_str(headers: &mut HeaderMap, name: HeaderName, value: &str) {
@@ -234,11 +239,14 @@ mod tests {
         assert!(requested_upgrade(&no_connection).is_none());
     }
 
-    fn facts<'a>(addr: &str, trusted: &'a [IpNet]) -> ClientFacts<'a> {
+    static HOST: HeaderValue = HeaderValue::from_static("example.org");
+
+    fn facts<'a>(addr: &str, value: &'a HeaderValue, trusted: &'a [IpNet]) -> ClientFacts<'a> {
         ClientFacts {
             addr: addr.parse().expect("ip"),
+            addr_value: value,
             proto: "https",
-            host: "example.org",
+            host: &HOST,
             trusted_proxies: trusted,
         }
     }
@@ -250,7 +258,8 @@ mod tests {
             ("x-real-ip", "6.6.6.6"),
             ("x-forwarded-proto", "gopher"),
         ]);
-        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &[]));
+        let addr = HeaderValue::from_static("10.0.0.7");
+        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &addr, &[]));
         assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
         assert_eq!(headers["x-real-ip"], "10.0.0.7");
         assert_eq!(headers["x-forwarded-proto"], "https");
@@ -266,7 +275,8 @@ mod tests {
             ("x-forwarded-for", "5.6.7.8"),
             ("via", "1.1 lb"),
         ]);
-        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &trusted));
+        let addr = HeaderValue::from_static("10.0.0.7");
+        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &addr, &trusted));
         assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.7");
         assert_eq!(headers["via"], "1.1 lb, 1.1 cutover");
     }

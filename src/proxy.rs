@@ -7,6 +7,7 @@
 //! [`finish`], which attaches the body tracker that releases the upstream's
 //! in-flight count and writes the access-log line when the body ends.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -40,14 +42,26 @@ pub struct Shared {
     pub tasks: TaskTracker,
 }
 
-/// Facts about one client connection.
-#[derive(Debug, Clone, Copy)]
+/// Facts about one client connection, prepared once per connection.
+#[derive(Debug, Clone)]
 pub struct ClientConn {
     pub addr: SocketAddr,
     pub tls: bool,
+    /// The client IP as a header value (`X-Forwarded-For`, `X-Real-IP`).
+    addr_value: HeaderValue,
 }
 
 impl ClientConn {
+    pub fn new(addr: SocketAddr, tls: bool) -> ClientConn {
+        let addr_value = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        ClientConn {
+            addr,
+            tls,
+            addr_value,
+        }
+    }
+
     fn proto(&self) -> &'static str {
         if self.tls {
             "https"
@@ -148,63 +162,78 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let snapshot = shared.snapshot.load_full();
     let mut log = AccessLog::start(&conn, &req);
-    let outcome = dispatch(&shared, &snapshot, conn, req, &mut log).await;
-    let (response, guard) = match outcome {
-        Ok(done) => done,
+    let produced = match dispatch(&shared, &snapshot, &conn, req, log.as_mut()).await {
+        Ok(produced) => produced,
         Err(err) => {
             if err.status().is_server_error() {
                 tracing::warn!(client.addr = %conn.addr, error = %err, "request failed");
             } else {
                 tracing::debug!(client.addr = %conn.addr, error = %err, "request refused");
             }
-            (err.into_response(), None)
+            Produced::Local(err.into_response())
         }
     };
-    Ok(finish(response, log, guard))
+    Ok(finish(produced, log))
 }
 
-/// A response plus, when it came from an upstream, the guard that keeps the
-/// request counted there until the body ends.
-type Outcome = (Response<ProxyBody>, Option<InFlight>);
+/// A response, and whether it streams from an upstream (whose in-flight
+/// guard must live until the body ends).
+enum Produced {
+    Local(Response<ProxyBody>),
+    Upstream(Response<Incoming>, InFlight),
+}
 
 async fn dispatch(
     shared: &Shared,
     snapshot: &Snapshot,
-    conn: ClientConn,
+    conn: &ClientConn,
     req: Request<Incoming>,
-    log: &mut AccessLog,
-) -> Result<Outcome, ProxyError> {
+    log: Option<&mut AccessLog>,
+) -> Result<Produced, ProxyError> {
     let authority = request_authority(&req)?;
-    let host = match authority.as_deref() {
-        Some(authority) => {
-            normalize_host(authority).ok_or(ProxyError::BadRequest("invalid host"))?
-        }
-        None => String::new(),
+    let authority_text = authority
+        .as_ref()
+        .map(|value| {
+            value
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("Host is not ASCII"))
+        })
+        .transpose()?;
+    let host = match authority_text {
+        Some(text) => normalize_host(text).ok_or(ProxyError::BadRequest("invalid host"))?,
+        None => Cow::Borrowed(""),
     };
-    log.host.clone_from(&host);
     let site = snapshot
         .routes
         .site(&host)
-        .ok_or_else(|| ProxyError::UnknownHost(host.clone()))?;
+        .ok_or_else(|| ProxyError::UnknownHost(host.to_string()))?;
+    let mut log = log;
+    if let Some(log) = log.as_deref_mut() {
+        log.host = host.to_string();
+    }
     if !conn.tls && site.https_redirect {
-        return Ok((https_redirect(&host, shared.https_port, req.uri()), None));
+        let response = https_redirect(&host, shared.https_port, req.uri());
+        return Ok(Produced::Local(response));
     }
     let route = routes::route(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;
-    let (mut response, guard) = match &route.action {
-        Action::Status(code) => (status_response(*code), None),
-        Action::Redirect { to, code } => (redirect(to, *code), None),
-        Action::File(path) => (serve_file(path, req.method()).await?, None),
+    let mut produced = match &route.action {
+        Action::Status(code) => Produced::Local(status_response(*code)),
+        Action::Redirect { to, code } => Produced::Local(redirect(to, *code)),
+        Action::File(path) => Produced::Local(serve_file(path, req.method()).await?),
         Action::Service(name) => {
             let upstream = pick_upstream(shared, snapshot, name).await?;
-            log.upstream = Some(upstream.addr);
-            let authority = authority.unwrap_or_default();
-            let (response, guard) =
-                forward(shared, snapshot, conn, req, upstream, &authority).await?;
-            (response, Some(guard))
+            if let Some(log) = log {
+                log.upstream = Some(upstream.addr);
+            }
+            let authority = authority.unwrap_or(HeaderValue::from_static(""));
+            forward(shared, snapshot, conn, req, upstream, &authority).await?
         }
     };
-    add_site_headers(&mut response, site, conn);
-    Ok((response, guard))
+    match &mut produced {
+        Produced::Local(response) => add_site_headers(response, site, conn),
+        Produced::Upstream(response, _) => add_site_headers(response, site, conn),
+    }
+    Ok(produced)
 }
 
 /// The service's active upstream. While the service is paused the request
@@ -243,20 +272,19 @@ async fn pick_upstream(
 /// The authority the client addressed: the URI's (HTTP/2 `:authority`,
 /// absolute-form HTTP/1) or the single Host header. HTTP/1.1 requires
 /// exactly one Host (RFC 9112 §3.2); several are a smuggling vector.
-fn request_authority(req: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+fn request_authority(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first_host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if let Some(authority) = req.uri().authority() {
-        return Ok(Some(authority.as_str().to_string()));
+        return HeaderValue::from_str(authority.as_str())
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest("invalid authority"));
     }
     match first_host {
-        Some(value) => value
-            .to_str()
-            .map(|v| Some(v.to_string()))
-            .map_err(|_| ProxyError::BadRequest("Host header is not ASCII")),
+        Some(value) => Ok(Some(value.clone())),
         None if req.version() == Version::HTTP_11 => {
             Err(ProxyError::BadRequest("HTTP/1.1 request without Host"))
         }
@@ -327,7 +355,7 @@ async fn serve_file(
     Ok(response)
 }
 
-fn add_site_headers(response: &mut Response<ProxyBody>, site: &Site, conn: ClientConn) {
+fn add_site_headers<B>(response: &mut Response<B>, site: &Site, conn: &ClientConn) {
     if let (true, Some(hsts)) = (conn.tls, &site.hsts) {
         if let Ok(value) = HeaderValue::from_str(hsts) {
             response
@@ -341,11 +369,11 @@ fn add_site_headers(response: &mut Response<ProxyBody>, site: &Site, conn: Clien
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
-    conn: ClientConn,
+    conn: &ClientConn,
     mut req: Request<Incoming>,
     upstream: Arc<Upstream>,
-    authority: &str,
-) -> Result<(Response<ProxyBody>, InFlight), ProxyError> {
+    authority: &HeaderValue,
+) -> Result<Produced, ProxyError> {
     let limits = &snapshot.config.server.limits;
     let guard = upstream.begin_request();
     if declared_length(&req)? > Some(limits.max_body_bytes) {
@@ -357,10 +385,7 @@ async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    parts.uri = format!("http://{}{}", upstream.addr, path)
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    parts.uri = upstream_uri(&upstream, &parts.uri)?;
     let headers = &mut parts.headers;
     forward::strip_hop_by_hop(headers);
     if parts.version == Version::HTTP_2 {
@@ -370,20 +395,24 @@ async fn forward(
         headers,
         &ClientFacts {
             addr: conn.addr.ip(),
+            addr_value: &conn.addr_value,
             proto: conn.proto(),
             host: authority,
             trusted_proxies: &snapshot.config.server.trusted_proxies,
         },
     );
-    if let Ok(host) = HeaderValue::from_str(authority) {
-        headers.insert(header::HOST, host);
-    }
+    headers.insert(header::HOST, authority.clone());
     if let Some(protocol) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
     }
     parts.version = Version::HTTP_11;
-    let body = LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout).boxed_unsync();
+    // A bodiless request (most GETs) needs no limiter and no stall timer.
+    let body = if body.is_end_stream() {
+        body::empty()
+    } else {
+        LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout).boxed_unsync()
+    };
     let upstream_req = Request::from_parts(parts, body);
 
     let sent = tokio::time::timeout(
@@ -409,16 +438,30 @@ async fn forward(
         if let Some(protocol) = protocol {
             parts.headers.insert(header::UPGRADE, protocol);
         }
-        return Ok((Response::from_parts(parts, body::empty()), guard));
+        return Ok(Produced::Local(Response::from_parts(parts, body::empty())));
     }
 
     forward::check_response_framing(response.headers())
         .map_err(|reason| ProxyError::UpstreamProtocol(reason.to_string()))?;
-    let (mut parts, body) = response.into_parts();
-    forward::strip_hop_by_hop(&mut parts.headers);
-    forward::append_via(&mut parts.headers);
-    let body = body.map_err(body::BoxError::from).boxed_unsync();
-    Ok((Response::from_parts(parts, body), guard))
+    let headers = response.headers_mut();
+    forward::strip_hop_by_hop(headers);
+    forward::append_via(headers);
+    Ok(Produced::Upstream(response, guard))
+}
+
+/// `http://<upstream>/<path?query>`: the client's path with the upstream's
+/// (prebuilt) authority, without formatting and re-parsing a string.
+fn upstream_uri(upstream: &Upstream, client_uri: &Uri) -> Result<Uri, ProxyError> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(upstream.authority.clone());
+    parts.path_and_query = Some(
+        client_uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or(http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))
 }
 
 /// The request's declared Content-Length, if any. hyper has already refused
@@ -504,27 +547,47 @@ fn spawn_tunnel(
     });
 }
 
-/// Attaches the access log and in-flight guard to the response body.
-fn finish(
-    response: Response<ProxyBody>,
-    mut log: AccessLog,
-    guard: Option<InFlight>,
-) -> Response<ProxyBody> {
-    log.status = response.status().as_u16();
-    let end = RequestEnd { log, _guard: guard };
-    response.map(|body| TrackedBody::new(body, end).boxed_unsync())
+/// Attaches the in-flight guard and the access log to the response body.
+/// A local response with the access log off is returned as it is.
+fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
+    match produced {
+        Produced::Local(response) => match log {
+            None => response,
+            Some(mut log) => {
+                log.status = response.status().as_u16();
+                let end = RequestEnd {
+                    log: Some(log),
+                    _guard: None,
+                };
+                response.map(|body| TrackedBody::new(body, end).boxed_unsync())
+            }
+        },
+        Produced::Upstream(response, guard) => {
+            let log = log.map(|mut log| {
+                log.status = response.status().as_u16();
+                log
+            });
+            let end = RequestEnd {
+                log,
+                _guard: Some(guard),
+            };
+            response.map(|body| TrackedBody::new(body, end).boxed_unsync())
+        }
+    }
 }
 
 /// What is released and logged when a response body ends.
 struct RequestEnd {
-    log: AccessLog,
+    log: Option<AccessLog>,
     /// Held only to be dropped at the end of the body.
     _guard: Option<InFlight>,
 }
 
 impl OnBodyEnd for RequestEnd {
     fn on_end(&mut self, bytes_sent: u64, completed: bool) {
-        self.log.write(bytes_sent, completed);
+        if let Some(log) = &self.log {
+            log.write(bytes_sent, completed);
+        }
     }
 }
 
@@ -542,8 +605,13 @@ struct AccessLog {
 }
 
 impl AccessLog {
-    fn start(conn: &ClientConn, req: &Request<Incoming>) -> AccessLog {
-        AccessLog {
+    /// A log record for this request, or `None` when the access log is
+    /// filtered out (then no per-request log work is done at all).
+    fn start(conn: &ClientConn, req: &Request<Incoming>) -> Option<AccessLog> {
+        if !tracing::enabled!(target: "cutover::access", tracing::Level::INFO) {
+            return None;
+        }
+        Some(AccessLog {
             start: Instant::now(),
             client: conn.addr,
             method: req.method().clone(),
@@ -551,7 +619,7 @@ impl AccessLog {
             host: String::new(),
             status: 0,
             upstream: None,
-        }
+        })
     }
 
     fn write(&self, bytes_sent: u64, completed: bool) {

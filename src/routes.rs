@@ -4,6 +4,7 @@
 //! table and swaps it in with the rest of the [`Snapshot`](crate::snapshot::Snapshot),
 //! so a request always sees one consistent table.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::config::{Config, Route, Site};
@@ -85,7 +86,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// Normalizes a Host header or URI authority to a lookup key: lower case,
 /// port and trailing dot removed. Returns `None` for values that are not a
 /// plausible host (those requests get 400).
-pub fn normalize_host(authority: &str) -> Option<String> {
+pub fn normalize_host(authority: &str) -> Option<Cow<'_, str>> {
     let host = if let Some(rest) = authority.strip_prefix('[') {
         // IPv6 literal: keep the brackets off, drop the port.
         let end = rest.find(']')?;
@@ -102,7 +103,15 @@ pub fn normalize_host(authority: &str) -> Option<String> {
         && host
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
-    valid.then(|| host.to_ascii_lowercase())
+    if !valid {
+        return None;
+    }
+    // Lower-case only when needed: most clients already send lower case.
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    })
 }
 
 #[cfg(test)]

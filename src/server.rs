@@ -273,7 +273,7 @@ impl Server {
         let _ = stream.set_nodelay(true);
         match tls {
             None => {
-                let conn = ClientConn { addr, tls: false };
+                let conn = ClientConn::new(addr, false);
                 self.serve(stream, conn).await;
             }
             Some(acceptor) => {
@@ -283,7 +283,7 @@ impl Server {
                 );
                 match handshake.await {
                     Ok(Ok(stream)) => {
-                        let conn = ClientConn { addr, tls: true };
+                        let conn = ClientConn::new(addr, true);
                         self.serve(stream, conn).await;
                     }
                     Ok(Err(err)) => {
@@ -303,9 +303,10 @@ impl Server {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
-        let service = service_fn(move |req| proxy::handle(Arc::clone(&shared), conn, req));
+        let (addr, tls) = (conn.addr, conn.tls);
+        let service = service_fn(move |req| proxy::handle(Arc::clone(&shared), conn.clone(), req));
         let shutdown = self.shared.shutdown.clone();
-        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = if conn.tls {
+        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = if tls {
             let connection = self
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -334,7 +335,7 @@ impl Server {
             .map_err(Into::into)
         };
         if let Err(err) = result {
-            tracing::debug!(client.addr = %conn.addr, error = %err, "connection ended with an error");
+            tracing::debug!(client.addr = %addr, error = %err, "connection ended with an error");
         }
     }
 }

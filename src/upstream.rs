@@ -29,6 +29,8 @@ pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
 pub struct Upstream {
     /// Where requests go.
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once for every request's URI.
+    pub authority: http::uri::Authority,
     /// Its colour ("blue" or "green"), for logs, status and the state file.
     pub label: String,
     /// The container behind it, when the deploy controller started one.
@@ -67,8 +69,11 @@ impl Upstream {
         container: Option<ContainerState>,
         limits: &Limits,
     ) -> Arc<Upstream> {
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         Arc::new(Upstream {
             addr,
+            authority,
             label,
             container,
             client: build_client(limits),
