@@ -324,7 +324,7 @@ impl Controller {
                 container.keep_previous
             ),
         );
-        let retire_at = now_unix() + container.keep_previous.as_secs();
+        let retire_at = retire_time(container.keep_previous);
         self.schedule_retirement(service.to_string(), old_container.id.clone(), retire_at);
     }
 
@@ -362,12 +362,16 @@ impl Controller {
 
     async fn retire_previous(&self, service: &str, container_id: &str) {
         let record = self.record(service);
-        let still_previous = record
-            .previous
-            .as_ref()
-            .and_then(|p| p.container.as_ref())
-            .is_some_and(|c| c.id == container_id);
-        if !still_previous {
+        // A rollback can make a container the previous colour again with a
+        // new window; the timer of its first window must then do nothing.
+        let due = record.previous.as_ref().is_some_and(|previous| {
+            previous.retire_at <= now_unix()
+                && previous
+                    .container
+                    .as_ref()
+                    .is_some_and(|c| c.id == container_id)
+        });
+        if !due {
             return;
         }
         let stop_timeout = self
@@ -787,8 +791,15 @@ fn previous_state(old: &Upstream, keep: Duration) -> PreviousState {
         color: old.label.clone(),
         addr: old.addr,
         container: old.container.clone(),
-        retire_at: now_unix() + keep.as_secs(),
+        retire_at: retire_time(keep),
     }
+}
+
+/// When a colour kept warm for `keep` is retired, in whole seconds rounded
+/// up (so "500ms" still keeps it briefly instead of retiring it at once).
+fn retire_time(keep: Duration) -> u64 {
+    let seconds = u64::try_from(keep.as_millis().div_ceil(1000)).unwrap_or(u64::MAX);
+    now_unix().saturating_add(seconds)
 }
 
 fn deploy_record(image: &str, ok: bool, message: &str) -> DeployRecord {

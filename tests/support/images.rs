@@ -32,8 +32,20 @@ static TESTAPP: OnceLock<PathBuf> = OnceLock::new();
 /// without testing anything. (The app's reported version comes from the
 /// `APP_VERSION` environment variable of the container.)
 pub async fn build_testapp_image(tag: &str, version_label: &str) -> String {
+    build_testapp_image_with_env(tag, version_label, &[]).await
+}
+
+/// Like [`build_testapp_image`], with `ENV` lines baked into the image, for tests
+/// where the deploy controller starts the container from the image alone (no
+/// per-container environment): `APP_VERSION`, `HEALTH_FAIL`, `CRASH_AFTER_MS`, ...
+/// Values must not contain `"` or newlines.
+pub async fn build_testapp_image_with_env(
+    tag: &str,
+    version_label: &str,
+    env: &[(&str, &str)],
+) -> String {
     let binary = testapp_binary().await;
-    let context = build_context(&binary, version_label);
+    let context = build_context(&binary, version_label, env);
     let docker = Docker::connect_with_local_defaults()
         .expect("docker client")
         .negotiate_version()
@@ -104,11 +116,22 @@ fn build_testapp() -> PathBuf {
 }
 
 /// An in-memory build context: the Dockerfile and the binary, as a tar archive.
-fn build_context(binary: &Path, version_label: &str) -> Vec<u8> {
+fn build_context(binary: &Path, version_label: &str, env: &[(&str, &str)]) -> Vec<u8> {
+    let env_lines: String = env
+        .iter()
+        .map(|(key, value)| {
+            assert!(
+                !value.contains(['"', '\n']) && !key.contains(['=', ' ', '\n']),
+                "unsupported ENV {key}={value:?}"
+            );
+            format!("ENV {key}=\"{value}\"\n")
+        })
+        .collect();
     let dockerfile = format!(
         "FROM scratch\n\
          COPY {BINARY} /app\n\
          LABEL cutover.test.version=\"{version_label}\"\n\
+         {env_lines}\
          ENTRYPOINT [\"/app\"]\n"
     );
     let program = std::fs::read(binary).expect("reading the test app binary");

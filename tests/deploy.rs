@@ -1,0 +1,1091 @@
+//! The deploy controller against the real Docker engine, through the real
+//! binary: `cutover serve` runs as a subprocess, and `cutover deploy` /
+//! `rollback` / `status` are run as the operator would run them.
+//!
+//! Each test builds its own `FROM scratch` images of the test app
+//! (`cutover-deploytest-<test>-<pid>:<tag>`) with the behaviour baked in as
+//! `ENV` lines (the deploy starts containers from the image alone), uses its
+//! own service name (so label filters never see another test's containers),
+//! and removes its containers and images when it ends, pass or fail.
+//!
+//! Needs a running Docker engine (DOCKER_HOST or /var/run/docker.sock). Never
+//! pulls: every image is built locally.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::cutover::*;
+use support::images::build_testapp_image_with_env;
+
+/// The app's port inside its container.
+const APP_PORT: u16 = 8080;
+
+/// Knobs of one test's service; everything else is fixed and fast.
+struct Opts {
+    keep_previous: &'static str,
+    deadline: &'static str,
+    host_ports: Option<[u16; 2]>,
+    retain: usize,
+    /// More `[service.NAME]` lines (keys not set above).
+    extra: &'static str,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            keep_previous: "15m",
+            deadline: "10s",
+            host_ports: None,
+            retain: 3,
+            extra: "",
+        }
+    }
+}
+
+/// One test's proxy, service and images. Dropped in field order: the proxy
+/// is killed first, then the service's containers and images are removed,
+/// then the temporary directory.
+struct Harness {
+    proxy: Proxy,
+    _cleanup: DockerCleanup,
+    tmp: tempfile::TempDir,
+    svc: String,
+    repo: String,
+    started: Instant,
+}
+
+impl Harness {
+    async fn start(test: &str, opts: Opts) -> Harness {
+        let started = Instant::now();
+        let pid = std::process::id();
+        let svc = format!("dt-{test}-{pid}");
+        let repo = format!("cutover-deploytest-{test}-{pid}");
+        let cleanup = DockerCleanup::new(&svc, &repo);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let host_ports = opts
+            .host_ports
+            .map(|[b, g]| format!("host_ports = [{b}, {g}]\n"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"
+[server]
+http = "{http}"
+admin_socket = "{dir}/admin.sock"
+state_dir = "{dir}/state"
+shutdown_timeout = "2s"
+
+[[site]]
+hosts = ["*"]
+service = "{svc}"
+
+[service.{svc}]
+image = "{repo}"
+port = {APP_PORT}
+{host_ports}stop_timeout = "1s"
+drain_timeout = "2s"
+keep_previous = "{keep_previous}"
+retain = {retain}
+{extra}
+health = {{ path = "/health", interval = "100ms", timeout = "1s", healthy_after = 2, deadline = "{deadline}" }}
+"#,
+            dir = dir.path().display(),
+            keep_previous = opts.keep_previous,
+            deadline = opts.deadline,
+            retain = opts.retain,
+            extra = opts.extra,
+        );
+        // For tests with `env_file = "app.env"`; read at each deploy.
+        std::fs::write(dir.path().join("app.env"), "# test env file\n").expect("env file");
+        let proxy = Proxy::start(dir.path(), &config, http).await;
+        Harness {
+            proxy,
+            _cleanup: cleanup,
+            tmp: dir,
+            svc,
+            repo,
+            started,
+        }
+    }
+
+    /// Builds `<repo>:<tag>` whose app reports version `tag`, plus `env`.
+    async fn image(&self, tag: &str, env: &[(&str, &str)]) -> String {
+        let mut all = vec![("APP_VERSION", tag)];
+        all.extend_from_slice(env);
+        build_testapp_image_with_env(
+            &format!("{}:{tag}", self.repo),
+            &format!("{}-{tag}", self.svc),
+            &all,
+        )
+        .await
+    }
+
+    async fn deploy(&self, image: &str) -> CliOutput {
+        let out = self
+            .proxy
+            .cli(&["deploy", &self.svc, "--image", image])
+            .await;
+        eprintln!("[{}] {out}", self.svc);
+        out
+    }
+
+    async fn deploy_ok(&self, image: &str) -> CliOutput {
+        let out = self.deploy(image).await;
+        assert!(
+            out.success(),
+            "deploy of {image} failed: {out}\n{}",
+            ps_table(&self.svc)
+        );
+        out
+    }
+
+    async fn rollback(&self) -> CliOutput {
+        let out = self.proxy.cli(&["rollback", &self.svc]).await;
+        eprintln!("[{}] {out}", self.svc);
+        out
+    }
+
+    /// `status` of this service: `result.services.<svc>`.
+    async fn status(&self) -> Value {
+        let result = self.proxy.status(&self.svc).await;
+        let service = result["services"][&self.svc].clone();
+        assert!(service.is_object(), "no {} in status: {result}", self.svc);
+        service
+    }
+
+    fn containers(&self) -> Vec<Ctr> {
+        containers(&self.svc)
+    }
+
+    fn ps(&self) -> String {
+        ps_table(&self.svc)
+    }
+
+    /// GET / through the proxy, which must answer 200.
+    async fn version(&self) -> String {
+        let answer = get(self.proxy.http, "/")
+            .await
+            .unwrap_or_else(|e| panic!("GET / through the proxy: {e}"));
+        assert_eq!(answer.status, 200, "GET / through the proxy: {answer:?}");
+        assert_eq!(
+            answer.body.trim(),
+            format!("version={}", answer.version),
+            "{answer:?}"
+        );
+        answer.version
+    }
+
+    /// Status and engine agree: the active container (and the previous one,
+    /// if status names one) is running, and no other container of the service
+    /// exists. Returns the status.
+    async fn consistent(&self) -> Value {
+        let status = self.status().await;
+        let listed = self.containers();
+        let same =
+            |id: &str, c: &Ctr| !id.is_empty() && (c.id.starts_with(id) || id.starts_with(&c.id));
+        let mut named = Vec::new();
+        for role in ["active", "previous"] {
+            if status[role].is_null() {
+                continue;
+            }
+            let id = status[role]["container"].as_str().unwrap_or_default();
+            let c = listed.iter().find(|c| same(id, c)).unwrap_or_else(|| {
+                panic!(
+                    "{role} container {id:?} does not exist: {status}\n{}",
+                    self.ps()
+                )
+            });
+            assert!(c.running(), "{role} container is not running: {c:?}");
+            assert_eq!(status[role]["image"], c.image.as_str(), "{role}: {status}");
+            assert_eq!(status[role]["color"], c.color.as_str(), "{role}: {status}");
+            named.push(c.id.clone());
+        }
+        let orphans: Vec<&Ctr> = listed.iter().filter(|c| !named.contains(&c.id)).collect();
+        assert!(
+            orphans.is_empty(),
+            "containers neither active nor previous: {orphans:#?}\nstatus: {status}\n{}",
+            self.ps()
+        );
+        status
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.tmp.path()
+    }
+
+    fn done(&self) {
+        eprintln!("[{}] test took {:?}", self.svc, self.started.elapsed());
+    }
+}
+
+fn with_image<'a>(list: &'a [Ctr], image: &str) -> Vec<&'a Ctr> {
+    list.iter().filter(|c| c.image == image).collect()
+}
+
+fn lower(out: &CliOutput) -> String {
+    out.text().to_lowercase()
+}
+
+// ---------------------------------------------------------------------------
+// 1. first deploy
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_deploy_serves_v1() {
+    let h = Harness::start("first", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+
+    // Before any deploy the service has no upstream.
+    let before = get(h.proxy.http, "/").await.expect("GET before deploy");
+    assert_eq!(before.status, 503, "{before:?}");
+
+    let out = h.deploy_ok(&v1).await;
+    assert_eq!(h.version().await, "v1");
+
+    let listed = h.containers();
+    assert_eq!(listed.len(), 1, "exactly one container:\n{}", h.ps());
+    let c = &listed[0];
+    assert!(c.running(), "{c:?}");
+    assert_eq!(c.image, v1, "{c:?}");
+    assert!(c.color == "blue" || c.color == "green", "{c:?}");
+    assert!(!c.deploy.is_empty(), "cutover.deploy label: {c:?}");
+
+    let status = h.consistent().await;
+    let active = &status["active"];
+    assert_eq!(active["image"], v1.as_str(), "{status}");
+    assert_eq!(active["color"], c.color.as_str(), "{status}");
+    let container = active["container"].as_str().unwrap_or_default();
+    assert!(
+        (!container.is_empty() && c.id.starts_with(container)) || container.starts_with(&c.id),
+        "status names the running container {}: {status}",
+        c.id
+    );
+    let upstream: SocketAddr = active["upstream"]
+        .as_str()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("active.upstream: {status}"));
+    assert!(upstream.ip().is_loopback(), "{upstream}");
+    assert!(status["previous"].is_null(), "no previous yet: {status}");
+    eprintln!("first deploy took {:?}", out.elapsed);
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 2. deploy under load
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_under_keepalive_load_loses_nothing() {
+    let h = Harness::start("load", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let _v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    assert_eq!(h.version().await, "v1");
+    let v1_container = h.containers()[0].clone();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let hard_limit = Instant::now() + Duration::from_secs(60);
+    let http = h.proxy.http;
+    let mut clients = Vec::new();
+    for n in 0..16 {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        clients.push(tokio::spawn(async move {
+            // Versions in the order this connection saw them.
+            let mut seen: Vec<String> = Vec::new();
+            let mut conn = match KeepAlive::connect(http).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    failures
+                        .lock()
+                        .expect("lock")
+                        .push(format!("conn {n}: {e}"));
+                    return seen;
+                }
+            };
+            while !stop.load(Ordering::Relaxed) && Instant::now() < hard_limit {
+                match conn.get("/").await {
+                    Ok(a) if a.status == 200 => seen.push(a.version),
+                    Ok(a) => {
+                        failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("conn {n}: status {} {:?}", a.status, a.body));
+                    }
+                    Err(e) => {
+                        failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("conn {n}: {e}"));
+                        return seen;
+                    }
+                }
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The configured repository plus --tag.
+    let out = h.proxy.cli(&["deploy", &h.svc, "--tag", "v2"]).await;
+    eprintln!("[{}] {out}", h.svc);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut per_conn = Vec::new();
+    for client in clients {
+        per_conn.push(
+            tokio::time::timeout(Duration::from_secs(30), client)
+                .await
+                .expect("load client finished")
+                .expect("load client task"),
+        );
+    }
+    assert!(out.success(), "deploy --tag v2 failed: {out}");
+
+    let failures = failures.lock().expect("lock").clone();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for seen in &per_conn {
+        for v in seen {
+            *counts.entry(v.clone()).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "load: {counts:?} over 16 connections, {} failures, deploy took {:?}",
+        failures.len(),
+        out.elapsed
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    assert!(counts.get("v1").copied().unwrap_or(0) > 0, "{counts:?}");
+    assert!(counts.get("v2").copied().unwrap_or(0) > 0, "{counts:?}");
+    assert_eq!(counts.len(), 2, "only v1 and v2 answered: {counts:?}");
+    for (n, seen) in per_conn.iter().enumerate() {
+        // Once a connection saw v2, it never sees v1 again.
+        if let Some(first_v2) = seen.iter().position(|v| v == "v2") {
+            assert!(
+                seen[first_v2..].iter().all(|v| v == "v2"),
+                "conn {n} went back to v1 after v2"
+            );
+        }
+        assert_eq!(
+            seen.last().map(String::as_str),
+            Some("v2"),
+            "conn {n} ended on v2"
+        );
+    }
+    assert_eq!(h.version().await, "v2");
+
+    // keep_previous = 15m: the v1 container is still running, warm.
+    let listed = h.containers();
+    let old = listed
+        .iter()
+        .find(|c| c.id == v1_container.id)
+        .unwrap_or_else(|| panic!("the v1 container is gone:\n{}", h.ps()));
+    assert!(old.running(), "v1 kept running: {old:?}");
+    let new: Vec<_> = listed.iter().filter(|c| c.image.ends_with(":v2")).collect();
+    assert_eq!(new.len(), 1, "{}", h.ps());
+    assert!(new[0].running() && new[0].color != old.color, "{listed:?}");
+    assert_eq!(listed.len(), 2, "{}", h.ps());
+
+    let status = h.consistent().await;
+    assert_eq!(
+        status["active"]["image"],
+        format!("{}:v2", h.repo).as_str(),
+        "{status}"
+    );
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert_eq!(status["previous"]["color"], old.color.as_str(), "{status}");
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 3. never healthy
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_healthy_image_is_refused_and_removed() {
+    let h = Harness::start(
+        "unhealthy",
+        Opts {
+            deadline: "3s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    let bad = h.image("bad", &[("HEALTH_FAIL", "1")]).await;
+    h.deploy_ok(&v1).await;
+    h.deploy_ok(&v2).await;
+    assert_eq!(h.version().await, "v2");
+    let before = h.containers();
+
+    let out = h.deploy(&bad).await;
+    assert_ne!(out.code, Some(0), "a never-healthy deploy must fail: {out}");
+    let text = lower(&out);
+    assert!(
+        text.contains("health"),
+        "the reason names the health check: {out}"
+    );
+    assert!(
+        text.contains("listening"),
+        "the failed container's log lines are printed: {out}"
+    );
+    assert!(
+        out.elapsed >= Duration::from_secs(3),
+        "gave up before the 3 s deadline: {:?}",
+        out.elapsed
+    );
+    assert_eq!(h.version().await, "v2", "v2 keeps serving");
+
+    let listed = h.containers();
+    let left = with_image(&listed, &bad);
+    assert!(
+        left.is_empty(),
+        "the failed container is removed when the command returns:\n{}",
+        h.ps()
+    );
+    // The active v2 container is untouched. The warm v1 container held the
+    // colour the new deploy needed, so the deploy retired it first ("retire"
+    // step); a failed deploy therefore costs the instant rollback. Whatever
+    // happened, status must agree with the engine.
+    let active_before = before
+        .iter()
+        .find(|c| c.image == v2)
+        .expect("v2 container before");
+    assert!(
+        listed.contains(active_before),
+        "the active v2 container is untouched:\n{}",
+        h.ps()
+    );
+    if with_image(&listed, &v1).is_empty() {
+        eprintln!("note: the failed deploy retired the warm previous (v1) container");
+    }
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["image"], v2.as_str(), "{status}");
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 4. crash during the health check
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_health_check_fails_fast() {
+    let h = Harness::start(
+        "crash",
+        Opts {
+            deadline: "20s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let crash = h
+        .image(
+            "crash",
+            &[("CRASH_AFTER_MS", "300"), ("HEALTHY_AFTER_MS", "60000")],
+        )
+        .await;
+    h.deploy_ok(&v1).await;
+    let before = h.containers();
+
+    let out = h.deploy(&crash).await;
+    assert_ne!(out.code, Some(0), "a crashing deploy must fail: {out}");
+    eprintln!(
+        "crashing deploy failed after {:?} (deadline 20 s)",
+        out.elapsed
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(8),
+        "the exit is noticed, not the 20 s deadline waited out: {:?}\n{out}",
+        out.elapsed
+    );
+    let text = lower(&out);
+    assert!(text.contains("exit"), "the reason mentions the exit: {out}");
+    assert!(
+        text.contains("crashing as asked") || text.contains("listening"),
+        "the crashed container's log lines are printed: {out}"
+    );
+    assert_eq!(h.version().await, "v1", "v1 keeps serving");
+    let listed = h.containers();
+    assert!(with_image(&listed, &crash).is_empty(), "{}", h.ps());
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["image"], v1.as_str(), "{status}");
+    assert_eq!(listed, before, "{}", h.ps());
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 5. rollback
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_to_warm_previous_is_instant() {
+    let h = Harness::start("rbwarm", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    let v1_id = h.containers()[0].id.clone();
+    h.deploy_ok(&v2).await;
+    assert_eq!(h.version().await, "v2");
+    let before: Vec<String> = h.containers().iter().map(|c| c.id.clone()).collect();
+    assert_eq!(before.len(), 2, "{}", h.ps());
+
+    let out = h.rollback().await;
+    assert!(out.success(), "rollback failed: {out}");
+    eprintln!(
+        "warm rollback took {:?} (wall, CLI process included)",
+        out.elapsed
+    );
+    assert_eq!(h.version().await, "v1", "traffic is back on v1");
+
+    let after = h.containers();
+    let ids: Vec<String> = after.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(
+        {
+            let mut a = ids.clone();
+            a.sort();
+            a
+        },
+        {
+            let mut b = before.clone();
+            b.sort();
+            b
+        },
+        "no container was started or removed by a warm rollback:\n{}",
+        h.ps()
+    );
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["image"], v1.as_str(), "{status}");
+    let active_container = status["active"]["container"].as_str().unwrap_or_default();
+    assert!(
+        (!active_container.is_empty() && v1_id.starts_with(active_container))
+            || active_container.starts_with(&v1_id),
+        "the original v1 container is active again ({v1_id}): {status}"
+    );
+    assert_eq!(
+        status["previous"]["image"],
+        v2.as_str(),
+        "v2 is now the warm previous: {status}"
+    );
+    h.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_after_previous_retired_starts_it_again() {
+    let h = Harness::start(
+        "rbcold",
+        Opts {
+            keep_previous: "1s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    let v1_id = h.containers()[0].id.clone();
+    h.deploy_ok(&v2).await;
+    assert_eq!(h.version().await, "v2");
+
+    // keep_previous = 1s: the v1 container is stopped and removed.
+    let t = Instant::now();
+    let (listed, retired) = wait_containers(&h.svc, Duration::from_secs(20), |l| {
+        l.iter().all(|c| c.id != v1_id)
+    })
+    .await;
+    assert!(
+        retired,
+        "v1 not retired 20 s after keep_previous = 1s:\n{}",
+        h.ps()
+    );
+    eprintln!(
+        "previous retired {:?} after the deploy returned",
+        t.elapsed()
+    );
+    assert_eq!(listed.len(), 1, "{}", h.ps());
+    let status = h.consistent().await;
+    eprintln!("status after retirement: {status}");
+
+    let out = h.rollback().await;
+    assert!(out.success(), "cold rollback failed: {out}");
+    eprintln!("cold rollback took {:?}", out.elapsed);
+    assert_eq!(h.version().await, "v1", "traffic is back on v1");
+    let listed = h.containers();
+    let v1_now = with_image(&listed, &v1);
+    assert_eq!(v1_now.len(), 1, "{}", h.ps());
+    assert!(v1_now[0].running(), "{:?}", v1_now[0]);
+    assert_ne!(v1_now[0].id, v1_id, "a new container from the v1 image");
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["image"], v1.as_str(), "{status}");
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 6. concurrent deploys
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_concurrent_deploy_is_refused() {
+    let h = Arc::new(Harness::start("busy", Opts::default()).await);
+    let v1 = h.image("v1", &[]).await;
+    let slow = h.image("slow", &[("START_DELAY_MS", "3000")]).await;
+    let v3 = h.image("v3", &[]).await;
+    h.deploy_ok(&v1).await;
+
+    let first = {
+        let h = Arc::clone(&h);
+        let slow = slow.clone();
+        tokio::spawn(async move { h.deploy(&slow).await })
+    };
+    // Wait until the first deploy has its container up (in the health check).
+    let (_, started) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
+        l.iter().any(|c| c.image == slow && c.running())
+    })
+    .await;
+    assert!(started, "slow container never started:\n{}", h.ps());
+
+    let second = h.deploy(&v3).await;
+    assert_ne!(
+        second.code,
+        Some(0),
+        "second deploy must be refused: {second}"
+    );
+    let text = lower(&second);
+    assert!(
+        text.contains("busy") || text.contains("already running") || text.contains("in progress"),
+        "the refusal says why: {second}"
+    );
+    assert!(
+        second.elapsed < Duration::from_secs(2),
+        "refused at once, not queued: {:?}",
+        second.elapsed
+    );
+    assert!(
+        !first.is_finished(),
+        "the first deploy was still running when the second was refused"
+    );
+    assert!(
+        with_image(&h.containers(), &v3).is_empty(),
+        "the refused deploy started nothing:\n{}",
+        h.ps()
+    );
+
+    let first = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("first deploy finished")
+        .expect("join");
+    assert!(first.success(), "the first deploy completes: {first}");
+    assert_eq!(h.version().await, "slow");
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["image"], slow.as_str(), "{status}");
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 7. proxy SIGKILLed mid-deploy
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_mid_deploy_recovers_without_orphans() {
+    let mut h = Harness::start("kill", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let slow = h.image("slow", &[("START_DELAY_MS", "4000")]).await;
+    h.deploy_ok(&v1).await;
+    let v1_id = h.containers()[0].id.clone();
+
+    let deploying = {
+        let config = h.proxy.config.clone();
+        let svc = h.svc.clone();
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            cli(
+                &[
+                    "deploy",
+                    &svc,
+                    "--image",
+                    &slow,
+                    "--config",
+                    config.to_str().expect("utf-8"),
+                ],
+                Duration::from_secs(60),
+            )
+            .await
+        })
+    };
+    let (_, started) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
+        l.iter().any(|c| c.image == slow && c.running())
+    })
+    .await;
+    assert!(started, "slow container never started:\n{}", h.ps());
+    tokio::time::sleep(Duration::from_millis(500)).await; // well into the health check
+    h.proxy.kill9();
+    let killed_at = Instant::now();
+    let cli_out = tokio::time::timeout(Duration::from_secs(10), deploying)
+        .await
+        .expect("the deploy command notices the dead server")
+        .expect("join");
+    eprintln!("deploy command when the server died: {cli_out}");
+    assert_ne!(cli_out.code, Some(0), "{cli_out}");
+    eprintln!("at SIGKILL:\n{}", h.ps());
+
+    h.proxy.spawn().await;
+    eprintln!("restarted {:?} after the kill", killed_at.elapsed());
+
+    // Bounded: the half-started container goes, v1 keeps (or again) serving.
+    let (listed, clean) = wait_containers(&h.svc, Duration::from_secs(30), |l| {
+        with_image(l, &slow).is_empty()
+    })
+    .await;
+    eprintln!("after restart ({:?}):\n{}", killed_at.elapsed(), h.ps());
+    assert!(
+        clean,
+        "the half-started container is still there:\n{}",
+        h.ps()
+    );
+    let answer = wait_for_version(h.proxy.http, "v1", Duration::from_secs(15)).await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        listed.len() == 1 && listed[0].id == v1_id && listed[0].running(),
+        "only the active v1 container remains:\n{}",
+        h.ps()
+    );
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["image"], v1.as_str(), "{status}");
+    // Exactly one active colour, and it is the v1 container's.
+    assert_eq!(
+        status["active"]["color"],
+        listed[0].color.as_str(),
+        "{status}"
+    );
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 8. fixed host port taken
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taken_host_port_fails_clearly_and_leaves_nothing() {
+    let ports = [free_port(), free_port()];
+    assert_ne!(ports[0], ports[1]);
+    let h = Harness::start(
+        "port",
+        Opts {
+            host_ports: Some(ports),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    let status = h.consistent().await;
+    let upstream: SocketAddr = status["active"]["upstream"]
+        .as_str()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(
+        ports.contains(&upstream.port()),
+        "v1 is published on a configured host port {ports:?}: {status}"
+    );
+    // The port the next colour needs: the other one. Hold it.
+    let taken = if upstream.port() == ports[0] {
+        ports[1]
+    } else {
+        ports[0]
+    };
+    let blocker = std::net::TcpListener::bind(("127.0.0.1", taken))
+        .unwrap_or_else(|e| panic!("bind 127.0.0.1:{taken}: {e}"));
+    let before = h.containers();
+
+    let out = h.deploy(&v2).await;
+    assert_ne!(
+        out.code,
+        Some(0),
+        "deploy onto a taken port must fail: {out}"
+    );
+    let text = lower(&out);
+    assert!(
+        text.contains(&taken.to_string()),
+        "the error names the port {taken}: {out}"
+    );
+    assert!(
+        text.contains("in use"),
+        "the error says the address is in use: {out}"
+    );
+    assert!(
+        out.elapsed < Duration::from_secs(5),
+        "fails at start, no health deadline: {:?}",
+        out.elapsed
+    );
+    assert_eq!(h.version().await, "v1", "v1 keeps serving");
+    let listed = h.containers();
+    assert!(with_image(&listed, &v2).is_empty(), "{}", h.ps());
+    assert_eq!(listed, before, "{}", h.ps());
+    h.consistent().await;
+    drop(blocker);
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// Beyond the basic list: rollback with nothing, restart with a warm previous,
+// keep_previous after a double rollback, env/env_file, retain.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_with_nothing_to_roll_back_is_refused() {
+    let h = Harness::start("rbnone", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let out = h.rollback().await;
+    assert_ne!(out.code, Some(0), "rollback before any deploy: {out}");
+    assert!(lower(&out).contains("nothing to roll back"), "{out}");
+    h.deploy_ok(&v1).await;
+    let out = h.rollback().await;
+    assert_ne!(out.code, Some(0), "rollback after a single deploy: {out}");
+    assert!(lower(&out).contains("nothing to roll back"), "{out}");
+    assert_eq!(h.version().await, "v1");
+    h.consistent().await;
+    h.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_the_warm_previous_and_still_retires_it() {
+    let mut h = Harness::start(
+        "rbrestart",
+        Opts {
+            keep_previous: "4s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    let v1_id = h.containers()[0].id.clone();
+    h.deploy_ok(&v2).await;
+    let deployed = Instant::now();
+
+    h.proxy.kill9();
+    h.proxy.spawn().await;
+    assert_eq!(h.version().await, "v2");
+    // Still inside keep_previous: the warm v1 survives the restart...
+    let status = h.consistent().await;
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert!(
+        deployed.elapsed() < Duration::from_secs(3),
+        "test too slow to check the warm window"
+    );
+    // ...and is still retired on time by the restarted server.
+    let (_, retired) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
+        l.iter().all(|c| c.id != v1_id)
+    })
+    .await;
+    assert!(
+        retired,
+        "warm previous never retired after the restart:\n{}",
+        h.ps()
+    );
+    eprintln!(
+        "previous retired {:?} after the deploy (keep_previous 4s, restart in between)",
+        deployed.elapsed()
+    );
+    assert!(
+        deployed.elapsed() >= Duration::from_secs(3),
+        "retired early"
+    );
+    let status = h.consistent().await;
+    assert!(status["previous"].is_null(), "{status}");
+    h.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_rollback_restarts_the_keep_previous_clock() {
+    let h = Harness::start(
+        "pingpong",
+        Opts {
+            keep_previous: "5s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    let v1_id = h.containers()[0].id.clone();
+    h.deploy_ok(&v2).await; // v1 warm until ~t+5s
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(h.rollback().await.success()); // v1 active, v2 warm
+    assert!(h.rollback().await.success()); // v2 active, v1 warm again, until ~t+7.5s
+    let again = Instant::now();
+    assert_eq!(h.version().await, "v2");
+    // Check between the first retirement time and the new one.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let listed = h.containers();
+    let v1_now = listed.iter().find(|c| c.id == v1_id);
+    assert!(
+        v1_now.is_some_and(Ctr::running),
+        "v1 became the previous colour again {:?} ago with keep_previous = 5s, \
+         but it is already gone (retired by the first deploy's timer):\n{}",
+        again.elapsed(),
+        h.ps()
+    );
+    let status = h.consistent().await;
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    h.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_and_env_file_reach_the_container() {
+    let h = Harness::start(
+        "env",
+        Opts {
+            deadline: "3s",
+            extra: r#"env = { HEALTH_FAIL = "0" }
+env_file = "app.env""#,
+            ..Opts::default()
+        },
+    )
+    .await;
+    // The image alone is never healthy; the config's env turns that off.
+    let v1 = h.image("v1", &[("HEALTH_FAIL", "1")]).await;
+    // Read at deploy time, so written after the server started.
+    std::fs::write(
+        h.dir().join("app.env"),
+        "# comment\n\nAPP_VERSION=fromfile\n",
+    )
+    .expect("env file");
+    h.deploy_ok(&v1).await;
+    assert_eq!(
+        h.version().await,
+        "fromfile",
+        "env_file overrides image ENV"
+    );
+
+    std::fs::write(h.dir().join("app.env"), "APP_VERSION=edited\n").expect("env file");
+    h.deploy_ok(&v1).await;
+    assert_eq!(
+        h.version().await,
+        "edited",
+        "env_file is re-read per deploy"
+    );
+
+    std::fs::remove_file(h.dir().join("app.env")).expect("rm env file");
+    let out = h.deploy(&v1).await;
+    assert_ne!(out.code, Some(0), "missing env_file: {out}");
+    assert!(out.text().contains("app.env"), "names the file: {out}");
+    assert_eq!(h.version().await, "edited");
+    h.consistent().await;
+    h.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_prunes_old_images() {
+    let h = Harness::start(
+        "retain",
+        Opts {
+            retain: 1,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut images = Vec::new();
+    for tag in ["v1", "v2", "v3", "v4"] {
+        images.push(h.image(tag, &[]).await);
+    }
+    for image in &images {
+        h.deploy_ok(image).await;
+    }
+    assert_eq!(h.version().await, "v4");
+    let present = |image: &str| {
+        std::process::Command::new("docker")
+            .args(["image", "inspect", image])
+            .output()
+            .expect("docker image inspect")
+            .status
+            .success()
+    };
+    let kept: Vec<bool> = images.iter().map(|i| present(i)).collect();
+    eprintln!("retain = 1 after deploying v1..v4: present {kept:?}");
+    assert_eq!(
+        kept,
+        vec![false, false, true, true],
+        "retain = 1 keeps the active image plus one rollback target"
+    );
+    h.consistent().await;
+    h.done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_deploy_exits_in_time_and_restart_is_clean() {
+    let mut h = Harness::start("term", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let slow = h.image("slow", &[("START_DELAY_MS", "4000")]).await;
+    h.deploy_ok(&v1).await;
+    let v1_id = h.containers()[0].id.clone();
+
+    let deploying = {
+        let config = h.proxy.config.clone();
+        let (svc, slow) = (h.svc.clone(), slow.clone());
+        tokio::spawn(async move {
+            let config = config.to_str().expect("utf-8").to_string();
+            cli(
+                &["deploy", &svc, "--image", &slow, "--config", &config],
+                Duration::from_secs(60),
+            )
+            .await
+        })
+    };
+    let (_, started) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
+        l.iter().any(|c| c.image == slow && c.running())
+    })
+    .await;
+    assert!(started, "slow container never started:\n{}", h.ps());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    // shutdown_timeout = 2s; stop_timeout = 1s.
+    let status = tokio::task::block_in_place(|| h.proxy.terminate(Duration::from_secs(10)));
+    eprintln!(
+        "SIGTERM mid-deploy: exit {status:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        status.is_some(),
+        "cutover serve still running 10 s after SIGTERM"
+    );
+    let out = tokio::time::timeout(Duration::from_secs(10), deploying)
+        .await
+        .expect("deploy command ends")
+        .expect("join");
+    eprintln!("deploy command at shutdown: {out}");
+    assert_ne!(out.code, Some(0), "{out}");
+    let left = with_image(&h.containers(), &slow)
+        .into_iter()
+        .map(|c| format!("{} {}", c.name, c.state))
+        .collect::<Vec<_>>();
+    eprintln!(
+        "after graceful exit, half-started containers left: {left:?}\n{}",
+        h.ps()
+    );
+
+    h.proxy.spawn().await;
+    let (listed, clean) = wait_containers(&h.svc, Duration::from_secs(30), |l| {
+        with_image(l, &slow).is_empty()
+    })
+    .await;
+    assert!(clean, "{}", h.ps());
+    wait_for_version(h.proxy.http, "v1", Duration::from_secs(15)).await;
+    assert!(
+        listed.len() == 1 && listed[0].id == v1_id,
+        "only v1 remains:\n{}",
+        h.ps()
+    );
+    h.consistent().await;
+    h.done();
+}
