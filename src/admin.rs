@@ -310,7 +310,7 @@ async fn run_command(
     progress: &Progress,
 ) -> Result<Value, String> {
     let result = match command {
-        Command::Status { service } => controller.status(service.as_deref()),
+        Command::Status { service } => controller.status(service.as_deref()).await,
         Command::Switch { service, to, force } => {
             let to = to
                 .parse()

@@ -528,8 +528,36 @@ impl Controller {
         Arc::clone(&self.shared.snapshot.load().config)
     }
 
-    /// Per-service facts for `cutover status`.
-    pub fn status(&self, only: Option<&str>) -> Result<Value, ControlError> {
+    /// Per-service facts for `cutover status`, with one live health probe
+    /// of each active upstream (so "health" is now, not remembered).
+    pub async fn status(&self, only: Option<&str>) -> Result<Value, ControlError> {
+        let mut report = self.status_facts(only)?;
+        let snapshot = self.shared.snapshot.load_full();
+        let probes = snapshot
+            .config
+            .services
+            .values()
+            .filter(|service| only.is_none_or(|only| only == service.name))
+            .filter_map(|service| {
+                let upstream = snapshot.service(&service.name)?.active.clone()?;
+                let check = service.health.clone();
+                Some(async move {
+                    let health = match health::probe(upstream.addr, &check).await {
+                        Ok(()) => "healthy".to_string(),
+                        Err(err) => format!("unhealthy: {err}"),
+                    };
+                    (service.name.clone(), health)
+                })
+            });
+        for (name, health) in futures_util::future::join_all(probes).await {
+            if let Some(active) = report["services"][&name]["active"].as_object_mut() {
+                active.insert("health".into(), Value::String(health));
+            }
+        }
+        Ok(report)
+    }
+
+    fn status_facts(&self, only: Option<&str>) -> Result<Value, ControlError> {
         let snapshot = self.shared.snapshot.load_full();
         if let Some(name) = only {
             if snapshot.service(name).is_none() {
@@ -566,6 +594,7 @@ impl Controller {
                     "container": upstream.container.as_ref().map(|c| c.id.clone()),
                     "image": upstream.container.as_ref().map(|c| c.image.clone()),
                     "since": since.get(name),
+                    "active_for_s": since.get(name).map(|since| now_unix().saturating_sub(*since)),
                 })
             });
             let record = self.record(name);

@@ -268,9 +268,11 @@ fn print_status(result: &Value) {
             println!("  active:    none (requests get 503)");
         } else {
             println!(
-                "  active:    {} {}  image {}  container {}  in-flight {}  websockets {}",
+                "  active:    {} {}  {}  active {}s  image {}  container {}  in-flight {}  websockets {}",
                 text(active, "color"),
                 text(active, "upstream"),
+                text(active, "health"),
+                text(active, "active_for_s"),
                 text(active, "image"),
                 text(active, "container")
                     .chars()

@@ -493,6 +493,24 @@ async fn restart_resumes_the_active_colour_from_the_state_file() {
         status["services"]["web"]["active"]["color"], "green",
         "{status}"
     );
+    assert_eq!(
+        status["services"]["web"]["active"]["health"], "healthy",
+        "{status}"
+    );
+    // Status probes live: a dead active upstream shows as unhealthy.
+    let dead = closed_port().await;
+    let forced = Command::Switch {
+        service: "web".into(),
+        to: dead.to_string(),
+        force: true,
+    };
+    admin(dir.path(), forced).await.0.expect("forced switch");
+    let (status, _) = admin(dir.path(), Command::Status { service: None }).await;
+    let health = status.expect("status")["services"]["web"]["active"]["health"].clone();
+    assert!(
+        health.as_str().is_some_and(|h| h.starts_with("unhealthy")),
+        "{health}"
+    );
     proxy.stop().await.expect("stop");
 }
 
