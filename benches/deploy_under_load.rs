@@ -1,0 +1,715 @@
+//! Container deploys under load: `cargo bench --bench deploy_under_load`.
+//!
+//! Method
+//! - Builds `FROM scratch` images of `tests/testapp` (via
+//!   `tests/support/images.rs`): `v0` for the initial deploy and `v1..vN`
+//!   (N = `BENCH_DEPLOYS`, default 5), each with its own label and
+//!   `ENV APP_VERSION`, so every one is a distinct image.
+//! - Runs `cutover serve` (`workers = 1`) with one container service: `port
+//!   = 8080`, health `/health` every 100 ms, `keep_previous = "5s"`,
+//!   `stop_timeout = "1s"`. `v0` is deployed before any load.
+//! - Load: 64 keep-alive HTTP/1.1 connections (the built-in hyper generator
+//!   of `proxy_throughput`, one thread), `GET /`, every request timed and
+//!   stamped with its start time. First 3 s of steady load (no deploy),
+//!   then admin `deploy` of v1..vN one after another (1 s apart), then the
+//!   load stops. Bounded: the load stops by itself after 3 s + 60 s per
+//!   deploy.
+//! - Failed request = connection error, request/body error, 5 s timeout or a
+//!   status other than 200. A keep-alive connection the server closed between
+//!   requests (hyper notices before sending) is a reconnect, not a failure.
+//! - Reported: requests, failed requests (target 0) with their kinds, p50 /
+//!   p99 / max in the steady window and during the deploys (from the first
+//!   deploy's start to the last one's reply), and each deploy's wall time
+//!   with the reply's `timings` (start_ms, healthy_ms, persist_us, swap_ns,
+//!   drain_ms, total_ms).
+//! - Clean-up (also on panic): containers labelled `cutover.managed=true`
+//!   and `cutover.service=<this run's service>`, then this run's images.
+//!
+//! Output: Markdown on stdout and JSON in
+//! `target/bench-results/deploy_under_load.json` (or `$BENCH_RESULTS`).
+//! Environment: `BENCH_DEPLOYS` (default 5), `BENCH_CONNECTIONS` (64),
+//! `BENCH_STEADY_SECONDS` (3), `BENCH_CUTOVER_BIN`. Needs a Docker engine.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)]
+#[path = "../tests/support/images.rs"]
+mod images;
+
+fn main() {
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("deploy_under_load: run it with `cargo bench --bench deploy_under_load`; skipped");
+        return;
+    }
+    let deploys: usize = env_or("BENCH_DEPLOYS", 5).clamp(1, 50);
+    let connections: usize = env_or("BENCH_CONNECTIONS", 64).max(1);
+    let steady_seconds: u64 = env_or("BENCH_STEADY_SECONDS", 3).clamp(1, 60);
+
+    println!("# cutover deploys under load\n");
+    println!(
+        "- date: {}",
+        first_line_of("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+    );
+    println!(
+        "- cores (nproc): {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "- docker: {}",
+        first_line_of("docker", &["version", "--format", "{{.Server.Version}}"])
+    );
+    println!("- load average at start: {}", load_average());
+    println!(
+        "- load: {connections} keep-alive connections (built-in generator), {steady_seconds} s steady, \
+         then {deploys} deploys 1 s apart\n"
+    );
+
+    let pid = std::process::id();
+    let service = format!("bench-deploy-{pid}");
+    let repo = format!("cutover-bench-deploy-{pid}");
+    let mut cleanup = Cleanup {
+        service: service.clone(),
+        images: Vec::new(),
+        proxy: None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build the runtime");
+
+    // Images v0..vN.
+    let build_began = Instant::now();
+    let mut images = Vec::new();
+    for i in 0..=deploys {
+        let version = format!("v{i}");
+        let tag = format!("{repo}:{version}");
+        cleanup.images.push(tag.clone());
+        let image = runtime.block_on(images::build_testapp_image_with_env(
+            &tag,
+            &format!("{service}-{version}"),
+            &[("APP_VERSION", version.as_str())],
+        ));
+        images.push(image);
+    }
+    eprintln!(
+        "built {} images in {:.1} s",
+        images.len(),
+        build_began.elapsed().as_secs_f64()
+    );
+
+    // cutover.
+    let scratch = tempfile::tempdir().expect("create a temporary directory");
+    let dir = scratch.path();
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let socket = dir.join("admin.sock");
+    let config = format!(
+        "[server]\n\
+         http = \"{http}\"\n\
+         workers = 1\n\
+         admin_socket = \"{}\"\n\
+         state_dir = \"{}\"\n\
+         shutdown_timeout = \"2s\"\n\
+         \n\
+         [[site]]\n\
+         hosts = [\"*\"]\n\
+         service = \"{service}\"\n\
+         \n\
+         [service.{service}]\n\
+         image = \"{repo}\"\n\
+         port = 8080\n\
+         stop_timeout = \"1s\"\n\
+         keep_previous = \"5s\"\n\
+         health = {{ path = \"/health\", interval = \"100ms\" }}\n",
+        socket.display(),
+        dir.join("state").display()
+    );
+    let config_path = dir.join("proxy.toml");
+    std::fs::write(&config_path, config).expect("write proxy.toml");
+    let binary = std::env::var_os("BENCH_CUTOVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cutover")));
+    let log = dir.join("cutover.log");
+    let log_file = std::fs::File::create(&log).expect("create the log");
+    let child = Command::new(&binary)
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().expect("dup log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("start cutover");
+    cleanup.proxy = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "cutover's admin socket never appeared; log: {}",
+            tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // v0 before any load: the service must serve something to load.
+    let initial = deploy(&runtime, &socket, &service, &images[0]);
+    let initial = match initial {
+        Ok(d) => d,
+        Err(err) => panic!(
+            "initial deploy of {} failed: {err}; log: {}",
+            images[0],
+            tail(&log)
+        ),
+    };
+    wait_200(http).unwrap_or_else(|err| panic!("{err}; log: {}", tail(&log)));
+
+    // Load, then steady window, then the deploys.
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hard_limit = Duration::from_secs(steady_seconds + 60 * deploys as u64);
+    let load = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || loadgen::run(http, connections, started, hard_limit, stop))
+    };
+    std::thread::sleep(Duration::from_secs(steady_seconds));
+    let steady_end = started.elapsed();
+    let mut results = Vec::new();
+    let mut deploy_error = None;
+    for (i, image) in images.iter().enumerate().skip(1) {
+        if i > 1 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if started.elapsed() + Duration::from_secs(5) > hard_limit {
+            deploy_error = Some("ran out of the load's time budget".to_string());
+            break;
+        }
+        let at = started.elapsed();
+        match deploy(&runtime, &socket, &service, image) {
+            Ok(mut d) => {
+                d.at_s = at.as_secs_f64();
+                d.end_s = started.elapsed().as_secs_f64();
+                results.push(d);
+            }
+            Err(err) => {
+                deploy_error = Some(format!("deploy of {image} failed: {err}"));
+                break;
+            }
+        }
+    }
+    let deploys_end = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let load = load.join().expect("the load generator thread panicked");
+
+    // Reporting.
+    let steady = load.window(Duration::ZERO, steady_end);
+    let during = load.window(steady_end, deploys_end);
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "| window | seconds | requests | FAILED | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (name, w) in [("steady (no deploy)", &steady), ("during deploys", &during)] {
+        let _ = writeln!(
+            text,
+            "| {name} | {:.1} | {} | {} | {:.3} | {:.3} | {:.3} |",
+            w.seconds, w.requests, w.failed, w.p50_ms, w.p99_ms, w.max_ms
+        );
+    }
+    let _ = writeln!(
+        text,
+        "\n| deploy | image | at s | wall ms | start_ms | healthy_ms | persist_us | swap_ns | drain_ms | total_ms |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let row = |text: &mut String, name: &str, d: &Deployed| {
+        let t = &d.timings;
+        let _ = writeln!(
+            text,
+            "| {name} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            d.image,
+            d.at_s,
+            d.wall_ms,
+            t["start_ms"],
+            t["healthy_ms"],
+            t["persist_us"],
+            t["swap_ns"],
+            t["drain_ms"],
+            t["total_ms"]
+        );
+    };
+    row(&mut text, "v0 (before load)", &initial);
+    for (i, d) in results.iter().enumerate() {
+        row(&mut text, &format!("#{}", i + 1), d);
+    }
+    println!("- load average at end: {}\n", load_average());
+    println!("{text}");
+    if let Some(err) = &deploy_error {
+        println!("DEPLOY ERROR: {err}\n");
+    }
+    if !load.kinds.is_empty() {
+        println!("Failure kinds:");
+        for (kind, n) in &load.kinds {
+            println!("- {n}× {kind}");
+        }
+        println!("First failures (s since load start):");
+        for (at, kind) in load.failures.iter().take(20) {
+            println!("- {at:.3}: {kind}");
+        }
+    }
+    println!(
+        "\n**cutover FAILED REQUESTS during the run: {}** (target 0) over {} requests, {} deploys under load, {} reconnects{}",
+        load.failed(),
+        load.samples.len(),
+        results.len(),
+        load.reconnects,
+        if load.failed() == 0 && deploy_error.is_none() { " — MEETS" } else { " — MISSES" }
+    );
+
+    let path = std::env::var_os("BENCH_RESULTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/bench-results/deploy_under_load.json")
+        });
+    let window_json = |w: &Window| {
+        serde_json::json!({"seconds": w.seconds, "requests": w.requests, "failed": w.failed,
+            "p50_ms": w.p50_ms, "p99_ms": w.p99_ms, "max_ms": w.max_ms})
+    };
+    let deploy_json = |d: &Deployed| {
+        serde_json::json!({"image": d.image, "at_s": d.at_s, "end_s": d.end_s, "wall_ms": d.wall_ms,
+            "timings": d.timings, "drain": d.drain})
+    };
+    let json = serde_json::json!({
+        "settings": {"deploys": deploys, "connections": connections, "steady_seconds": steady_seconds},
+        "requests": load.samples.len(),
+        "failed": load.failed(),
+        "failure_kinds": load.kinds,
+        "first_failures": load.failures.iter().take(200).map(|(at, k)| serde_json::json!({"at_s": at, "kind": k})).collect::<Vec<_>>(),
+        "reconnects": load.reconnects,
+        "steady": window_json(&steady),
+        "during_deploys": window_json(&during),
+        "initial_deploy": deploy_json(&initial),
+        "deploys": results.iter().map(deploy_json).collect::<Vec<_>>(),
+        "deploy_error": deploy_error,
+        "load_average_at_end": load_average(),
+    });
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).expect("json") + "\n",
+    )
+    .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+    println!("JSON: {}", path.display());
+    drop(cleanup);
+}
+
+// ---------------------------------------------------------------------------
+// Deploy, clean-up, helpers
+// ---------------------------------------------------------------------------
+
+struct Deployed {
+    image: String,
+    at_s: f64,
+    end_s: f64,
+    wall_ms: f64,
+    timings: serde_json::Value,
+    drain: serde_json::Value,
+}
+
+fn deploy(
+    runtime: &tokio::runtime::Runtime,
+    socket: &Path,
+    service: &str,
+    image: &str,
+) -> Result<Deployed, String> {
+    let command = cutover::admin::Command::Deploy {
+        service: service.to_string(),
+        image: Some(image.to_string()),
+        tag: None,
+        docker_config: None,
+    };
+    let began = Instant::now();
+    let call = cutover::client::call(socket, &command, |_, _| {});
+    let result = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(120), call).await })
+        .map_err(|_| "deploy did not answer within 120 s".to_string())?
+        .map_err(|err| err.to_string())?;
+    Ok(Deployed {
+        image: image.to_string(),
+        at_s: 0.0,
+        end_s: 0.0,
+        wall_ms: began.elapsed().as_secs_f64() * 1000.0,
+        timings: result["timings"].clone(),
+        drain: result["drain"].clone(),
+    })
+}
+
+/// Stops cutover (SIGTERM, then SIGKILL) and removes this run's containers
+/// and images, also when the bench panics.
+struct Cleanup {
+    service: String,
+    images: Vec<String>,
+    proxy: Option<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.proxy.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ids = Command::new("docker")
+            .args(["ps", "-aq", "--filter", "label=cutover.managed=true"])
+            .arg("--filter")
+            .arg(format!("label=cutover.service={}", self.service))
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .stdout(Stdio::null())
+                .status();
+        }
+        if !self.images.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rmi", "-f"])
+                .args(&self.images)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        eprintln!(
+            "cleaned up {} container(s) and {} image tag(s)",
+            ids.len(),
+            self.images.len()
+        );
+    }
+}
+
+fn wait_200(addr: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match probe(addr) {
+            Ok(line) if line.contains(" 200 ") => return Ok(()),
+            Ok(line) => last = line,
+            Err(err) => last = err.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!(
+        "{addr} did not answer 200 within 10 s (last: {last})"
+    ))
+}
+
+fn probe(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(5);
+    lines[start..].join(" | ")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+fn first_line_of(program: &str, args: &[&str]) -> String {
+    match Command::new(program).args(args).output() {
+        Ok(output) => {
+            let text = if output.stdout.is_empty() {
+                output.stderr
+            } else {
+                output.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        }
+        Err(_) => "not installed".to_string(),
+    }
+}
+
+fn percentile(sorted: &[u32], percent: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Latency summary of the requests that started inside one window.
+struct Window {
+    seconds: f64,
+    requests: u64,
+    failed: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+// ---------------------------------------------------------------------------
+// Load generator (proxy_throughput's, with start stamps and failure kinds)
+// ---------------------------------------------------------------------------
+
+mod loadgen {
+    use super::*;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn::http1;
+    use hyper::{Request, StatusCode};
+    use hyper_util::rt::TokioIo;
+
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub struct LoadResult {
+        /// (start, µs since load start; latency µs; failed).
+        pub samples: Vec<(u64, u32, bool)>,
+        /// (seconds since load start, kind), sorted by time.
+        pub failures: Vec<(f64, String)>,
+        pub kinds: BTreeMap<String, u64>,
+        pub reconnects: u64,
+    }
+
+    impl LoadResult {
+        pub fn failed(&self) -> u64 {
+            self.failures.len() as u64
+        }
+
+        pub fn window(&self, from: Duration, to: Duration) -> Window {
+            let (from_us, to_us) = (from.as_micros() as u64, to.as_micros() as u64);
+            let mut latencies: Vec<u32> = Vec::new();
+            let mut failed = 0;
+            for &(at, latency, fail) in &self.samples {
+                if at >= from_us && at < to_us {
+                    latencies.push(latency);
+                    failed += u64::from(fail);
+                }
+            }
+            // Connection failures have no sample; count them by time.
+            failed += self
+                .failures
+                .iter()
+                .filter(|(at, kind)| {
+                    kind.starts_with("connect")
+                        && *at >= from.as_secs_f64()
+                        && *at < to.as_secs_f64()
+                })
+                .count() as u64;
+            latencies.sort_unstable();
+            Window {
+                seconds: (to - from).as_secs_f64(),
+                requests: latencies.len() as u64,
+                failed,
+                p50_ms: percentile(&latencies, 50.0) / 1000.0,
+                p99_ms: percentile(&latencies, 99.0) / 1000.0,
+                max_ms: latencies.last().copied().map_or(0.0, f64::from) / 1000.0,
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct ConnStats {
+        samples: Vec<(u64, u32, bool)>,
+        failures: Vec<(f64, String)>,
+        reconnects: u64,
+    }
+
+    enum Outcome {
+        Ok,
+        Closed,
+        Failed(String),
+    }
+
+    pub fn run(
+        addr: SocketAddr,
+        connections: usize,
+        started: Instant,
+        limit: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> LoadResult {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("build the load generator runtime");
+        let until: tokio::time::Instant = (started + limit).into();
+        let stats = runtime.block_on(async {
+            let tasks: Vec<_> = (0..connections)
+                .map(|_| tokio::spawn(connection(addr, until, started, Arc::clone(&stop))))
+                .collect();
+            let mut all = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                all.push(task.await.unwrap_or_default());
+            }
+            all
+        });
+        let mut result = LoadResult {
+            samples: Vec::new(),
+            failures: Vec::new(),
+            kinds: BTreeMap::new(),
+            reconnects: 0,
+        };
+        for s in stats {
+            result.samples.extend(s.samples);
+            result.failures.extend(s.failures);
+            result.reconnects += s.reconnects;
+        }
+        result.failures.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (_, kind) in &result.failures {
+            *result.kinds.entry(kind.clone()).or_default() += 1;
+        }
+        result
+    }
+
+    async fn connection(
+        addr: SocketAddr,
+        until: tokio::time::Instant,
+        started: Instant,
+        stop: Arc<AtomicBool>,
+    ) -> ConnStats {
+        let mut stats = ConnStats::default();
+        let host = addr.to_string();
+        let running = || tokio::time::Instant::now() < until && !stop.load(Ordering::Relaxed);
+        let mut first = true;
+        while running() {
+            if !first {
+                stats.reconnects += 1;
+            }
+            first = false;
+            let mut sender = match connect(addr).await {
+                Ok(sender) => sender,
+                Err(err) => {
+                    stats
+                        .failures
+                        .push((started.elapsed().as_secs_f64(), format!("connect: {err}")));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            while running() {
+                let at = started.elapsed().as_micros() as u64;
+                let began = tokio::time::Instant::now();
+                let outcome = request(&mut sender, &host).await;
+                let latency = u32::try_from(began.elapsed().as_micros()).unwrap_or(u32::MAX);
+                match outcome {
+                    Outcome::Ok => stats.samples.push((at, latency, false)),
+                    Outcome::Closed => break,
+                    Outcome::Failed(kind) => {
+                        stats.samples.push((at, latency, true));
+                        stats.failures.push((at as f64 / 1e6, kind));
+                        break;
+                    }
+                }
+            }
+        }
+        stats
+    }
+
+    async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Empty<Bytes>>, String> {
+        let stream = tokio::time::timeout(REQUEST_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|err| err.kind().to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|err| err.to_string())?;
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut text = err.to_string();
+        let mut source = err.source();
+        while let Some(inner) = source {
+            text.push_str(": ");
+            text.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        text
+    }
+
+    async fn request(sender: &mut http1::SendRequest<Empty<Bytes>>, host: &str) -> Outcome {
+        if sender.ready().await.is_err() {
+            return Outcome::Closed;
+        }
+        let exchange = async {
+            let req = Request::get("/")
+                .header(hyper::header::HOST, host)
+                .body(Empty::new())
+                .expect("a valid request");
+            let response = sender
+                .send_request(req)
+                .await
+                .map_err(|err| format!("request: {}", chain(&err)))?;
+            let status = response.status();
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|err| format!("body: {}", chain(&err)))?;
+            if status == StatusCode::OK {
+                Ok(())
+            } else {
+                Err(format!("status {}", status.as_u16()))
+            }
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(Ok(())) => Outcome::Ok,
+            Ok(Err(kind)) => Outcome::Failed(kind),
+            Err(_) => Outcome::Failed("timeout (5 s)".to_string()),
+        }
+    }
+}
