@@ -240,11 +240,7 @@ impl Controller {
     /// Stops routing to the service (503) and persists that.
     pub(crate) async fn deactivate(&self, service: &str) -> Result<(), ControlError> {
         let _writer = self.writer.lock().await;
-        let current = self.shared.snapshot.load_full();
-        let slot = current
-            .service(service)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        let (current, slot) = self.current_slot(service)?;
         let next = current.with_slot(
             service,
             ServiceSlot {
@@ -387,11 +383,7 @@ impl Controller {
         upstream: Arc<Upstream>,
     ) -> Result<Activation, ControlError> {
         let _writer = self.writer.lock().await;
-        let current = self.shared.snapshot.load_full();
-        let slot = current
-            .service(service)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        let (current, slot) = self.current_slot(service)?;
         let old = slot.active.clone();
         let next = current.with_slot(
             service,
@@ -443,15 +435,22 @@ impl Controller {
         store.save(&state)
     }
 
-    /// Holds new requests for `service` until [`resume`](Self::resume)
-    /// (or each request's `pause_timeout`, then 503).
-    pub async fn pause(&self, service: &str) -> Result<Value, ControlError> {
-        let _writer = self.writer.lock().await;
+    /// The latest snapshot and a copy of the service's slot in it. Callers
+    /// hold the writer lock, so the slot stays current until they store.
+    fn current_slot(&self, service: &str) -> Result<(Arc<Snapshot>, ServiceSlot), ControlError> {
         let current = self.shared.snapshot.load_full();
         let slot = current
             .service(service)
             .cloned()
             .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        Ok((current, slot))
+    }
+
+    /// Holds new requests for `service` until [`resume`](Self::resume)
+    /// (or each request's `pause_timeout`, then 503).
+    pub async fn pause(&self, service: &str) -> Result<Value, ControlError> {
+        let _writer = self.writer.lock().await;
+        let (current, slot) = self.current_slot(service)?;
         if slot.pause.is_some() {
             return Err(ControlError::AlreadyPaused(service.to_string()));
         }
@@ -470,11 +469,7 @@ impl Controller {
     /// Releases every request held by [`pause`](Self::pause).
     pub async fn resume(&self, service: &str) -> Result<Value, ControlError> {
         let _writer = self.writer.lock().await;
-        let current = self.shared.snapshot.load_full();
-        let slot = current
-            .service(service)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
+        let (current, slot) = self.current_slot(service)?;
         let Some(gate) = slot.pause.clone() else {
             return Err(ControlError::NotPaused(service.to_string()));
         };

@@ -131,14 +131,7 @@ impl Controller {
             &config.server.limits,
         );
         let previous_record = self.record(service);
-        self.update_record(service, |record| {
-            record.previous = current
-                .as_deref()
-                .map(|old| previous_state(old, container.keep_previous));
-            record.history.retain(|known| known != &image);
-            record.history.insert(0, image.clone());
-            record.last_deploy = Some(deploy_record(&image, true, "switched"));
-        });
+        self.record_switch(service, current.as_deref(), &container, &image, "switched");
         let activation = match self.activate(service, upstream).await {
             Ok(activation) => activation,
             Err(err) => {
@@ -192,6 +185,25 @@ impl Controller {
             },
             "drain": drain_report,
         }))
+    }
+
+    /// Records a switch to `image` that is about to be published: the
+    /// outgoing upstream becomes the warm previous colour, the image goes to
+    /// the front of the history.
+    fn record_switch(
+        &self,
+        service: &str,
+        outgoing: Option<&Upstream>,
+        container: &ContainerSettings,
+        image: &str,
+        message: &str,
+    ) {
+        self.update_record(service, |record| {
+            record.previous = outgoing.map(|old| previous_state(old, container.keep_previous));
+            record.history.retain(|known| known != image);
+            record.history.insert(0, image.to_string());
+            record.last_deploy = Some(deploy_record(image, true, message));
+        });
     }
 
     /// Probes the new container until healthy, giving up as soon as it exits.
@@ -496,14 +508,13 @@ impl Controller {
         let image = state.image.clone();
         let upstream =
             Upstream::for_container(addr, previous.color.clone(), state, &config.server.limits);
-        self.update_record(service, |record| {
-            record.previous = current
-                .as_deref()
-                .map(|old| previous_state(old, container.keep_previous));
-            record.history.retain(|known| known != &image);
-            record.history.insert(0, image.clone());
-            record.last_deploy = Some(deploy_record(&image, true, "rolled back"));
-        });
+        self.record_switch(
+            service,
+            current.as_deref(),
+            container,
+            &image,
+            "rolled back",
+        );
         let activation = self.activate(service, upstream).await?;
         let old = activation.old.clone();
         progress.emit(
