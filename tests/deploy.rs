@@ -1089,3 +1089,40 @@ async fn sigterm_mid_deploy_exits_in_time_and_restart_is_clean() {
     h.consistent().await;
     h.done();
 }
+
+// ---------------------------------------------------------------------------
+// Engine unreachable at start-up
+// ---------------------------------------------------------------------------
+
+/// With the Docker engine unreachable after a restart, the proxy keeps
+/// serving its last known upstream, `status` says the engine is
+/// unreachable, and a deploy fails clearly without touching traffic.
+#[tokio::test]
+async fn engine_unreachable_at_restart_keeps_serving_and_says_so() {
+    let mut h = Harness::start("nodocker", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    h.deploy_ok(&v1).await;
+    let v2 = h.image("v2", &[]).await;
+
+    h.proxy.kill9();
+    let dead = format!("unix://{}/no-docker.sock", h.dir().display());
+    h.proxy.env.push(("DOCKER_HOST".into(), dead));
+    h.proxy.spawn().await;
+
+    assert_eq!(h.version().await, "v1", "last known upstream keeps serving");
+    let status = h.proxy.cli(&["status", "--json"]).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        status.stdout.contains("\"docker\":\"unreachable"),
+        "status reports the engine: {status}"
+    );
+    let out = h.deploy(&v2).await;
+    assert!(!out.success(), "deploy without an engine must fail: {out}");
+    assert!(out.text().contains("docker"), "{out}");
+    assert_eq!(
+        h.version().await,
+        "v1",
+        "a failed deploy leaves traffic alone"
+    );
+    h.done();
+}

@@ -48,6 +48,8 @@ pub struct Proxy {
     pub config: PathBuf,
     pub http: SocketAddr,
     pub admin_socket: PathBuf,
+    /// Extra environment for the next `spawn` (e.g. a dead DOCKER_HOST).
+    pub env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -64,6 +66,7 @@ impl Proxy {
             config,
             http,
             admin_socket: dir.join("admin.sock"),
+            env: Vec::new(),
             log: dir.join("proxy.log"),
             child: None,
         };
@@ -87,6 +90,7 @@ impl Proxy {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("clone log fd")))
             .stderr(Stdio::from(log))
