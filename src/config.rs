@@ -61,6 +61,10 @@ pub struct Limits {
     /// hyper also runs this timer while an HTTP/1.1 keep-alive connection
     /// waits for its next request, so it is that connection's idle limit.
     pub header_read_timeout: Duration,
+    /// A connection on which no request has started for this long is
+    /// closed gracefully (HTTP/2 GOAWAY; HTTP/1 close). Requests in
+    /// progress are never cut by it.
+    pub idle_timeout: Duration,
     /// Largest request head accepted; larger gets 431.
     pub max_header_bytes: usize,
     /// Largest request body accepted; larger gets 413 (nginx: 1 MiB).
@@ -84,6 +88,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
             body_timeout: Duration::from_secs(30),
@@ -367,6 +372,7 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     header_read_timeout: Option<DurationValue>,
+    idle_timeout: Option<DurationValue>,
     max_header_bytes: Option<SizeValue>,
     max_body_bytes: Option<SizeValue>,
     body_timeout: Option<DurationValue>,
@@ -755,6 +761,7 @@ impl<'a> Validator<'a> {
             header_read_timeout: l
                 .header_read_timeout
                 .map_or(defaults.header_read_timeout, |d| d.0),
+            idle_timeout: l.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
             max_header_bytes: l
                 .max_header_bytes
                 .map_or(defaults.max_header_bytes, |s| s.0 as usize),

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -296,28 +297,31 @@ impl Server {
     }
 
     /// Serves HTTP on one connection until it closes, or shuts it down
-    /// gracefully when the server stops (in-flight requests finish, then
-    /// hyper closes the connection).
+    /// gracefully (in-flight requests finish, then hyper closes it) when the
+    /// server stops or no request has started for `idle_timeout`.
     async fn serve<IO>(self, io: IO, conn: ClientConn)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
         let (addr, tls) = (conn.addr, conn.tls);
-        let service = service_fn(move |req| proxy::handle(Arc::clone(&shared), conn.clone(), req));
-        let shutdown = self.shared.shutdown.clone();
+        let idle = Arc::new(IdleClock::new());
+        let touched = Arc::clone(&idle);
+        let service = service_fn(move |req| {
+            touched.touch();
+            proxy::handle(Arc::clone(&shared), conn.clone(), req)
+        });
+        let watch = Watch {
+            shutdown: self.shared.shutdown.clone(),
+            idle,
+            idle_timeout: self.limits.idle_timeout,
+        };
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = if tls {
             let connection = self
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service);
             tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
-            }
+            watch.drive(connection, |c| c.graceful_shutdown()).await
         } else {
             // Plain HTTP is HTTP/1.1 only: the auto builder would also serve
             // h2c prior knowledge (its `http1_only` is ignored with upgrades).
@@ -325,18 +329,77 @@ impl Server {
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
             tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
-            }
-            .map_err(Into::into)
+            watch
+                .drive(connection, |c| c.graceful_shutdown())
+                .await
+                .map_err(Into::into)
         };
         if let Err(err) = result {
             tracing::debug!(client.addr = %addr, error = %err, "connection ended with an error");
         }
+    }
+}
+
+/// When a connection last started a request.
+struct IdleClock {
+    opened: tokio::time::Instant,
+    /// Milliseconds after `opened` of the last request start.
+    last_request_ms: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> IdleClock {
+        IdleClock {
+            opened: tokio::time::Instant::now(),
+            last_request_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_request_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_request(&self) -> tokio::time::Instant {
+        self.opened + Duration::from_millis(self.last_request_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// What ends a connection gracefully: server shutdown, or idleness.
+struct Watch {
+    shutdown: CancellationToken,
+    idle: Arc<IdleClock>,
+    idle_timeout: Duration,
+}
+
+impl Watch {
+    /// Drives `connection` to completion, asking it to finish gracefully
+    /// (hyper's two connection types share no trait for this, hence the
+    /// `begin_shutdown` function) on shutdown or after `idle_timeout`
+    /// without a new request. Graceful means an HTTP/2 GOAWAY or an HTTP/1
+    /// close after the current response: no request in progress is cut.
+    async fn drive<C, E>(
+        &self,
+        mut connection: std::pin::Pin<&mut C>,
+        begin_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+    ) -> Result<(), E>
+    where
+        C: Future<Output = Result<(), E>>,
+    {
+        loop {
+            let idle_deadline = self.idle.last_request() + self.idle_timeout;
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                _ = self.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(idle_deadline) => {
+                    if self.idle.last_request() + self.idle_timeout <= tokio::time::Instant::now() {
+                        break;
+                    }
+                }
+            }
+        }
+        begin_shutdown(connection.as_mut());
+        connection.await
     }
 }
 

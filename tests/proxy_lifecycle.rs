@@ -172,3 +172,75 @@ fn cutover_check_rejects_invalid_config_with_location() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// An HTTP/2 connection with no new request for `idle_timeout` is closed
+/// gracefully; one that keeps sending stays open, and a request that runs
+/// longer than the idle timeout is not cut.
+#[tokio::test]
+async fn idle_h2_connection_is_closed_busy_one_is_not() {
+    let upstream = start_upstream("idle").await;
+    let config = format!(
+        r#"
+[server.limits]
+idle_timeout = "400ms"
+{TLS_LOCALHOST}
+[[site]]
+hosts = ["*"]
+service = "app"
+[service.app]
+upstream = "{}"
+"#,
+        upstream.addr
+    );
+    let proxy = start_proxy(&config).await;
+    let https = proxy.https();
+    let open_h2 = || async {
+        let tls = tls_connect(https, "localhost", &[b"h2"]).await;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("h2 handshake");
+        (sender, tokio::spawn(conn))
+    };
+    let get = |path: &str| {
+        request(
+            "GET",
+            &format!("https://localhost:{}{path}", https.port()),
+            "localhost",
+            bytes::Bytes::new(),
+        )
+    };
+
+    // Busy: a request every 100 ms for 1.2 s keeps the connection open, and
+    // a 900 ms request (longer than the idle timeout) completes.
+    let (mut busy, busy_conn) = open_h2().await;
+    let slow = {
+        let mut sender = busy.clone();
+        let req = get("/slow?ms=900");
+        tokio::spawn(async move { sender.send_request(req).await.map(|r| r.status()) })
+    };
+    for _ in 0..12 {
+        let response = busy
+            .send_request(get("/"))
+            .await
+            .expect("busy connection stays open");
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        slow.await.expect("join").expect("slow request not cut"),
+        200
+    );
+    assert!(!busy_conn.is_finished(), "busy connection was closed");
+
+    // Idle: the connection ends on its own, well within a bounded wait.
+    let (_idle, idle_conn) = open_h2().await;
+    tokio::time::timeout(Duration::from_secs(5), idle_conn)
+        .await
+        .expect("idle connection closed by the proxy")
+        .expect("join")
+        .expect("closed cleanly (GOAWAY), not reset");
+    proxy.stop().await.expect("stop");
+}
