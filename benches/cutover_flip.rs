@@ -35,11 +35,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::*;
 
 fn main() {
     if std::env::var("BENCH_ROLE").as_deref() == Ok("upstream") {
@@ -115,52 +118,6 @@ impl Settings {
             connections: env_or("BENCH_CONNECTIONS", 64).max(1),
             targets,
         }
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn tool_installed(name: &str) -> bool {
-    Command::new(name)
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
-fn first_line_of(program: &str, args: &[&str]) -> String {
-    match Command::new(program).args(args).output() {
-        Ok(output) => {
-            let text = if output.stdout.is_empty() {
-                output.stderr
-            } else {
-                output.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        }
-        Err(_) => "not installed".to_string(),
     }
 }
 
@@ -283,47 +240,6 @@ fn run_target(target: &str, settings: &Settings, dir: &Path) -> Result<Row, Stri
 // Processes and readiness (as in proxy_throughput)
 // ---------------------------------------------------------------------------
 
-/// A child process that is killed and reaped when dropped.
-struct ChildGuard {
-    name: String,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn new(name: &str, child: Child) -> ChildGuard {
-        ChildGuard {
-            name: name.to_string(),
-            child,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} exited early: {status}", self.name)),
-            Ok(None) => None,
-            Err(err) => Some(format!("cannot query {}: {err}", self.name)),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
-}
-
 /// Waits until `GET /` on `addr` answers 200, the child dies, or 10 s pass.
 fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: Option<&Path>) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -347,28 +263,6 @@ fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: Option<&Path>) -> R
         child.name,
         log.map(tail).unwrap_or_default()
     ))
-}
-
-fn probe(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.take(64 * 1024).read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    Ok(text.lines().next().unwrap_or("").to_string())
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(5);
-    let joined = lines[start..].join(" | ");
-    if joined.is_empty() {
-        format!("{} is empty", path.display())
-    } else {
-        joined
-    }
 }
 
 /// Parent pid of `pid`, from /proc/PID/stat.
@@ -820,14 +714,6 @@ mod targets {
 // ---------------------------------------------------------------------------
 // Load generator (proxy_throughput's, with failures classified)
 // ---------------------------------------------------------------------------
-
-fn percentile(sorted: &[u32], percent: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
-    f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
-}
 
 mod loadgen {
     use super::*;

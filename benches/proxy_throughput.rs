@@ -43,11 +43,15 @@
 //! `BENCH_CUTOVER_BIN` to measure another cutover binary.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::*;
 
 fn main() {
     if std::env::var("BENCH_ROLE").as_deref() == Ok("upstream") {
@@ -142,23 +146,6 @@ impl Settings {
     }
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-/// Whether `name` runs at all (on PATH and executable).
-fn tool_installed(name: &str) -> bool {
-    Command::new(name)
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
 /// The facts printed above the table, so numbers are never read without
 /// knowing what produced them.
 struct Machine {
@@ -245,39 +232,6 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
         .collect();
     let idle = values.get(3)? + values.get(4)?;
     Some((values.iter().sum(), idle))
-}
-
-/// The first three fields of /proc/loadavg.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
-/// First line a command prints (stdout, else stderr: nginx -v uses stderr),
-/// or "not installed".
-fn first_line_of(program: &str, args: &[&str]) -> String {
-    match Command::new(program).args(args).output() {
-        Ok(output) => {
-            let text = if output.stdout.is_empty() {
-                output.stderr
-            } else {
-                output.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        }
-        Err(_) => "not installed".to_string(),
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -422,51 +376,6 @@ fn cpu_per_request(before: Option<u64>, after: Option<u64>, m: &Measurement) -> 
 // Processes and readiness
 // ---------------------------------------------------------------------------
 
-/// A child process that is killed and reaped when dropped, so a panic in
-/// the bench never leaves a proxy running.
-struct ChildGuard {
-    name: String,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn new(name: &str, child: Child) -> ChildGuard {
-        ChildGuard {
-            name: name.to_string(),
-            child,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether the process has already exited, and how.
-    fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} exited early: {status}", self.name)),
-            Ok(None) => None,
-            Err(err) => Some(format!("cannot query {}: {err}", self.name)),
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port that was free a moment ago. The child binds it right after, so
-/// the race with other processes on the machine is theoretical.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind 127.0.0.1:0 to find a free port")
-}
-
 /// Waits until `GET /` on `addr` answers 200, the child dies, or 10 s pass.
 fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -487,30 +396,6 @@ fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: &Path) -> Result<()
         child.name,
         tail(log)
     ))
-}
-
-/// One blocking `GET /`; returns the status line.
-fn probe(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.take(64 * 1024).read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    Ok(text.lines().next().unwrap_or("").to_string())
-}
-
-/// The last lines of a log file, for error messages.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(5);
-    let joined = lines[start..].join(" | ");
-    if joined.is_empty() {
-        format!("{} is empty", path.display())
-    } else {
-        joined
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -812,15 +697,6 @@ mod targets {
 // ---------------------------------------------------------------------------
 // Load generators
 // ---------------------------------------------------------------------------
-
-/// Latency percentiles from raw samples (microseconds), nearest rank.
-fn percentile(sorted: &[u32], percent: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
-    f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
-}
 
 mod loadgen {
     //! The built-in generator: `connections` keep-alive HTTP/1.1

@@ -1,0 +1,139 @@
+//! Helpers the benches share: child processes that die with the bench,
+//! free ports, readiness probes, machine facts, percentiles. Each bench
+//! target includes this file with `#[path]` and uses a subset of it.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// Whether `name` runs at all (on PATH and executable).
+pub fn tool_installed(name: &str) -> bool {
+    Command::new(name)
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The first three fields of /proc/loadavg.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
+/// First line a command prints (stdout, else stderr: nginx -v uses stderr),
+/// or "not installed".
+pub fn first_line_of(program: &str, args: &[&str]) -> String {
+    match Command::new(program).args(args).output() {
+        Ok(output) => {
+            let text = if output.stdout.is_empty() {
+                output.stderr
+            } else {
+                output.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        }
+        Err(_) => "not installed".to_string(),
+    }
+}
+
+/// A port that was free a moment ago. The child binds it right after, so
+/// the race with other processes on the machine is theoretical.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind 127.0.0.1:0 to find a free port")
+}
+
+/// One blocking `GET /`; returns the status line.
+pub fn probe(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// The last lines of a log file, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(5);
+    let joined = lines[start..].join(" | ");
+    if joined.is_empty() {
+        format!("{} is empty", path.display())
+    } else {
+        joined
+    }
+}
+
+/// Latency percentiles from raw samples (microseconds), nearest rank.
+pub fn percentile(sorted: &[u32], percent: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// A child process that is killed and reaped when dropped, so a panic in
+/// the bench never leaves a proxy running.
+pub struct ChildGuard {
+    pub name: String,
+    pub child: Child,
+}
+
+impl ChildGuard {
+    pub fn new(name: &str, child: Child) -> ChildGuard {
+        ChildGuard {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has already exited, and how.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("{} exited early: {status}", self.name)),
+            Ok(None) => None,
+            Err(err) => Some(format!("cannot query {}: {err}", self.name)),
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
