@@ -293,11 +293,6 @@ impl Config {
         })?;
         Validator::new(&locate, base).validate(raw)
     }
-
-    /// The service names routes refer to, for error messages.
-    pub fn service_names(&self) -> impl Iterator<Item = &str> {
-        self.services.keys().map(String::as_str)
-    }
 }
 
 /// Turns byte offsets into `file:line:column`.

@@ -79,12 +79,6 @@ impl CertStore {
         self.keys.is_empty()
     }
 
-    /// Whether some certificate covers `host` (used by `check` to warn
-    /// about TLS sites no certificate covers).
-    pub fn covers(&self, host: &str) -> bool {
-        self.find(host).is_some()
-    }
-
     fn find(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
         let name = ServerName::try_from(host).ok()?;
         self.keys.iter().find(|key| {
