@@ -42,6 +42,11 @@ pub enum BodyLimitError {
     TooLarge(u64),
     #[error("request body stalled for longer than {0:?}")]
     Stalled(Duration),
+    /// The client's body itself failed: hyper's decoder refused its framing
+    /// (an invalid chunk size, a bad chunk extension) or the client went
+    /// away mid-body. It is the client's fault, so 400, never a 502.
+    #[error("request body unreadable: {0}")]
+    Unreadable(String),
 }
 
 pin_project! {
@@ -106,7 +111,11 @@ where
                 this.stall.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(Some(Err(err))) => {
+                let err: BoxError = err.into();
+                let unreadable = BodyLimitError::Unreadable(error_chain(&*err));
+                Poll::Ready(Some(Err(Box::new(unreadable))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
         }
     }
@@ -118,6 +127,18 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// An error and its sources on one line ("a: b: c").
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(current) = source {
+        text.push_str(": ");
+        text.push_str(&current.to_string());
+        source = current.source();
+    }
+    text
 }
 
 /// Something to run once when a response body is finished or dropped:

@@ -65,8 +65,12 @@ pub struct Limits {
     /// closed gracefully (HTTP/2 GOAWAY; HTTP/1 close). Requests in
     /// progress are never cut by it.
     pub idle_timeout: Duration,
-    /// Largest request head accepted; larger gets 431.
+    /// Largest request head accepted; larger gets 431. Also HTTP/2's
+    /// SETTINGS_MAX_HEADER_LIST_SIZE (one knob for both protocols).
     pub max_header_bytes: usize,
+    /// Longest request target (path and query) accepted; longer gets 414.
+    /// hyper's own ceiling is 64 KiB; nginx and most origins stop at 8 KiB.
+    pub max_uri_bytes: usize,
     /// Largest request body accepted; larger gets 413 (nginx: 1 MiB).
     pub max_body_bytes: u64,
     /// Longest gap between two reads of a request body before the request
@@ -82,6 +86,12 @@ pub struct Limits {
     pub tls_handshake_timeout: Duration,
     /// Most concurrent HTTP/2 streams per connection.
     pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may open and reset before we accept them
+    /// ("Rapid Reset", CVE-2023-44487); past it the connection gets GOAWAY.
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2 streams we may reset for the client's protocol errors before
+    /// the connection gets GOAWAY (RUSTSEC-2024-0003's "MadeYouReset").
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 impl Default for Limits {
@@ -90,6 +100,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
             body_timeout: Duration::from_secs(30),
             max_connections: 25_000,
@@ -97,6 +108,8 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(60),
             tls_handshake_timeout: Duration::from_secs(10),
             h2_max_concurrent_streams: 128,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
         }
     }
 }
@@ -369,6 +382,7 @@ struct RawLimits {
     header_read_timeout: Option<DurationValue>,
     idle_timeout: Option<DurationValue>,
     max_header_bytes: Option<SizeValue>,
+    max_uri_bytes: Option<Spanned<SizeValue>>,
     max_body_bytes: Option<SizeValue>,
     body_timeout: Option<DurationValue>,
     max_connections: Option<usize>,
@@ -376,6 +390,8 @@ struct RawLimits {
     upstream_timeout: Option<DurationValue>,
     tls_handshake_timeout: Option<DurationValue>,
     h2_max_concurrent_streams: Option<u32>,
+    h2_max_pending_accept_reset_streams: Option<usize>,
+    h2_max_local_error_reset_streams: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -760,6 +776,7 @@ impl<'a> Validator<'a> {
             max_header_bytes: l
                 .max_header_bytes
                 .map_or(defaults.max_header_bytes, |s| s.0 as usize),
+            max_uri_bytes: self.max_uri_bytes(l.max_uri_bytes, defaults.max_uri_bytes),
             max_body_bytes: l.max_body_bytes.map_or(defaults.max_body_bytes, |s| s.0),
             body_timeout: l.body_timeout.map_or(defaults.body_timeout, |d| d.0),
             max_connections: l.max_connections.unwrap_or(defaults.max_connections),
@@ -775,6 +792,12 @@ impl<'a> Validator<'a> {
             h2_max_concurrent_streams: l
                 .h2_max_concurrent_streams
                 .unwrap_or(defaults.h2_max_concurrent_streams),
+            h2_max_pending_accept_reset_streams: l
+                .h2_max_pending_accept_reset_streams
+                .unwrap_or(defaults.h2_max_pending_accept_reset_streams),
+            h2_max_local_error_reset_streams: l
+                .h2_max_local_error_reset_streams
+                .unwrap_or(defaults.h2_max_local_error_reset_streams),
         };
         let trusted_proxies = raw
             .trusted_proxies
@@ -802,6 +825,26 @@ impl<'a> Validator<'a> {
             trusted_proxies,
             limits,
         }
+    }
+
+    /// `max_uri_bytes`: at least 1 (0 would refuse every request) and at
+    /// most hyper's own 64 KiB ceiling, above which the setting would be a
+    /// silent no-op.
+    fn max_uri_bytes(&mut self, raw: Option<Spanned<SizeValue>>, default: usize) -> usize {
+        const HYPER_MAX_URI: u64 = 65_534;
+        let Some(spanned) = raw else {
+            return default;
+        };
+        let span = spanned.span();
+        let value = spanned.into_inner().0;
+        if value == 0 || value > HYPER_MAX_URI {
+            self.report(
+                span,
+                format!("max_uri_bytes must be between 1 and {HYPER_MAX_URI} (hyper's limit)"),
+            );
+            return default;
+        }
+        value as usize
     }
 
     /// Returns the site plus the spans of its hosts (for duplicate checks).
@@ -1043,6 +1086,38 @@ mod tests {
             problem.message.contains("workers"),
             "hint lists valid keys: {problem}"
         );
+    }
+
+    #[test]
+    fn hardening_limits_default_and_parse() {
+        let defaults = parse("").expect("valid").server.limits;
+        assert_eq!(defaults.max_uri_bytes, 8 * 1024);
+        assert_eq!(defaults.h2_max_pending_accept_reset_streams, 20);
+        assert_eq!(defaults.h2_max_local_error_reset_streams, 1024);
+        let set = parse(
+            "[server.limits]\nmax_uri_bytes = \"2KiB\"\n\
+             h2_max_pending_accept_reset_streams = 5\n\
+             h2_max_local_error_reset_streams = 50\n",
+        )
+        .expect("valid")
+        .server
+        .limits;
+        assert_eq!(set.max_uri_bytes, 2048);
+        assert_eq!(set.h2_max_pending_accept_reset_streams, 5);
+        assert_eq!(set.h2_max_local_error_reset_streams, 50);
+    }
+
+    #[test]
+    fn max_uri_bytes_out_of_range_is_located() {
+        for bad in ["0", "\"1MiB\""] {
+            let err = parse(&format!("[server.limits]\nmax_uri_bytes = {bad}\n")).unwrap_err();
+            assert_eq!(err.problems[0].line, 2, "{bad}");
+            assert!(
+                err.problems[0].message.contains("max_uri_bytes"),
+                "{}",
+                err.problems[0]
+            );
+        }
     }
 
     #[test]

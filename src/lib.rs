@@ -20,6 +20,7 @@ pub mod routes;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod strict;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

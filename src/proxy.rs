@@ -28,6 +28,7 @@ use crate::config::{Action, Site};
 use crate::forward::{self, ClientFacts};
 use crate::routes::{self, normalize_host};
 use crate::snapshot::Snapshot;
+use crate::strict::{self, Violation};
 use crate::upstream::{InFlight, Upstream};
 
 /// State every connection shares.
@@ -77,6 +78,8 @@ impl ClientConn {
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("refused: {0}")]
+    Strict(#[from] Violation),
     #[error("no site for host {0:?}")]
     UnknownHost(String),
     #[error("no route for path")]
@@ -106,6 +109,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Strict(Violation::UriTooLong(_)) => StatusCode::URI_TOO_LONG,
+            ProxyError::Strict(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoRoute | ProxyError::File(_) => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -126,7 +131,10 @@ impl ProxyError {
     fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge | ProxyError::BodyStalled
+            ProxyError::BadRequest(_)
+                | ProxyError::Strict(_)
+                | ProxyError::BodyTooLarge
+                | ProxyError::BodyStalled
         )
     }
 
@@ -190,6 +198,7 @@ async fn dispatch(
     req: Request<Incoming>,
     log: Option<&mut AccessLog>,
 ) -> Result<Produced, ProxyError> {
+    strict::check_request(&req, &snapshot.config.server.limits)?;
     let authority = request_authority(&req)?;
     let authority_text = authority
         .as_ref()
@@ -488,6 +497,9 @@ fn classify_client_error(err: hyper_util::client::legacy::Error) -> ProxyError {
             return match limit {
                 BodyLimitError::TooLarge(_) => ProxyError::BodyTooLarge,
                 BodyLimitError::Stalled(_) => ProxyError::BodyStalled,
+                BodyLimitError::Unreadable(_) => {
+                    ProxyError::BadRequest("request body is malformed or was cut off")
+                }
             };
         }
         source = current.source();
