@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::controller::{Controller, Progress};
 use crate::deploy::ImageChoice;
+use crate::group;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -123,6 +124,8 @@ pub enum AdminError {
     InUse(PathBuf),
     #[error("{0}: exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    #[error("admin_group: {0}")]
+    Group(#[from] group::GroupError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -131,13 +134,20 @@ pub enum AdminError {
 }
 
 /// Binds the admin socket, owner-only (0600) inside a directory we create
-/// 0700. A leftover socket from a crashed server is removed; a live one
-/// means a second server, which is refused.
-pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+/// 0700. With `group`, the socket is 0660 and owned by that group (and a
+/// directory we create is 0750, same group), so its members can use it:
+/// anyone who can write to the socket can deploy, switch and roll back.
+/// A leftover socket from a crashed server is removed; a live one means a
+/// second server, which is refused.
+pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, AdminError> {
     let io = |source| AdminError::Io {
         path: path.to_path_buf(),
         source,
     };
+    // Resolve first: an unknown group must fail before anything changes.
+    let gid = group
+        .map(|name| group::resolve(name, Path::new(group::GROUP_FILE)))
+        .transpose()?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(AdminError::NotASocket(path.to_path_buf()));
@@ -150,15 +160,27 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
+            let mode = if gid.is_some() { 0o750 } else { 0o700 };
             std::fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o700)
+                .mode(mode)
                 .create(parent)
                 .map_err(io)?;
+            if gid.is_some() {
+                std::os::unix::fs::chown(parent, None, gid).map_err(io)?;
+            }
         }
     }
     let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    // Group before mode: until the chmod, the group cannot write (umask).
+    if gid.is_some() {
+        if let Err(err) = std::os::unix::fs::chown(path, None, gid) {
+            let _ = std::fs::remove_file(path);
+            return Err(io(err));
+        }
+    }
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
     Ok(listener)
 }
 

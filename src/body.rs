@@ -47,18 +47,48 @@ pub enum BodyLimitError {
     /// away mid-body. It is the client's fault, so 400, never a 502.
     #[error("request body unreadable: {0}")]
     Unreadable(String),
+    #[error("request body slower than {0} bytes/s")]
+    TooSlow(u64),
+}
+
+/// The slowest request body accepted: after `grace`, the body must have
+/// averaged `bytes_per_sec`. Put differently, a body of `n` bytes may take
+/// `grace + n / bytes_per_sec` (Apache mod_reqtimeout's MinRate), which
+/// stops a client that trickles one byte just before each stall timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinRate {
+    pub bytes_per_sec: u64,
+    pub grace: Duration,
+}
+
+impl MinRate {
+    /// When a body that started at `start` and has delivered `seen` bytes
+    /// is too slow; `None` when the check is off.
+    fn deadline(&self, start: Instant, seen: u64) -> Option<Instant> {
+        if self.bytes_per_sec == 0 {
+            return None;
+        }
+        let earned_ms = u128::from(seen) * 1000 / u128::from(self.bytes_per_sec);
+        let earned = Duration::from_millis(u64::try_from(earned_ms).unwrap_or(u64::MAX));
+        start.checked_add(self.grace)?.checked_add(earned)
+    }
 }
 
 pin_project! {
     /// Streams a client's request body to the upstream while enforcing the
-    /// size limit (for chunked bodies, whose size is unknown up front) and
-    /// the longest allowed gap between two chunks (slow-body clients).
+    /// size limit (for chunked bodies, whose size is unknown up front), the
+    /// longest allowed gap between two chunks, and the minimum average rate
+    /// (slow-body clients). One timer serves both time limits: it is set to
+    /// whichever deadline comes first.
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
         #[pin]
-        stall: Sleep,
+        timer: Sleep,
         stall_timeout: Duration,
+        stall_deadline: Instant,
+        min_rate: Option<MinRate>,
+        started: Instant,
         max_bytes: u64,
         seen: u64,
     }
@@ -66,12 +96,40 @@ pin_project! {
 
 impl<B> LimitedBody<B> {
     pub fn new(inner: B, max_bytes: u64, stall_timeout: Duration) -> Self {
+        let now = Instant::now();
+        let stall_deadline = now + stall_timeout;
         LimitedBody {
             inner,
-            stall: tokio::time::sleep(stall_timeout),
+            timer: tokio::time::sleep_until(stall_deadline),
             stall_timeout,
+            stall_deadline,
+            min_rate: None,
+            started: now,
             max_bytes,
             seen: 0,
+        }
+    }
+
+    /// Also fails the body with [`BodyLimitError::TooSlow`] when it falls
+    /// below `min_rate` (a zero rate turns the check off).
+    pub fn with_min_rate(mut self, min_rate: MinRate) -> Self {
+        if min_rate.bytes_per_sec > 0 {
+            self.min_rate = Some(min_rate);
+            let deadline = self.next_deadline();
+            self.timer = tokio::time::sleep_until(deadline);
+        }
+        self
+    }
+
+    fn rate_deadline(&self) -> Option<Instant> {
+        self.min_rate
+            .and_then(|rate| rate.deadline(self.started, self.seen))
+    }
+
+    fn next_deadline(&self) -> Instant {
+        match self.rate_deadline() {
+            Some(rate) => rate.min(self.stall_deadline),
+            None => self.stall_deadline,
         }
     }
 }
@@ -85,21 +143,20 @@ where
     type Error = BoxError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
+        let polled = self.as_mut().project().inner.poll_frame(cx);
+        match polled {
             Poll::Pending => {
-                if this.stall.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(Box::new(BodyLimitError::Stalled(
-                        *this.stall_timeout,
-                    )))));
+                if self.as_mut().project().timer.poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Box::new(self.expired()))));
                 }
                 Poll::Pending
             }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
+                    let this = self.as_mut().project();
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.max_bytes {
                         return Poll::Ready(Some(Err(Box::new(BodyLimitError::TooLarge(
@@ -107,8 +164,10 @@ where
                         )))));
                     }
                 }
-                let deadline = Instant::now() + *this.stall_timeout;
-                this.stall.as_mut().reset(deadline);
+                let this = self.as_mut().project();
+                *this.stall_deadline = Instant::now() + *this.stall_timeout;
+                let deadline = self.next_deadline();
+                self.as_mut().project().timer.reset(deadline);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -139,6 +198,18 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = current.source();
     }
     text
+}
+
+impl<B> LimitedBody<B> {
+    /// Which limit the fired timer stands for.
+    fn expired(&self) -> BodyLimitError {
+        match (self.min_rate, self.rate_deadline()) {
+            (Some(rate), Some(deadline)) if deadline <= self.stall_deadline => {
+                BodyLimitError::TooSlow(rate.bytes_per_sec)
+            }
+            _ => BodyLimitError::Stalled(self.stall_timeout),
+        }
+    }
 }
 
 /// Something to run once when a response body is finished or dropped:
@@ -276,5 +347,104 @@ mod tests {
             err.downcast_ref::<BodyLimitError>(),
             Some(&BodyLimitError::TooLarge(4))
         );
+    }
+
+    /// A body that yields one byte every `gap`, `count` times.
+    fn trickle(
+        gap: Duration,
+        count: usize,
+    ) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        let stream = futures_util::stream::unfold(0usize, move |sent| async move {
+            if sent == count {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            Some((Ok(Frame::data(Bytes::from_static(b"x"))), sent + 1))
+        });
+        http_body_util::StreamBody::new(stream)
+    }
+
+    #[tokio::test]
+    async fn min_rate_stops_a_trickle_that_never_stalls() {
+        // One byte every 20 ms never trips the 5 s gap limit, but averages
+        // 50 B/s, far under 1000 B/s once the 100 ms grace is over.
+        let body = LimitedBody::new(trickle(Duration::from_millis(20), 10_000), 1 << 20, {
+            Duration::from_secs(5)
+        })
+        .with_min_rate(MinRate {
+            bytes_per_sec: 1000,
+            grace: Duration::from_millis(100),
+        });
+        let err = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("the rate limit must end the body")
+            .expect_err("too slow");
+        assert_eq!(
+            err.downcast_ref::<BodyLimitError>(),
+            Some(&BodyLimitError::TooSlow(1000))
+        );
+    }
+
+    #[tokio::test]
+    async fn min_rate_lets_a_fast_enough_body_finish() {
+        // 20 bytes, one every 5 ms: about 200 B/s against a 10 B/s minimum.
+        let body = LimitedBody::new(trickle(Duration::from_millis(5), 20), 1 << 20, {
+            Duration::from_secs(5)
+        })
+        .with_min_rate(MinRate {
+            bytes_per_sec: 10,
+            grace: Duration::from_millis(200),
+        });
+        let collected = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("bounded")
+            .expect("fast enough")
+            .to_bytes();
+        assert_eq!(collected.len(), 20);
+    }
+
+    #[tokio::test]
+    async fn stall_is_reported_as_a_stall_when_it_comes_first() {
+        let body = LimitedBody::new(
+            http_body_util::StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, std::convert::Infallible>,
+            >()),
+            1 << 20,
+            Duration::from_millis(50),
+        )
+        .with_min_rate(MinRate {
+            bytes_per_sec: 10,
+            grace: Duration::from_secs(30),
+        });
+        let err = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("bounded")
+            .expect_err("stalled");
+        assert_eq!(
+            err.downcast_ref::<BodyLimitError>(),
+            Some(&BodyLimitError::Stalled(Duration::from_millis(50)))
+        );
+    }
+
+    #[test]
+    fn min_rate_deadline_grows_with_bytes_seen() {
+        let rate = MinRate {
+            bytes_per_sec: 1000,
+            grace: Duration::from_secs(2),
+        };
+        let start = Instant::now();
+        assert_eq!(
+            rate.deadline(start, 0),
+            Some(start + Duration::from_secs(2))
+        );
+        assert_eq!(
+            rate.deadline(start, 500),
+            Some(start + Duration::from_millis(2500))
+        );
+        let off = MinRate {
+            bytes_per_sec: 0,
+            ..rate
+        };
+        assert_eq!(off.deadline(start, 10), None);
     }
 }

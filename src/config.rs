@@ -42,6 +42,9 @@ pub struct ServerConfig {
     pub https: Option<SocketAddr>,
     /// Unix socket the CLI talks to.
     pub admin_socket: Option<PathBuf>,
+    /// Group allowed to use the admin socket (mode 0660 instead of 0600).
+    /// Anyone who can write to the socket can deploy.
+    pub admin_group: Option<String>,
     /// Where the state file lives.
     pub state_dir: Option<PathBuf>,
     /// Worker threads; 0 means one per core.
@@ -76,6 +79,19 @@ pub struct Limits {
     /// Longest gap between two reads of a request body before the request
     /// is failed with 408 (nginx's client_body_timeout).
     pub body_timeout: Duration,
+    /// Slowest average request-body rate, in bytes per second, once
+    /// `body_rate_grace` has passed; slower bodies get 408 and the
+    /// connection is closed. `body_timeout` alone cannot stop a client that
+    /// sends one byte just before each timeout. 0 turns the check off.
+    pub body_min_rate: u64,
+    /// How long a request body may take before `body_min_rate` applies
+    /// (Apache mod_reqtimeout's `body=20,MinRate=500` model: the allowed
+    /// time is this grace plus one second per `body_min_rate` bytes).
+    pub body_rate_grace: Duration,
+    /// Longest a write to a client may make no progress (the client does
+    /// not read, or its window is zero) before the connection is closed
+    /// (nginx's send_timeout). hyper has no write timeout of its own.
+    pub send_timeout: Duration,
     /// Most client connections open at once; further accepts wait.
     pub max_connections: usize,
     /// Time to establish a TCP connection to an upstream (then 502).
@@ -103,6 +119,9 @@ impl Default for Limits {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
             body_timeout: Duration::from_secs(30),
+            body_min_rate: 500,
+            body_rate_grace: Duration::from_secs(20),
+            send_timeout: Duration::from_secs(60),
             max_connections: 25_000,
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
@@ -367,6 +386,7 @@ struct RawServer {
     http: Option<SocketAddr>,
     https: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
+    admin_group: Option<Spanned<String>>,
     state_dir: Option<PathBuf>,
     workers: Option<usize>,
     shutdown_timeout: Option<DurationValue>,
@@ -385,6 +405,9 @@ struct RawLimits {
     max_uri_bytes: Option<Spanned<SizeValue>>,
     max_body_bytes: Option<SizeValue>,
     body_timeout: Option<DurationValue>,
+    body_min_rate: Option<RateValue>,
+    body_rate_grace: Option<DurationValue>,
+    send_timeout: Option<DurationValue>,
     max_connections: Option<usize>,
     upstream_connect_timeout: Option<DurationValue>,
     upstream_timeout: Option<DurationValue>,
@@ -501,6 +524,35 @@ impl<'de> Deserialize<'de> for SizeValue {
     }
 }
 
+/// A rate in bytes per second: a plain number, or a size with an optional
+/// `/s`, like `"1KiB/s"`.
+#[derive(Debug, Clone, Copy)]
+struct RateValue(u64);
+
+impl<'de> Deserialize<'de> for RateValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Number(u64),
+            Text(String),
+        }
+        match Either::deserialize(deserializer)? {
+            Either::Number(n) => Ok(RateValue(n)),
+            Either::Text(text) => parse_rate(&text).map(RateValue).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"500"`, `"500B/s"`, `"1KiB/s"`, `"1KiB"` into bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let size = text.trim();
+    let size = size.strip_suffix("/s").unwrap_or(size);
+    parse_size(size).map_err(|_| {
+        format!("invalid rate {text:?}; expected bytes per second such as 500 or \"1KiB/s\"")
+    })
+}
+
 /// Parses `"500ms"`, `"30s"`, `"15m"`, `"2h"`, `"1d"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let hint = "expected a duration such as \"500ms\", \"30s\", \"15m\" or \"2h\"";
@@ -553,6 +605,31 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 // ---------------------------------------------------------------------------
 // Second pass: cross-field validation, collecting every problem.
 // ---------------------------------------------------------------------------
+
+/// A literal `Strict-Transport-Security` value must be sendable as a header
+/// and carry the one directive browsers require (RFC 6797 section 6.1), so a
+/// typo fails at load time instead of silently sending nothing.
+fn check_hsts(value: &str) -> Result<(), String> {
+    let printable = value.bytes().all(|b| b == b' ' || b.is_ascii_graphic());
+    let max_age = value.split(';').any(|directive| {
+        directive
+            .trim()
+            .to_ascii_lowercase()
+            .strip_prefix("max-age=")
+            .is_some_and(|age| {
+                let age = age.trim_matches('"');
+                !age.is_empty() && age.bytes().all(|b| b.is_ascii_digit())
+            })
+    });
+    if printable && max_age {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid hsts {value:?}: expected true, false, or a Strict-Transport-Security \
+             value such as \"max-age=63072000; includeSubDomains\""
+        ))
+    }
+}
 
 /// A site's host names with where each was written.
 type HostSpans = Vec<(String, Range<usize>)>;
@@ -779,6 +856,9 @@ impl<'a> Validator<'a> {
             max_uri_bytes: self.max_uri_bytes(l.max_uri_bytes, defaults.max_uri_bytes),
             max_body_bytes: l.max_body_bytes.map_or(defaults.max_body_bytes, |s| s.0),
             body_timeout: l.body_timeout.map_or(defaults.body_timeout, |d| d.0),
+            body_min_rate: l.body_min_rate.map_or(defaults.body_min_rate, |r| r.0),
+            body_rate_grace: l.body_rate_grace.map_or(defaults.body_rate_grace, |d| d.0),
+            send_timeout: l.send_timeout.map_or(defaults.send_timeout, |d| d.0),
             max_connections: l.max_connections.unwrap_or(defaults.max_connections),
             upstream_connect_timeout: l
                 .upstream_connect_timeout
@@ -813,10 +893,22 @@ impl<'a> Validator<'a> {
                 }
             })
             .collect();
+        let admin_group = raw.admin_group.map(|group| {
+            let span = group.span();
+            let name = group.into_inner();
+            if name.is_empty() || name.contains([':', '\n', '/']) {
+                self.report(
+                    span,
+                    format!("invalid admin_group {name:?}: expected a group name"),
+                );
+            }
+            name
+        });
         ServerConfig {
             http: raw.http,
             https: raw.https,
             admin_socket: raw.admin_socket.map(|p| self.resolve(p)),
+            admin_group,
             state_dir: raw.state_dir.map(|p| self.resolve(p)),
             workers: raw.workers.unwrap_or(0),
             shutdown_timeout: raw
@@ -896,7 +988,12 @@ impl<'a> Validator<'a> {
         let hsts = match raw.hsts {
             None | Some(HstsValue::Enabled(false)) => None,
             Some(HstsValue::Enabled(true)) => Some("max-age=31536000".to_string()),
-            Some(HstsValue::Header(value)) => Some(value),
+            Some(HstsValue::Header(value)) => {
+                if let Err(message) = check_hsts(&value) {
+                    self.report(site_span.clone(), message);
+                }
+                Some(value)
+            }
         };
         let site = Site {
             hosts,

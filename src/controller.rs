@@ -640,7 +640,8 @@ fn load_certs(config: &Config) -> Result<CertStore, ControlError> {
 fn warn_on_restart_only_changes(old: &Config, new: &Config) {
     let listeners_changed = old.server.http != new.server.http
         || old.server.https != new.server.https
-        || old.server.admin_socket != new.server.admin_socket;
+        || old.server.admin_socket != new.server.admin_socket
+        || old.server.admin_group != new.server.admin_group;
     if listeners_changed {
         tracing::warn!("listener or admin socket addresses changed; they take effect on restart");
     }

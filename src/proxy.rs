@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::{self, BodyLimitError, LimitedBody, OnBodyEnd, ProxyBody, TrackedBody};
+use crate::body::{self, BodyLimitError, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody};
 use crate::config::{Action, Site};
 use crate::forward::{self, ClientFacts};
 use crate::routes::{self, normalize_host};
@@ -420,7 +420,12 @@ async fn forward(
     let body = if body.is_end_stream() {
         body::empty()
     } else {
-        LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout).boxed_unsync()
+        LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout)
+            .with_min_rate(MinRate {
+                bytes_per_sec: limits.body_min_rate,
+                grace: limits.body_rate_grace,
+            })
+            .boxed_unsync()
     };
     let upstream_req = Request::from_parts(parts, body);
 
@@ -496,7 +501,7 @@ fn classify_client_error(err: hyper_util::client::legacy::Error) -> ProxyError {
         if let Some(limit) = current.downcast_ref::<BodyLimitError>() {
             return match limit {
                 BodyLimitError::TooLarge(_) => ProxyError::BodyTooLarge,
-                BodyLimitError::Stalled(_) => ProxyError::BodyStalled,
+                BodyLimitError::Stalled(_) | BodyLimitError::TooSlow(_) => ProxyError::BodyStalled,
                 BodyLimitError::Unreadable(_) => {
                     ProxyError::BadRequest("request body is malformed or was cut off")
                 }

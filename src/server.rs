@@ -27,6 +27,7 @@ use crate::admin;
 use crate::config::{Config, Limits};
 use crate::controller::Controller;
 use crate::proxy::{self, ClientConn, Shared};
+use crate::slowio::SendTimeout;
 use crate::snapshot::Snapshot;
 use crate::state::{StateError, StateStore};
 use crate::tls::{self, CertStore, SniResolver};
@@ -113,7 +114,7 @@ pub async fn run(
     controller.restore().await?;
     controller.reconcile().await;
     if let Some(path) = &config.server.admin_socket {
-        let listener = admin::bind(path).await?;
+        let listener = admin::bind(path, config.server.admin_group.as_deref()).await?;
         shared.tasks.spawn(admin::serve(
             listener,
             path.clone(),
@@ -274,6 +275,9 @@ impl Server {
         _permit: OwnedSemaphorePermit,
     ) {
         let _ = stream.set_nodelay(true);
+        // Below TLS, so a client that stops reading is caught whatever
+        // protocol runs on top (see `slowio`).
+        let stream = SendTimeout::new(stream, self.limits.send_timeout);
         match tls {
             None => {
                 let conn = ClientConn::new(addr, false);

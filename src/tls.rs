@@ -79,6 +79,11 @@ impl CertStore {
         self.keys.is_empty()
     }
 
+    /// Whether some certificate is valid for `host` (an exact name).
+    pub fn covers(&self, host: &str) -> bool {
+        self.find(host).is_some()
+    }
+
     fn find(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
         let name = ServerName::try_from(host).ok()?;
         self.keys.iter().find(|key| {
