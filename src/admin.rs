@@ -423,4 +423,62 @@ mod tests {
             assert!(err.contains(expected), "{line}: {err}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 256,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Line framing on arbitrary bytes arriving in arbitrary pieces:
+        /// no panic, no line over the limit, and the short lines come out
+        /// exactly as they went in.
+        #[test]
+        fn read_line_frames_any_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            piece in 1usize..64,
+        ) {
+            const MAX: usize = 40;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let lines = runtime.block_on(async {
+                let (mut tx, rx) = tokio::io::duplex(piece);
+                let input = bytes.clone();
+                let writer = tokio::spawn(async move {
+                    for chunk in input.chunks(piece) {
+                        if tx.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut reader = BufReader::with_capacity(piece, rx);
+                let mut lines = Vec::new();
+                // At most one line per input byte, plus the end.
+                for _ in 0..=bytes.len() + 1 {
+                    match read_line(&mut reader, MAX).await.expect("duplex read") {
+                        Line::End => break,
+                        line => lines.push(line),
+                    }
+                }
+                let _ = writer.await;
+                lines
+            });
+            let mut expected: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+            if bytes.is_empty() || bytes.ends_with(b"\n") {
+                expected.pop();
+            }
+            proptest::prop_assert_eq!(lines.len(), expected.len());
+            for (line, raw) in lines.iter().zip(expected) {
+                match line {
+                    Line::Text(text) => {
+                        proptest::prop_assert!(raw.len() <= MAX);
+                        proptest::prop_assert_eq!(text, &String::from_utf8_lossy(raw).into_owned());
+                    }
+                    Line::TooLong => proptest::prop_assert!(raw.len() > MAX),
+                    Line::End => proptest::prop_assert!(false, "End inside the input"),
+                }
+            }
+        }
+    }
 }
