@@ -536,3 +536,22 @@ async fn h2_cookies_are_joined_for_http1_upstreams() {
     assert_eq!(cookies, vec!["a=1; b=2"]);
     proxy.stop().await.expect("stop");
 }
+
+/// Two equal `content-length` fields pass the h2 crate; forwarded as they
+/// are, the HTTP/1.1 upstream would get two `Content-Length` lines. cutover
+/// refuses the request instead (src/strict.rs).
+#[tokio::test]
+async fn h2_duplicate_content_length_is_refused() {
+    let upstream = start_upstream("app").await;
+    let proxy = start_proxy(&app_config(upstream.addr, "")).await;
+    let mut req = request("POST", &format!("https://{HOST}/echo"), HOST, "hello");
+    req.headers_mut().remove("host");
+    for _ in 0..2 {
+        req.headers_mut()
+            .append("content-length", "5".parse().expect("value"));
+    }
+    let resp = https_h2(proxy.https(), HOST, req).await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(upstream.count(), 0, "{:#?}", upstream.requests());
+    proxy.stop().await.expect("stop");
+}

@@ -69,6 +69,10 @@ MALFORMED = [
     ("crlf_injection", base() + [(b"x-a", b"a\r\nx-injected: 1")], None),
     ("content_length_duplicate", base(b"POST") + [(b"content-length", b"5"),
                                                   (b"content-length", b"6")], b"hello"),
+    # Equal values pass the h2 crate; re-sent as HTTP/1.1 they would be two
+    # Content-Length lines. cutover's own check (src/strict.rs) refuses them.
+    ("content_length_duplicate_equal", base(b"POST") + [(b"content-length", b"5"),
+                                                        (b"content-length", b"5")], b"hello"),
 ]
 
 # Bodies that contradict content-length: the head may already be on its way
