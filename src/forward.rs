@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// Headers that describe one hop and never cross the proxy (RFC 9110 §7.6.1),
@@ -28,21 +28,39 @@ pub const VIA: &str = "1.1 cutover";
 /// Removes hop-by-hop headers, including every header the `Connection`
 /// header names, and `Upgrade` (re-added by the caller only for a tunnel
 /// it accepted).
+///
+/// One pass over the names finds what to remove, so the common request
+/// with no hop-by-hop header costs a few comparisons and no hashing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name))
+        .cloned()
         .collect();
-    for name in named {
+    if doomed.is_empty() {
+        return;
+    }
+    doomed.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            // `close`/`keep-alive`/`upgrade` are the usual tokens: options or
+            // headers the pass above already caught; skip parsing them.
+            .filter(|token| !is_common_connection_option(token))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
+    );
+    for name in doomed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP.iter() {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
+}
+
+fn is_common_connection_option(token: &str) -> bool {
+    ["close", "keep-alive", "upgrade"]
+        .iter()
+        .any(|common| token.eq_ignore_ascii_case(common))
 }
 
 /// The protocol a client asks to upgrade to, if it is one we tunnel.
@@ -96,6 +114,8 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ClientFacts<'_>) 
     let xff = HeaderName::from_static("x-forwarded-for");
     let real_ip = HeaderName::from_static("x-real-ip");
     let proto = HeaderName::from_static("x-forwarded-proto");
+    // Room for the five headers below without regrowing the map.
+    headers.reserve(5);
     if facts.trusted() {
         extend_trusted(headers, facts);
     } else {
@@ -137,13 +157,20 @@ fn extend_trusted(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
 
 /// Adds our `Via` token after any existing ones.
 pub fn append_via(headers: &mut HeaderMap) {
-    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => {
-            let via = format!("{existing}, {VIA}");
-            insert_str(headers, header::VIA, &via);
+    match headers.entry(header::VIA) {
+        Entry::Vacant(slot) => {
+            slot.insert(HeaderValue::from_static(VIA));
         }
-        _ => {
-            headers.insert(header::VIA, HeaderValue::from_static(VIA));
+        Entry::Occupied(mut slot) => {
+            let existing = slot.get().as_bytes();
+            let combined = if existing.is_empty() {
+                Ok(HeaderValue::from_static(VIA))
+            } else {
+                HeaderValue::from_bytes(&[existing, b", ", VIA.as_bytes()].concat())
+            };
+            if let Ok(value) = combined {
+                slot.insert(value);
+            }
         }
     }
 }
@@ -175,12 +202,15 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 /// together with `Transfer-Encoding`, or several different lengths. Relaying
 /// such a response is how response splitting and cache poisoning start.
 pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let lengths: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    if !lengths.is_empty() && headers.contains_key(header::TRANSFER_ENCODING) {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return Ok(());
+    };
+    if headers.contains_key(header::TRANSFER_ENCODING) {
         return Err("upstream sent both Content-Length and Transfer-Encoding");
     }
-    let mut values = lengths
-        .iter()
+    let mut values = std::iter::once(first)
+        .chain(lengths)
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .map(|v| v.trim_ascii());
     if let Some(first) = values.next() {

@@ -16,6 +16,7 @@ pub mod docker;
 pub mod forward;
 pub mod group;
 pub mod health;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod server;

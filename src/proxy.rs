@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{self, BodyLimitError, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody};
 use crate::config::{Action, Site};
 use crate::forward::{self, ClientFacts};
+use crate::pool::{SendError, Sender};
 use crate::routes::{self, normalize_host};
 use crate::snapshot::Snapshot;
 use crate::strict::{self, Violation};
@@ -188,7 +189,15 @@ pub async fn handle(
 /// guard must live until the body ends).
 enum Produced {
     Local(Response<ProxyBody>),
-    Upstream(Response<Incoming>, InFlight),
+    Upstream(Response<Incoming>, Reuse),
+}
+
+/// What an upstream response holds until its body ends: the in-flight
+/// count, and the connection, which goes back to the pool only if the body
+/// was read to its end.
+struct Reuse {
+    guard: InFlight,
+    connection: Option<Sender>,
 }
 
 async fn dispatch(
@@ -394,7 +403,7 @@ async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    parts.uri = upstream_uri(&upstream, &parts.uri)?;
+    parts.uri = upstream_uri(&parts.uri);
     let headers = &mut parts.headers;
     forward::strip_hop_by_hop(headers);
     if parts.version == Version::HTTP_2 {
@@ -429,14 +438,11 @@ async fn forward(
     };
     let upstream_req = Request::from_parts(parts, body);
 
-    let sent = tokio::time::timeout(
-        limits.upstream_timeout,
-        upstream.client().request(upstream_req),
-    );
-    let mut response = sent
+    let sent = tokio::time::timeout(limits.upstream_timeout, upstream.pool().send(upstream_req));
+    let (mut response, connection) = sent
         .await
         .map_err(|_| ProxyError::UpstreamTimeout)?
-        .map_err(classify_client_error)?;
+        .map_err(classify_send_error)?;
 
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
         (response.status(), client_upgrade)
@@ -460,22 +466,24 @@ async fn forward(
     let headers = response.headers_mut();
     forward::strip_hop_by_hop(headers);
     forward::append_via(headers);
-    Ok(Produced::Upstream(response, guard))
+    Ok(Produced::Upstream(
+        response,
+        Reuse {
+            guard,
+            connection: Some(connection),
+        },
+    ))
 }
 
-/// `http://<upstream>/<path?query>`: the client's path with the upstream's
-/// (prebuilt) authority, without formatting and re-parsing a string.
-fn upstream_uri(upstream: &Upstream, client_uri: &Uri) -> Result<Uri, ProxyError> {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(upstream.authority.clone());
-    parts.path_and_query = Some(
-        client_uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or(http::uri::PathAndQuery::from_static("/")),
-    );
-    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid request target"))
+/// The request target sent upstream: origin-form `/path?query` (RFC 9112
+/// §3.2.1), whatever form the client used; the Host header carries the
+/// authority.
+fn upstream_uri(client_uri: &Uri) -> Uri {
+    let path_and_query = client_uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or(http::uri::PathAndQuery::from_static("/"));
+    Uri::from(path_and_query)
 }
 
 /// The request's declared Content-Length, if any. hyper has already refused
@@ -495,7 +503,11 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
 
 /// Tells a request-body limit apart from an upstream failure: our own
 /// [`BodyLimitError`] travels inside the client's error chain.
-fn classify_client_error(err: hyper_util::client::legacy::Error) -> ProxyError {
+fn classify_send_error(err: SendError) -> ProxyError {
+    let err = match err {
+        SendError::Connect { .. } => return ProxyError::UpstreamConnect(err.to_string()),
+        SendError::Http(err) => err,
+    };
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = source {
         if let Some(limit) = current.downcast_ref::<BodyLimitError>() {
@@ -509,11 +521,7 @@ fn classify_client_error(err: hyper_util::client::legacy::Error) -> ProxyError {
         }
         source = current.source();
     }
-    if err.is_connect() {
-        ProxyError::UpstreamConnect(error_chain(&err))
-    } else {
-        ProxyError::UpstreamProtocol(error_chain(&err))
-    }
+    ProxyError::UpstreamProtocol(error_chain(&err))
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -574,19 +582,19 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
                 log.status = response.status().as_u16();
                 let end = RequestEnd {
                     log: Some(log),
-                    _guard: None,
+                    reuse: None,
                 };
                 response.map(|body| TrackedBody::new(body, end).boxed_unsync())
             }
         },
-        Produced::Upstream(response, guard) => {
+        Produced::Upstream(response, reuse) => {
             let log = log.map(|mut log| {
                 log.status = response.status().as_u16();
                 log
             });
             let end = RequestEnd {
                 log,
-                _guard: Some(guard),
+                reuse: Some(reuse),
             };
             response.map(|body| TrackedBody::new(body, end).boxed_unsync())
         }
@@ -596,14 +604,19 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
 /// What is released and logged when a response body ends.
 struct RequestEnd {
     log: Option<AccessLog>,
-    /// Held only to be dropped at the end of the body.
-    _guard: Option<InFlight>,
+    /// Dropped at the end of the body (releasing the in-flight count).
+    reuse: Option<Reuse>,
 }
 
 impl OnBodyEnd for RequestEnd {
     fn on_end(&mut self, bytes_sent: u64, completed: bool) {
         if let Some(log) = &self.log {
             log.write(bytes_sent, completed);
+        }
+        if let Some(Reuse { guard, connection }) = self.reuse.as_mut() {
+            if let (true, Some(connection)) = (completed, connection.take()) {
+                guard.upstream().pool().release(connection);
+            }
         }
     }
 }

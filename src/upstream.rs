@@ -11,33 +11,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::ProxyBody;
 use crate::config::Limits;
+use crate::pool::Pool;
 use crate::state::ContainerState;
 
-/// The pooled HTTP/1.1 client used to reach one upstream.
-pub type UpstreamClient = Client<HttpConnector, ProxyBody>;
+/// How long an upstream connection may sit idle in the pool before it is
+/// closed rather than reused (below common app servers' own keep-alive
+/// timeouts would be better, but those vary: Node 5 s, Puma 20 s, Tomcat
+/// 60 s; a stale one is retried, see [`crate::pool`]).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One backend address, its pool and its live counters.
 #[derive(Debug)]
 pub struct Upstream {
     /// Where requests go.
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, built once for every request's URI.
-    pub authority: http::uri::Authority,
     /// Its colour ("blue" or "green"), for logs, status and the state file.
     pub label: String,
     /// The container behind it, when the deploy controller started one.
     pub container: Option<ContainerState>,
     /// The pool. Dropping the last `Upstream` reference drops the pool, which
     /// closes its idle keep-alive connections.
-    client: UpstreamClient,
+    pool: Pool,
     /// Requests whose response body has not finished yet.
     in_flight: AtomicUsize,
     /// Upgraded (WebSocket) connections currently tunnelled.
@@ -69,14 +67,11 @@ impl Upstream {
         container: Option<ContainerState>,
         limits: &Limits,
     ) -> Arc<Upstream> {
-        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|_| http::uri::Authority::from_static("invalid"));
         Arc::new(Upstream {
             addr,
-            authority,
             label,
             container,
-            client: build_client(limits),
+            pool: Pool::new(addr, limits.upstream_connect_timeout, POOL_IDLE_TIMEOUT),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -84,8 +79,8 @@ impl Upstream {
         })
     }
 
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// Counts one request as running until the returned guard is dropped.
@@ -151,20 +146,6 @@ impl Upstream {
         };
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
-}
-
-fn build_client(limits: &Limits) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(limits.upstream_connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(1024)
-        .set_host(false)
-        .build(connector)
 }
 
 #[derive(Debug, Clone, Copy)]
