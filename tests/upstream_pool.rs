@@ -305,3 +305,19 @@ async fn upstream_dying_mid_chunked_body_never_sends_the_last_chunk() {
         "a truncated body was terminated as if complete: {text:?}"
     );
 }
+
+#[tokio::test]
+async fn upstream_dying_mid_body_resets_the_http2_stream() {
+    let upstream = start_scripted(Script::DieMidBodyLength).await;
+    let config = format!("{TLS_LOCALHOST}\n{}", config(upstream.addr));
+    let proxy = start_proxy(&config).await;
+    let tls = tls_connect(proxy.https(), "app.localhost", &[b"h2"]).await;
+    let req = request("GET", "/", "app.localhost", Vec::new());
+    let outcome = tokio::time::timeout(Duration::from_secs(10), send_h2(tls, req))
+        .await
+        .expect("HTTP/2 request hung after the upstream died");
+    assert!(
+        outcome.is_err(),
+        "a truncated body was delivered as a complete HTTP/2 response"
+    );
+}
