@@ -93,7 +93,7 @@ pub fn normalize_host(authority: &str) -> Option<Cow<'_, str>> {
         &rest[..end]
     } else {
         match authority.rsplit_once(':') {
-            Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
             Some(_) => return None,
             None => authority,
         }
@@ -101,8 +101,8 @@ pub fn normalize_host(authority: &str) -> Option<Cow<'_, str>> {
     let host = host.strip_suffix('.').unwrap_or(host);
     let valid = !host.is_empty()
         && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
     if !valid {
         return None;
     }
