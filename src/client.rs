@@ -20,7 +20,7 @@ pub enum ClientError {
     },
     #[error("admin connection failed: {0}")]
     Io(String),
-    #[error("server closed the connection before answering")]
+    #[error("server closed the connection before answering; the operation's outcome is unknown: check `cutover status`")]
     NoAnswer,
     #[error("server sent an unreadable reply: {0}")]
     BadReply(String),

@@ -97,10 +97,11 @@ pub enum ControlError {
     NotAContainerService(String),
     #[error("docker: {0}")]
     Docker(#[from] DockerError),
-    #[error("deploy failed: {reason}; {old}\n--- last log lines of the new container ---\n{logs}")]
+    #[error("deploy failed: {reason}; {old}; {cleanup}\n--- last log lines of the new container ---\n{logs}")]
     DeployFailed {
         reason: String,
         old: String,
+        cleanup: String,
         logs: String,
     },
     #[error("{0}")]
@@ -152,6 +153,8 @@ pub(crate) struct ServiceRecord {
     pub previous: Option<PreviousState>,
     pub history: Vec<String>,
     pub last_deploy: Option<DeployRecord>,
+    /// The container a running deploy is creating (see `State::starting`).
+    pub starting: Option<String>,
 }
 
 /// Marks a service busy until dropped.
@@ -206,6 +209,25 @@ impl Controller {
         }
     }
 
+    /// Pings the engine (connecting if needed) and records the outcome for
+    /// `status`.
+    pub(crate) async fn engine_answers(&self) -> bool {
+        let pinged = match self.engine().await {
+            Ok(engine) => engine.ping().await.map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match pinged {
+            Ok(()) => {
+                self.set_docker_status("ok".into());
+                true
+            }
+            Err(err) => {
+                self.set_docker_status(format!("unreachable: {err}"));
+                false
+            }
+        }
+    }
+
     pub(crate) fn set_docker_status(&self, status: String) {
         if let Ok(mut current) = self.docker_status.lock() {
             *current = status;
@@ -253,6 +275,15 @@ impl Controller {
         Ok(())
     }
 
+    /// Refuses early when the state directory cannot take a write (read-only,
+    /// full): a deploy must not start or stop containers it cannot record.
+    pub(crate) fn check_state_writable(&self) -> Result<(), ControlError> {
+        match &self.state {
+            Some(store) => Ok(store.check_writable()?),
+            None => Ok(()),
+        }
+    }
+
     /// Writes the current snapshot and records to the state file.
     pub(crate) async fn save_state(&self) -> Result<(), StateError> {
         let _writer = self.writer.lock().await;
@@ -286,9 +317,15 @@ impl Controller {
                     previous: saved.previous.clone(),
                     history: saved.history.clone(),
                     last_deploy: saved.last_deploy.clone(),
+                    starting: None,
                 }
             });
             tracing::info!(service = %name, color = %saved.color, upstream.addr = %saved.addr, "restored active upstream from state file");
+        }
+        for (name, container) in state.starting {
+            if snapshot.services.contains_key(&name) {
+                self.update_record(&name, |record| record.starting = Some(container));
+            }
         }
         self.shared.snapshot.store(Arc::new(snapshot));
         Ok(())
@@ -409,6 +446,12 @@ impl Controller {
         };
         let previous = store.load().unwrap_or_default();
         let mut state = State::default();
+        if let Ok(records) = self.records.lock() {
+            state.starting = records
+                .iter()
+                .filter_map(|(name, r)| Some((name.clone(), r.starting.clone()?)))
+                .collect();
+        }
         for (name, slot) in &snapshot.services {
             let Some(active) = slot.active.as_ref().filter(|_| slot.pinned) else {
                 continue;

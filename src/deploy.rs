@@ -27,6 +27,17 @@ const EXIT_POLL: Duration = Duration::from_millis(250);
 /// Log lines of a failed container shown to the caller.
 const FAILED_LOG_LINES: usize = 20;
 
+/// How often, and for how long, a container left behind by an engine
+/// outage is retried for removal (an hour, then reconciliation at the next
+/// start or the next deploy of the service takes over).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+const SWEEP_ATTEMPTS: u32 = 3600;
+
+/// How long a restart watches for a container whose create was in flight
+/// when cutover stopped (an engine finishes a create in well under this).
+const LATE_CREATE_INTERVAL: Duration = Duration::from_millis(500);
+const LATE_CREATE_CHECKS: u32 = 60;
+
 /// What to deploy: a full image reference, or a tag of the configured image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageChoice {
@@ -53,8 +64,23 @@ impl Controller {
         progress: &Progress,
     ) -> Result<Value, ControlError> {
         let _busy = self.claim(service)?;
-        self.deploy_claimed(service, choice, docker_config, progress)
-            .await
+        let result = self
+            .deploy_claimed(service, choice, docker_config, progress)
+            .await;
+        self.note_engine_outcome(&result);
+        result
+    }
+
+    /// Keeps `status`'s docker line current: an operation that reached the
+    /// engine shows it answers; one that lost it says so.
+    fn note_engine_outcome(&self, result: &Result<Value, ControlError>) {
+        match result {
+            Ok(_) => self.set_docker_status("ok".into()),
+            Err(ControlError::Docker(err)) if err.is_unreachable() => {
+                self.set_docker_status(format!("unreachable: {err}"))
+            }
+            Err(_) => {}
+        }
     }
 
     /// The deploy itself; the caller holds the service's busy claim.
@@ -68,6 +94,7 @@ impl Controller {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let image = choice.resolve(&container);
+        self.check_state_writable()?;
         let engine = self.engine().await?;
         let began = Instant::now();
 
@@ -80,19 +107,37 @@ impl Controller {
 
         let deploy_id = new_deploy_id();
         let spec = container_spec(service, color, &image, &deploy_id, &container)?;
+        // Recorded before the create: a crash from here on may leave a
+        // container the engine finishes creating after the restart's
+        // reconciliation looked (see `State::starting`).
+        self.update_record(service, |record| record.starting = Some(spec.name.clone()));
+        self.save_state().await?;
         progress.emit(
             "starting",
             format!("starting {image} as {color} ({})", spec.name),
         );
-        let started = engine
-            .create_and_start(&spec)
-            .await
-            .map_err(|err| start_error(err, &spec))?;
+        let started = match engine.create_and_start(&spec).await {
+            Ok(started) => started,
+            Err(err) => {
+                if err.is_unreachable() {
+                    // The create may have reached the engine before it went
+                    // away; docker.rs could not remove what it made. The
+                    // `starting` record stays for the reconciliation.
+                    self.sweep_when_engine_returns(service);
+                } else {
+                    self.forget_starting(service).await;
+                }
+                return Err(start_error(err, &spec));
+            }
+        };
         let start_ms = began.elapsed().as_millis() as u64;
         let Some(addr) = started.host_addr else {
-            let _ = engine.remove_force(&started.id).await;
+            let cleanup = self
+                .remove_new_container(service, &engine, &started.id, progress)
+                .await;
+            self.forget_starting(service).await;
             return Err(ControlError::Failed(format!(
-                "container {} published no port for {}/tcp",
+                "container {} published no port for {}/tcp; {cleanup}",
                 short(&started.id),
                 container.port
             )));
@@ -135,10 +180,22 @@ impl Controller {
         let activation = match self.activate(service, upstream).await {
             Ok(activation) => activation,
             Err(err) => {
-                // Nothing switched: put the record back and leave no container.
+                // Nothing switched (the state write comes before the swap):
+                // put the record back and leave no container.
                 self.update_record(service, |record| *record = previous_record);
-                let _ = engine.remove_force(&started.id).await;
-                return Err(err);
+                let reason =
+                    format!("the switch could not be recorded, so traffic was not moved: {err}");
+                return Err(self
+                    .fail_deploy(
+                        service,
+                        &engine,
+                        &started,
+                        &image,
+                        reason,
+                        current.as_deref(),
+                        progress,
+                    )
+                    .await);
             }
         };
         let old = activation.old.clone();
@@ -203,7 +260,17 @@ impl Controller {
             record.history.retain(|known| known != image);
             record.history.insert(0, image.to_string());
             record.last_deploy = Some(deploy_record(image, true, message));
+            record.starting = None;
         });
+    }
+
+    /// The container a deploy was creating is now known to the engine
+    /// listing (or gone): stop watching for it.
+    async fn forget_starting(&self, service: &str) {
+        self.update_record(service, |record| record.starting = None);
+        if let Err(err) = self.save_state().await {
+            tracing::error!(service, error = %err, "could not update the state file");
+        }
     }
 
     /// Probes the new container until healthy, giving up as soon as it exits.
@@ -216,6 +283,7 @@ impl Controller {
         progress: &Progress,
     ) -> Result<(), String> {
         let port = settings.container.as_ref().map_or(0, |c| c.port);
+        let shutdown = self.shutdown_token();
         let exited = async {
             loop {
                 tokio::time::sleep(EXIT_POLL).await;
@@ -228,21 +296,31 @@ impl Controller {
                         )
                     }
                     Err(err) if err.is_not_found() => return "container disappeared".to_string(),
+                    // Without the engine the new container can be neither
+                    // watched nor cleaned up later: do not switch to it.
+                    Err(err) if err.is_unreachable() => {
+                        return format!("lost the docker engine during the health check ({err})")
+                    }
                     Err(err) => tracing::warn!(error = %err, "inspect failed during health check"),
                 }
             }
         };
         tokio::select! {
+            biased;
+            // A graceful shutdown cancels the deploy, so the half-started
+            // container is removed now instead of at the next start.
+            _ = shutdown.cancelled() => Err("cutover is shutting down; the deploy was cancelled".to_string()),
             healthy = check_health(addr, settings, progress) => healthy.map_err(|err| err.to_string()),
             reason = exited => Err(reason),
         }
     }
 
     /// Cleans up after a failed deploy and builds the caller's error: the
-    /// reason, the serving colour left untouched, the container's last logs.
+    /// reason, the serving colour left untouched, what became of the new
+    /// container, its last logs.
     #[allow(clippy::too_many_arguments)]
     async fn fail_deploy(
-        &self,
+        self: &Arc<Self>,
         service: &str,
         engine: &Engine,
         started: &ContainerInfo,
@@ -251,32 +329,114 @@ impl Controller {
         current: Option<&Upstream>,
         progress: &Progress,
     ) -> ControlError {
-        progress.emit("failed", format!("new container is not healthy: {reason}"));
+        progress.emit("failed", format!("deploy failed: {reason}"));
         let logs = match engine.logs_tail(&started.id, FAILED_LOG_LINES).await {
             Ok(lines) if lines.is_empty() => "(no output)".to_string(),
             Ok(lines) => lines.join("\n"),
             Err(err) => format!("(logs unavailable: {err})"),
         };
-        match engine.remove_force(&started.id).await {
-            Ok(()) => progress.emit(
-                "removed",
-                format!("removed failed container {}", short(&started.id)),
-            ),
-            Err(err) => {
-                tracing::error!(container = %started.id, error = %err, "could not remove failed container")
-            }
-        }
+        let cleanup = self
+            .remove_new_container(service, engine, &started.id, progress)
+            .await;
         let old = match current {
             Some(old) => format!("{} ({}) keeps serving, untouched", old.label, old.addr),
             None => "no colour was serving before".to_string(),
         };
         self.update_record(service, |record| {
             record.last_deploy = Some(deploy_record(image, false, &reason));
+            record.starting = None;
         });
         if let Err(err) = self.save_state().await {
             tracing::error!(service, error = %err, "could not record the failed deploy");
         }
-        ControlError::DeployFailed { reason, old, logs }
+        ControlError::DeployFailed {
+            reason,
+            old,
+            cleanup,
+            logs,
+        }
+    }
+
+    /// Removes the container a failed deploy started and says what became
+    /// of it. If the engine is gone, a background sweep removes it as soon
+    /// as the engine answers again.
+    async fn remove_new_container(
+        self: &Arc<Self>,
+        service: &str,
+        engine: &Engine,
+        id: &str,
+        progress: &Progress,
+    ) -> String {
+        match engine.remove_force(id).await {
+            Ok(()) => {
+                let done = format!("the new container {} was removed", short(id));
+                progress.emit("removed", done.clone());
+                done
+            }
+            Err(err) if err.is_unreachable() => {
+                tracing::error!(container = %id, error = %err, "could not remove the new container");
+                self.sweep_when_engine_returns(service);
+                format!(
+                    "the new container {} could not be removed ({err}); cutover removes it as soon as the engine answers again",
+                    short(id)
+                )
+            }
+            Err(err) => {
+                tracing::error!(container = %id, error = %err, "could not remove the new container");
+                format!(
+                    "the new container {} could not be removed ({err}); the next deploy or restart removes it",
+                    short(id)
+                )
+            }
+        }
+    }
+
+    /// The engine went away while a deploy had (or may have had) a new
+    /// container, or before start-up reconciliation could run. Once it
+    /// answers again (checked every second, for at most an hour), runs the
+    /// service's start-up reconciliation: containers that are neither active
+    /// nor the warm previous colour are removed, the active one is probed,
+    /// the previous one's retirement scheduled. No restart needed.
+    pub(crate) fn sweep_when_engine_returns(self: &Arc<Self>, service: &str) {
+        let controller = Arc::clone(self);
+        let shutdown = self.shutdown_token();
+        let service = service.to_string();
+        self.spawn(async move {
+            for _ in 0..SWEEP_ATTEMPTS {
+                tokio::select! {
+                    _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                if !controller.engine_answers().await {
+                    continue;
+                }
+                // A running deploy or rollback owns the service's
+                // containers now; look again when it ends.
+                let Ok(_busy) = controller.claim(&service) else {
+                    continue;
+                };
+                match controller.resync(&service).await {
+                    Ok(()) => {
+                        tracing::info!(service, "docker engine answers again: reconciled");
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::warn!(service, error = %err, "reconciliation after the engine outage failed; retrying")
+                    }
+                }
+            }
+            tracing::warn!(service, "docker engine still unreachable; the next deploy or restart reconciles");
+        });
+    }
+
+    /// One service's start-up reconciliation, at any time; the caller holds
+    /// the service's busy claim.
+    async fn resync(self: &Arc<Self>, service: &str) -> Result<(), ControlError> {
+        let (_, settings) = self.service_config(service)?;
+        let engine = self.engine().await?;
+        self.reconcile_service(&engine, service, &settings).await?;
+        self.save_state().await?;
+        Ok(())
     }
 
     /// Makes room for a new container in `color`: the warm previous colour
@@ -436,6 +596,20 @@ impl Controller {
         progress: &Progress,
     ) -> Result<Value, ControlError> {
         let _busy = self.claim(service)?;
+        let result = self
+            .rollback_claimed(service, docker_config, progress)
+            .await;
+        self.note_engine_outcome(&result);
+        result
+    }
+
+    /// The rollback itself; the caller holds the service's busy claim.
+    async fn rollback_claimed(
+        self: &Arc<Self>,
+        service: &str,
+        docker_config: Option<PathBuf>,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let engine = self.engine().await?;
@@ -567,7 +741,10 @@ impl Controller {
         let engine = match self.engine().await {
             Ok(engine) => engine,
             Err(err) => {
-                tracing::error!(error = %err, "docker engine unreachable at start-up: serving the last known upstreams unchecked");
+                tracing::error!(error = %err, "docker engine unreachable at start-up: serving the last known upstreams unchecked until it answers");
+                for (name, _) in &managed {
+                    self.sweep_when_engine_returns(name);
+                }
                 return;
             }
         };
@@ -600,8 +777,11 @@ impl Controller {
             .previous
             .as_ref()
             .and_then(|p| p.container.as_ref().map(|c| c.id.clone()));
+        let starting = record.starting.clone();
+        let mut starting_seen = false;
         let (mut active_info, mut previous_info) = (None, None);
         for info in containers {
+            starting_seen |= starting.as_deref() == Some(info.name.trim_start_matches('/'));
             if Some(&info.id) == active_id.as_ref() && info.running {
                 active_info = Some(info);
             } else if Some(&info.id) == previous_id.as_ref() && info.running {
@@ -610,6 +790,14 @@ impl Controller {
                 tracing::warn!(service, container = %info.name, deploy = ?info.deploy_id, "removing orphan container (unfinished deploy or stopped colour)");
                 engine.remove_force(&info.id).await?;
             }
+        }
+
+        match starting {
+            Some(name) if !starting_seen => {
+                self.remove_late_container(service, name, container.port)
+            }
+            Some(_) => self.forget_starting(service).await,
+            None => {}
         }
 
         let active_ok = match (&active, &active_info) {
@@ -667,6 +855,47 @@ impl Controller {
             );
         }
         Ok(())
+    }
+
+    /// A deploy was creating container `name` when cutover stopped, and the
+    /// engine did not list it. The engine finishes a create (and a start)
+    /// even when its client died, so it may still appear: watch for it for
+    /// a while and remove it when it does.
+    fn remove_late_container(self: &Arc<Self>, service: &str, name: String, port: u16) {
+        let controller = Arc::clone(self);
+        let shutdown = self.shutdown_token();
+        let service = service.to_string();
+        self.spawn(async move {
+            for _ in 0..LATE_CREATE_CHECKS {
+                if let Ok(engine) = controller.engine().await {
+                    match engine.inspect(&name, port).await {
+                        Ok(_) => {
+                            tracing::warn!(service, container = %name, "removing a container whose create finished after the restart");
+                            if let Err(err) = engine.remove_force(&name).await {
+                                tracing::warn!(service, container = %name, error = %err, "could not remove it; retrying");
+                            } else {
+                                break;
+                            }
+                        }
+                        Err(err) if err.is_not_found() => {}
+                        Err(err) => tracing::debug!(service, error = %err, "inspect failed"),
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(LATE_CREATE_INTERVAL) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            // Unless a new deploy has recorded its own container since.
+            controller.update_record(&service, |record| {
+                if record.starting.as_ref() == Some(&name) {
+                    record.starting = None;
+                }
+            });
+            if let Err(err) = controller.save_state().await {
+                tracing::error!(service, error = %err, "could not update the state file");
+            }
+        });
     }
 
     /// Re-points the active upstream at a new published address (the

@@ -23,6 +23,13 @@ const FORMAT_VERSION: u32 = 1;
 pub struct State {
     pub version: u32,
     pub services: BTreeMap<String, ServiceState>,
+    /// Per service, the name of the container a deploy was creating when
+    /// this file was written. The engine finishes a create (and a start)
+    /// even when its client died, so after a crash the container can appear
+    /// after start-up reconciliation listed the service's containers; a
+    /// restart watches for it and removes it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub starting: BTreeMap<String, String>,
 }
 
 /// One service's persisted facts.
@@ -116,7 +123,7 @@ impl StateStore {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(State {
                     version: FORMAT_VERSION,
-                    services: BTreeMap::new(),
+                    ..State::default()
                 })
             }
             Err(source) => return Err(StateError::Io { path, source }),
@@ -148,12 +155,36 @@ impl StateStore {
         let temp = self
             .dir
             .join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-        write_synced(&temp, &bytes).map_err(io)?;
+        if let Err(err) = write_synced(&temp, &bytes) {
+            // A full disk fails the write after the file was created: do
+            // not leave a half-written temp file taking space.
+            let _ = std::fs::remove_file(&temp);
+            return Err(io(err));
+        }
         std::fs::rename(&temp, self.path()).map_err(|err| {
             let _ = std::fs::remove_file(&temp);
             io(err)
         })?;
         sync_dir(&self.dir).map_err(io)
+    }
+
+    /// Proves the directory takes a write as large as the state file, so a
+    /// deploy can refuse up front (before starting or stopping anything)
+    /// when the state directory is read-only or full. The write before the
+    /// swap is still checked: the disk can fill in between.
+    pub fn check_writable(&self) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        let size = std::fs::metadata(self.path()).map_or(1, |m| m.len().max(1));
+        let probe = self
+            .dir
+            .join(format!(".{STATE_FILE}.{}.probe", std::process::id()));
+        let written = write_synced(&probe, &vec![b' '; usize::try_from(size).unwrap_or(1)]);
+        let _ = std::fs::remove_file(&probe);
+        written.map_err(io)
     }
 }
 
