@@ -59,6 +59,16 @@ impl Proxy {
     /// it. `http` must be the `[server] http` address of the config, and the
     /// config's `admin_socket` must be `<dir>/admin.sock`.
     pub async fn start(dir: &Path, config_text: &str, http: SocketAddr) -> Proxy {
+        Proxy::start_with_env(dir, config_text, http, Vec::new()).await
+    }
+
+    /// [`Proxy::start`] with extra environment for the server process.
+    pub async fn start_with_env(
+        dir: &Path,
+        config_text: &str,
+        http: SocketAddr,
+        env: Vec<(String, String)>,
+    ) -> Proxy {
         let config = dir.join("proxy.toml");
         std::fs::write(&config, config_text).expect("write proxy.toml");
         let mut proxy = Proxy {
@@ -66,7 +76,7 @@ impl Proxy {
             config,
             http,
             admin_socket: dir.join("admin.sock"),
-            env: Vec::new(),
+            env,
             log: dir.join("proxy.log"),
             child: None,
         };
@@ -77,6 +87,10 @@ impl Proxy {
     /// Starts the server process (again) and waits until it is ready.
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "proxy already running");
+        // A killed server leaves its socket file behind; without it gone,
+        // "ready" would be seen before the new server has reconciled and
+        // bound its admin socket.
+        let _ = std::fs::remove_file(&self.admin_socket);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -287,7 +301,8 @@ impl Ctr {
     }
 }
 
-fn docker(args: &[&str]) -> String {
+/// Runs the docker CLI (against the real engine); panics on failure.
+pub fn docker(args: &[&str]) -> String {
     docker_try(args).unwrap_or_else(|err| panic!("{err}"))
 }
 

@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod cutover;
+pub mod harness;
 pub mod images;

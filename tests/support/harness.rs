@@ -1,0 +1,244 @@
+//! One deploy test's world: a `cutover serve` subprocess on its own
+//! config, state directory and service name, the test's images, and the
+//! checks most deploy tests end with ([`Harness::consistent`]).
+//!
+//! Dropped in field order: the proxy is killed first, then the service's
+//! containers and images are removed, then the temporary directory.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::cutover::*;
+use super::images::build_testapp_image_with_env;
+
+/// The app's port inside its container.
+pub const APP_PORT: u16 = 8080;
+
+/// Knobs of one test's service; everything else is fixed and fast.
+pub struct Opts {
+    pub keep_previous: &'static str,
+    pub deadline: &'static str,
+    pub host_ports: Option<[u16; 2]>,
+    pub retain: usize,
+    /// More `[service.NAME]` lines (keys not set above).
+    pub extra: &'static str,
+    /// Health probe interval and successes needed in a row.
+    pub interval: &'static str,
+    pub healthy_after: u32,
+    pub drain_timeout: &'static str,
+    /// `state_dir`; `<tmp>/state` when `None`.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Environment of the `cutover serve` process (e.g. `DOCKER_HOST`).
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            keep_previous: "15m",
+            deadline: "10s",
+            host_ports: None,
+            retain: 3,
+            extra: "",
+            interval: "100ms",
+            healthy_after: 2,
+            drain_timeout: "2s",
+            state_dir: None,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// One test's proxy, service and images. Dropped in field order: the proxy
+/// is killed first, then the service's containers and images are removed,
+/// then the temporary directory.
+pub struct Harness {
+    pub proxy: Proxy,
+    _cleanup: DockerCleanup,
+    pub tmp: tempfile::TempDir,
+    pub svc: String,
+    pub repo: String,
+    pub started: Instant,
+}
+
+impl Harness {
+    pub async fn start(test: &str, opts: Opts) -> Harness {
+        let started = Instant::now();
+        let pid = std::process::id();
+        let svc = format!("dt-{test}-{pid}");
+        let repo = format!("cutover-deploytest-{test}-{pid}");
+        let cleanup = DockerCleanup::new(&svc, &repo);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let host_ports = opts
+            .host_ports
+            .map(|[b, g]| format!("host_ports = [{b}, {g}]\n"))
+            .unwrap_or_default();
+        let config = format!(
+            r#"
+[server]
+http = "{http}"
+admin_socket = "{dir}/admin.sock"
+state_dir = "{state_dir}"
+shutdown_timeout = "2s"
+
+[[site]]
+hosts = ["*"]
+service = "{svc}"
+
+[service.{svc}]
+image = "{repo}"
+port = {APP_PORT}
+{host_ports}stop_timeout = "1s"
+drain_timeout = "{drain_timeout}"
+keep_previous = "{keep_previous}"
+retain = {retain}
+{extra}
+health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_after = {healthy_after}, deadline = "{deadline}" }}
+"#,
+            dir = dir.path().display(),
+            keep_previous = opts.keep_previous,
+            deadline = opts.deadline,
+            retain = opts.retain,
+            extra = opts.extra,
+            interval = opts.interval,
+            healthy_after = opts.healthy_after,
+            drain_timeout = opts.drain_timeout,
+            state_dir = opts
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| dir.path().join("state"))
+                .display(),
+        );
+        // For tests with `env_file = "app.env"`; read at each deploy.
+        std::fs::write(dir.path().join("app.env"), "# test env file\n").expect("env file");
+        let proxy = Proxy::start_with_env(dir.path(), &config, http, opts.env).await;
+        Harness {
+            proxy,
+            _cleanup: cleanup,
+            tmp: dir,
+            svc,
+            repo,
+            started,
+        }
+    }
+
+    /// Builds `<repo>:<tag>` whose app reports version `tag`, plus `env`.
+    pub async fn image(&self, tag: &str, env: &[(&str, &str)]) -> String {
+        let mut all = vec![("APP_VERSION", tag)];
+        all.extend_from_slice(env);
+        build_testapp_image_with_env(
+            &format!("{}:{tag}", self.repo),
+            &format!("{}-{tag}", self.svc),
+            &all,
+        )
+        .await
+    }
+
+    pub async fn deploy(&self, image: &str) -> CliOutput {
+        let out = self
+            .proxy
+            .cli(&["deploy", &self.svc, "--image", image])
+            .await;
+        eprintln!("[{}] {out}", self.svc);
+        out
+    }
+
+    pub async fn deploy_ok(&self, image: &str) -> CliOutput {
+        let out = self.deploy(image).await;
+        assert!(
+            out.success(),
+            "deploy of {image} failed: {out}\n{}",
+            ps_table(&self.svc)
+        );
+        out
+    }
+
+    pub async fn rollback(&self) -> CliOutput {
+        let out = self.proxy.cli(&["rollback", &self.svc]).await;
+        eprintln!("[{}] {out}", self.svc);
+        out
+    }
+
+    /// `status` of this service: `result.services.<svc>`.
+    pub async fn status(&self) -> Value {
+        let result = self.proxy.status(&self.svc).await;
+        let service = result["services"][&self.svc].clone();
+        assert!(service.is_object(), "no {} in status: {result}", self.svc);
+        service
+    }
+
+    pub fn containers(&self) -> Vec<Ctr> {
+        containers(&self.svc)
+    }
+
+    pub fn ps(&self) -> String {
+        ps_table(&self.svc)
+    }
+
+    /// GET / through the proxy, which must answer 200.
+    pub async fn version(&self) -> String {
+        let answer = get(self.proxy.http, "/")
+            .await
+            .unwrap_or_else(|e| panic!("GET / through the proxy: {e}"));
+        assert_eq!(answer.status, 200, "GET / through the proxy: {answer:?}");
+        assert_eq!(
+            answer.body.trim(),
+            format!("version={}", answer.version),
+            "{answer:?}"
+        );
+        answer.version
+    }
+
+    /// Status and engine agree: the active container (and the previous one,
+    /// if status names one) is running, and no other container of the service
+    /// exists. Returns the status.
+    pub async fn consistent(&self) -> Value {
+        let status = self.status().await;
+        let listed = self.containers();
+        let same =
+            |id: &str, c: &Ctr| !id.is_empty() && (c.id.starts_with(id) || id.starts_with(&c.id));
+        let mut named = Vec::new();
+        for role in ["active", "previous"] {
+            if status[role].is_null() {
+                continue;
+            }
+            let id = status[role]["container"].as_str().unwrap_or_default();
+            let c = listed.iter().find(|c| same(id, c)).unwrap_or_else(|| {
+                panic!(
+                    "{role} container {id:?} does not exist: {status}\n{}",
+                    self.ps()
+                )
+            });
+            assert!(c.running(), "{role} container is not running: {c:?}");
+            assert_eq!(status[role]["image"], c.image.as_str(), "{role}: {status}");
+            assert_eq!(status[role]["color"], c.color.as_str(), "{role}: {status}");
+            named.push(c.id.clone());
+        }
+        let orphans: Vec<&Ctr> = listed.iter().filter(|c| !named.contains(&c.id)).collect();
+        assert!(
+            orphans.is_empty(),
+            "containers neither active nor previous: {orphans:#?}\nstatus: {status}\n{}",
+            self.ps()
+        );
+        status
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.tmp.path()
+    }
+
+    pub fn done(&self) {
+        eprintln!("[{}] test took {:?}", self.svc, self.started.elapsed());
+    }
+}
+
+pub fn with_image<'a>(list: &'a [Ctr], image: &str) -> Vec<&'a Ctr> {
+    list.iter().filter(|c| c.image == image).collect()
+}
+
+pub fn lower(out: &CliOutput) -> String {
+    out.text().to_lowercase()
+}
