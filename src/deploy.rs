@@ -682,6 +682,7 @@ impl Controller {
         let image = state.image.clone();
         let upstream =
             Upstream::for_container(addr, previous.color.clone(), state, &config.server.limits);
+        let previous_record = self.record(service);
         self.record_switch(
             service,
             current.as_deref(),
@@ -689,7 +690,14 @@ impl Controller {
             &image,
             "rolled back",
         );
-        let activation = self.activate(service, upstream).await?;
+        let activation = match self.activate(service, upstream).await {
+            Ok(activation) => activation,
+            Err(err) => {
+                // Nothing switched: the warm colour stays the rollback target.
+                self.update_record(service, |record| *record = previous_record);
+                return Err(err);
+            }
+        };
         let old = activation.old.clone();
         progress.emit(
             "switched",

@@ -667,7 +667,7 @@ async fn state_dir_broken(test: &str, breakage: Breakage) {
     );
     let v1 = h.image("v1", &[]).await;
     let v2 = h.image("v2", &[]).await;
-    let v3 = h.image("v3", &[("HEALTHY_AFTER_MS", "2000")]).await;
+    let v3 = h.image("v3", &[("HEALTHY_AFTER_MS", "3000")]).await;
     let v4 = h.image("v4", &[]).await;
     h.deploy_ok(&v1).await;
     h.deploy_ok(&v2).await;
@@ -684,6 +684,14 @@ async fn state_dir_broken(test: &str, breakage: Breakage) {
         "nothing started or stopped:\n{}",
         h.ps()
     );
+    let status = h.consistent().await;
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert_eq!(h.version().await, "v2");
+    // An instant rollback cannot record its swap either: refused, and the
+    // warm v1 stays the rollback target.
+    let out = h.rollback().await;
+    assert_failed_with(&out, &["state", breakage.words()]);
+    assert_eq!(h.containers(), before, "{}", h.ps());
     let status = h.consistent().await;
     assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
     assert_eq!(h.version().await, "v2");
