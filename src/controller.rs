@@ -652,6 +652,10 @@ impl Controller {
                     "active": active,
                     "previous": previous,
                     "last_deploy": record.last_deploy,
+                    // A container being created, or whose create was cut
+                    // short by a crash or an engine outage and is watched
+                    // for so it can be removed.
+                    "starting": record.starting,
                     "paused": slot.pause.is_some(),
                     "pinned": slot.pinned,
                     "busy": busy.contains(name),

@@ -36,7 +36,7 @@ const SWEEP_ATTEMPTS: u32 = 3600;
 /// How long a restart watches for a container whose create was in flight
 /// when cutover stopped (an engine finishes a create in well under this).
 const LATE_CREATE_INTERVAL: Duration = Duration::from_millis(500);
-const LATE_CREATE_CHECKS: u32 = 60;
+const LATE_CREATE_CHECKS: u32 = 30;
 
 /// What to deploy: a full image reference, or a tag of the configured image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1003,6 +1003,12 @@ fn start_error(err: crate::docker::DockerError, spec: &ContainerSpec) -> Control
         let port = spec.host_port.map_or("?".into(), |p| p.to_string());
         return ControlError::Failed(format!(
             "cannot start {} container: host port 127.0.0.1:{port} is already in use by another process (see host_ports); nothing was left behind",
+            spec.color
+        ));
+    }
+    if err.is_unreachable() {
+        return ControlError::Failed(format!(
+            "cannot start {} container: {err}; traffic was not moved; whatever the create left behind is removed as soon as the engine answers again",
             spec.color
         ));
     }

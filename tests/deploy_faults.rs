@@ -99,9 +99,11 @@ async fn all_agree(h: &Harness) -> String {
 }
 
 /// Waits (bounded) until every container of the service is the active or
-/// the previous one per `status`. After a crash during a create, the engine
-/// may finish the create after the restart's reconciliation: cutover then
-/// watches for that container (named in the state file) and removes it.
+/// the previous one per `status`, and no interrupted create is still being
+/// watched for. After a crash or an engine outage during a create, the
+/// engine may finish the create after reconciliation looked: cutover then
+/// watches for that container (`status` shows it as `starting`) and
+/// removes it when it appears.
 async fn wait_no_orphans(h: &Harness) {
     let start = Instant::now();
     loop {
@@ -111,7 +113,7 @@ async fn wait_no_orphans(h: &Harness) {
             .filter_map(|role| status[role]["container"].as_str())
             .collect();
         let listed = h.containers();
-        if listed.iter().all(|c| named.contains(&c.id.as_str())) {
+        if status["starting"].is_null() && listed.iter().all(|c| named.contains(&c.id.as_str())) {
             return;
         }
         if start.elapsed() > Duration::from_secs(45) {
@@ -411,6 +413,23 @@ async fn engine_gone_mid_deploy() {
     assert!(gone, "reconciled once the engine is back:\n{}", h.ps());
     assert_eq!(all_agree(&h).await, "v1");
 
+    // (d) The engine goes away as the container is being created: the
+    // create may or may not reach the engine. Either way the deploy fails
+    // clearly and, once the engine is back, nothing is left.
+    let mut deploy = JsonDeploy::start(&h, &v2);
+    assert!(deploy.until("starting").await, "no starting event");
+    engine.cut().await;
+    let out = deploy.finish().await;
+    eprintln!("engine cut at the create: {out}");
+    assert_failed_with(
+        &out,
+        &["docker engine unreachable", "traffic was not moved"],
+    );
+    assert_eq!(h.version().await, "v1");
+    engine.restore();
+    wait_no_orphans(&h).await;
+    assert_eq!(all_agree(&h).await, "v1");
+
     h.deploy_ok(&v2).await;
     assert_eq!(all_agree(&h).await, "v2", "a deploy works again");
     h.done();
@@ -420,53 +439,89 @@ async fn engine_gone_mid_deploy() {
 // 3. proxy SIGKILLed at each deploy step
 // ---------------------------------------------------------------------------
 
+/// `cutover deploy IMAGE --json`, read event by event, so a test can act
+/// at a given step.
+struct JsonDeploy {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stdout: String,
+    args: Vec<String>,
+    started: Instant,
+}
+
+impl JsonDeploy {
+    fn start(h: &Harness, image: &str) -> JsonDeploy {
+        let config = h.proxy.config.to_str().expect("utf-8");
+        let args: Vec<String> = [
+            "deploy", &h.svc, "--image", image, "--json", "--config", config,
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut child = tokio::process::Command::new(CUTOVER)
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn cutover deploy");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        JsonDeploy {
+            child,
+            lines,
+            stdout: String::new(),
+            args,
+            started: Instant::now(),
+        }
+    }
+
+    /// Reads events until the progress event `step` (true) or the end of
+    /// the output (false).
+    async fn until(&mut self, step: &str) -> bool {
+        let reading = async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                self.stdout.push_str(&line);
+                self.stdout.push('\n');
+                let event: Value = serde_json::from_str(&line).unwrap_or_default();
+                if event["type"] == "progress" && event["step"] == step {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::time::timeout(DEPLOY_LIMIT, reading)
+            .await
+            .expect("deploy output ended")
+    }
+
+    /// Reads the rest and waits for the command to exit.
+    async fn finish(mut self) -> CliOutput {
+        self.until("\0 no such step").await;
+        let output = tokio::time::timeout(Duration::from_secs(10), self.child.wait_with_output())
+            .await
+            .expect("deploy command exited")
+            .expect("wait");
+        CliOutput {
+            args: self.args,
+            code: output.status.code(),
+            stdout: self.stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
 /// Runs `deploy IMAGE --json` and SIGKILLs the server as soon as the
 /// progress event `step` arrives. Returns the client's output, and whether
 /// the event was seen (else the deploy ran to its end).
 async fn deploy_killed_at(h: &mut Harness, image: &str, step: &str) -> (CliOutput, bool) {
-    let config = h.proxy.config.to_str().expect("utf-8").to_string();
-    let args = [
-        "deploy", &h.svc, "--image", image, "--json", "--config", &config,
-    ];
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(CUTOVER)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn cutover deploy");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut stdout = String::new();
-    let mut seen = false;
-    let reading = async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            stdout.push_str(&line);
-            stdout.push('\n');
-            let event: Value = serde_json::from_str(&line).unwrap_or_default();
-            if !seen && event["type"] == "progress" && event["step"] == step {
-                seen = true;
-                h.proxy.kill9();
-            }
-        }
-    };
-    tokio::time::timeout(DEPLOY_LIMIT, reading)
-        .await
-        .expect("deploy output ended");
-    let output = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .expect("deploy command exited")
-        .expect("wait");
-    let out = CliOutput {
-        args: args.iter().map(|a| a.to_string()).collect(),
-        code: output.status.code(),
-        stdout,
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        elapsed: started.elapsed(),
-    };
-    (out, seen)
+    let mut deploy = JsonDeploy::start(h, image);
+    let seen = deploy.until(step).await;
+    if seen {
+        h.proxy.kill9();
+    }
+    (deploy.finish().await, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
