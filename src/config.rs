@@ -96,7 +96,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time to establish a TCP connection to an upstream (then 502).
     pub upstream_connect_timeout: Duration,
-    /// Time an upstream has to send response headers (then 504).
+    /// Longest an upstream connection may move no byte while a request
+    /// waits on it: no response head by then is a 504, a stalled body is
+    /// cut (see `slowio`).
     pub upstream_timeout: Duration,
     /// Time a TLS handshake may take.
     pub tls_handshake_timeout: Duration,

@@ -39,6 +39,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::{self, ProxyBody};
+use crate::slowio::StallTimeout;
 
 /// Most idle connections kept per upstream; more are closed on release.
 const MAX_IDLE: usize = 1024;
@@ -74,6 +75,9 @@ pub enum SendError {
 pub struct Pool {
     addr: SocketAddr,
     connect_timeout: Duration,
+    /// Longest an open connection may go without moving a byte while
+    /// waiting to read or write (see [`crate::slowio`]).
+    stall_timeout: Duration,
     idle_timeout: Duration,
     /// Oldest at the front, most recently released at the back.
     idle: Mutex<VecDeque<Idle>>,
@@ -85,6 +89,19 @@ struct Idle {
     since: Instant,
 }
 
+/// The pool's clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolTimeouts {
+    /// Opening a connection.
+    pub connect: Duration,
+    /// No byte moved on an open connection while waiting to read or write
+    /// (`upstream_timeout`): a slow response head, a stalled body, or a
+    /// connection idle in the pool.
+    pub stall: Duration,
+    /// Idle in the pool before it is closed rather than reused.
+    pub idle: Duration,
+}
+
 /// A connection taken for one request.
 struct Checkout {
     sender: Sender,
@@ -93,11 +110,12 @@ struct Checkout {
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration, idle_timeout: Duration) -> Pool {
+    pub fn new(addr: SocketAddr, timeouts: PoolTimeouts) -> Pool {
         Pool {
             addr,
-            connect_timeout,
-            idle_timeout,
+            connect_timeout: timeouts.connect,
+            stall_timeout: timeouts.stall,
+            idle_timeout: timeouts.idle,
             idle: Mutex::new(VecDeque::new()),
         }
     }
@@ -190,8 +208,8 @@ impl Pool {
                 });
             }
             // A connection released at the end of its response body becomes
-            // ready one wake-up of its task later; it either does or closes.
-            // (The caller's upstream timeout bounds this wait too.)
+            // ready one wake-up of its task later; it either does or closes
+            // (at the latest when its stall clock runs out).
             if sender.ready().await.is_ok() {
                 return Some(Checkout {
                     sender,
@@ -216,9 +234,8 @@ impl Pool {
         socket2::SockRef::from(&stream)
             .set_tcp_keepalive(&keepalive)
             .map_err(connect_error)?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
+        let io = StallTimeout::on_reads_and_writes(stream, self.stall_timeout);
+        let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(err) = connection.with_upgrades().await {

@@ -28,6 +28,7 @@ use crate::config::{Action, Site};
 use crate::forward::{self, ClientFacts};
 use crate::pool::{SendError, Sender};
 use crate::routes::{self, normalize_host};
+use crate::slowio::Stalled;
 use crate::snapshot::Snapshot;
 use crate::strict::{self, Violation};
 use crate::upstream::{InFlight, Upstream};
@@ -438,10 +439,12 @@ async fn forward(
     };
     let upstream_req = Request::from_parts(parts, body);
 
-    let sent = tokio::time::timeout(limits.upstream_timeout, upstream.pool().send(upstream_req));
-    let (mut response, connection) = sent
+    // No per-request deadline: the connection's stall clock (upstream
+    // timeout) bounds the wait for the head and every gap in the body.
+    let (mut response, connection) = upstream
+        .pool()
+        .send(upstream_req)
         .await
-        .map_err(|_| ProxyError::UpstreamTimeout)?
         .map_err(classify_send_error)?;
 
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
@@ -510,6 +513,9 @@ fn classify_send_error(err: SendError) -> ProxyError {
     };
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = source {
+        if is_stall(current) {
+            return ProxyError::UpstreamTimeout;
+        }
         if let Some(limit) = current.downcast_ref::<BodyLimitError>() {
             return match limit {
                 BodyLimitError::TooLarge(_) => ProxyError::BodyTooLarge,
@@ -522,6 +528,14 @@ fn classify_send_error(err: SendError) -> ProxyError {
         source = current.source();
     }
     ProxyError::UpstreamProtocol(error_chain(&err))
+}
+
+/// Whether `err` is the upstream connection's stall clock running out
+/// (an I/O error does not list its payload as a `source`, so look inside).
+fn is_stall(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<Stalled>())
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -27,7 +27,7 @@ use crate::admin;
 use crate::config::{Config, Limits};
 use crate::controller::Controller;
 use crate::proxy::{self, ClientConn, Shared};
-use crate::slowio::SendTimeout;
+use crate::slowio::StallTimeout;
 use crate::snapshot::Snapshot;
 use crate::state::{StateError, StateStore};
 use crate::tls::{self, CertStore, SniResolver};
@@ -277,7 +277,7 @@ impl Server {
         let _ = stream.set_nodelay(true);
         // Below TLS, so a client that stops reading is caught whatever
         // protocol runs on top (see `slowio`).
-        let stream = SendTimeout::new(stream, self.limits.send_timeout);
+        let stream = StallTimeout::on_writes(stream, self.limits.send_timeout);
         match tls {
             None => {
                 let conn = ClientConn::new(addr, false);

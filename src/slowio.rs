@@ -1,5 +1,6 @@
-//! A write-stall timeout for client connections: an IO wrapper that fails
-//! a write which has made no progress for `send_timeout`.
+//! Stall timeouts as IO wrappers: for client connections, a write that has
+//! made no progress for `send_timeout` fails; for upstream connections,
+//! reads and writes that make no progress for `upstream_timeout` fail.
 //!
 //! hyper has timeouts for reading a request head but none for writing: a
 //! client that requests a large response and then never reads (or keeps
@@ -10,8 +11,17 @@
 //!
 //! The clock runs only while the writer is blocked: it starts at the first
 //! write that returns `Pending` and stops at the next write that moves at
-//! least one byte. An idle connection (nothing to write) is never timed
-//! out here; the header and idle timeouts cover that.
+//! least one byte. An idle client connection (nothing to write) is never
+//! timed out here; the header and idle timeouts cover that.
+//!
+//! Upstream connections also watch reads, the way nginx's
+//! `proxy_read_timeout` does: the clock starts when a read finds nothing
+//! and stops at the next byte moved in either direction. That bounds the
+//! wait for a response head *and* an upstream that stalls mid-body (which a
+//! per-request deadline on the head alone would not), at the cost of one
+//! timer per connection instead of one per request: re-arming a registered
+//! tokio timer to a later deadline is an atomic update, not a wheel insert.
+//! An idle pooled connection is closed the same way after the timeout.
 
 use std::future::Future;
 use std::io;
@@ -23,33 +33,54 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+/// The error inside the `TimedOut` I/O error a stalled connection fails
+/// with, so callers can tell it from other I/O errors (the proxy answers 504
+/// when an upstream stalls).
+#[derive(Debug, thiserror::Error)]
+#[error("no progress for {0:?} (peer stalled)")]
+pub struct Stalled(pub Duration);
+
 pin_project! {
-    /// Wraps a client stream; reads pass through untouched, writes (and
-    /// flushes) that stay blocked for longer than the timeout fail with
-    /// [`io::ErrorKind::TimedOut`], which ends the connection.
-    pub struct SendTimeout<T> {
+    /// Wraps a stream; writes (and flushes) that stay blocked for longer
+    /// than the timeout fail with [`io::ErrorKind::TimedOut`], which ends
+    /// the connection. Reads are watched the same way only when asked.
+    pub struct StallTimeout<T> {
         #[pin]
         inner: T,
         // Boxed so the wrapper stays `Unpin` when `T` is (TLS needs that).
         timer: Pin<Box<Sleep>>,
         timeout: Duration,
-        // Whether `timer` is armed for the current blocked write.
+        // Whether `timer` is armed for the current blocked stretch.
         blocked: bool,
+        // Whether reads count too (upstream side).
+        watch_reads: bool,
     }
 }
 
-impl<T> SendTimeout<T> {
-    pub fn new(inner: T, timeout: Duration) -> Self {
-        SendTimeout {
+impl<T> StallTimeout<T> {
+    /// A client connection: only writes are timed (`send_timeout`).
+    pub fn on_writes(inner: T, timeout: Duration) -> Self {
+        Self::build(inner, timeout, false)
+    }
+
+    /// An upstream connection: reads and writes are timed
+    /// (`upstream_timeout`).
+    pub fn on_reads_and_writes(inner: T, timeout: Duration) -> Self {
+        Self::build(inner, timeout, true)
+    }
+
+    fn build(inner: T, timeout: Duration, watch_reads: bool) -> Self {
+        StallTimeout {
             inner,
             timer: Box::pin(tokio::time::sleep(timeout)),
             timeout,
             blocked: false,
+            watch_reads,
         }
     }
 }
 
-impl<T> SendTimeout<T> {
+impl<T> StallTimeout<T> {
     /// Tracks one write-side poll: progress disarms the clock, `Pending`
     /// arms it (once per blocked stretch) and fails once it has expired.
     fn watch<R>(
@@ -77,7 +108,7 @@ impl<T> SendTimeout<T> {
                 match this.timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("client read nothing for {:?} (send_timeout)", this.timeout),
+                        Stalled(*this.timeout),
                     ))),
                     Poll::Pending => Poll::Pending,
                 }
@@ -86,17 +117,25 @@ impl<T> SendTimeout<T> {
     }
 }
 
-impl<T: AsyncRead> AsyncRead for SendTimeout<T> {
+impl<T: AsyncRead> AsyncRead for StallTimeout<T> {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
+        if !self.watch_reads {
+            return self.project().inner.poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        let polled = self.as_mut().project().inner.poll_read(cx, buf);
+        // EOF (nothing filled) is not progress, but it is not `Pending`
+        // either, so it never arms the clock.
+        let moved = buf.filled().len() > before;
+        self.watch(cx, polled, |_| moved)
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
+impl<T: AsyncWrite> AsyncWrite for StallTimeout<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -119,14 +158,18 @@ impl<T: AsyncWrite> AsyncWrite for SendTimeout<T> {
         self.inner.is_write_vectored()
     }
 
+    // A finished flush or shutdown moved no byte of its own (on TCP they
+    // are no-ops), so it never disarms the clock: hyper flushes on every
+    // pass of its loop, and counting that as progress would re-arm the
+    // clock on every wake-up, including the timer's own.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = self.as_mut().project().inner.poll_flush(cx);
-        self.watch(cx, polled, |_| true)
+        self.watch(cx, polled, |_| false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = self.as_mut().project().inner.poll_shutdown(cx);
-        self.watch(cx, polled, |_| true)
+        self.watch(cx, polled, |_| false)
     }
 }
 
@@ -138,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_that_never_reads_fails_the_write() {
         let (server, _client) = tokio::io::duplex(64);
-        let mut guarded = SendTimeout::new(server, Duration::from_millis(100));
+        let mut guarded = StallTimeout::on_writes(server, Duration::from_millis(100));
         let payload = vec![b'x'; 4096];
         let result = tokio::time::timeout(Duration::from_secs(10), guarded.write_all(&payload))
             .await
@@ -150,7 +193,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_but_steady_reader_gets_everything() {
         let (server, mut client) = tokio::io::duplex(64);
-        let mut guarded = SendTimeout::new(server, Duration::from_millis(500));
+        let mut guarded = StallTimeout::on_writes(server, Duration::from_millis(500));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut chunk = [0u8; 64];
@@ -181,7 +224,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_connection_is_not_timed_out() {
         let (server, mut client) = tokio::io::duplex(64);
-        let mut guarded = SendTimeout::new(server, Duration::from_millis(20));
+        let mut guarded = StallTimeout::on_writes(server, Duration::from_millis(20));
         // Nothing is written for far longer than the timeout...
         tokio::time::sleep(Duration::from_millis(100)).await;
         // ...and the next write still goes through.

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolTimeouts};
 use crate::state::ContainerState;
 
 /// How long an upstream connection may sit idle in the pool before it is
@@ -71,7 +71,14 @@ impl Upstream {
             addr,
             label,
             container,
-            pool: Pool::new(addr, limits.upstream_connect_timeout, POOL_IDLE_TIMEOUT),
+            pool: Pool::new(
+                addr,
+                PoolTimeouts {
+                    connect: limits.upstream_connect_timeout,
+                    stall: limits.upstream_timeout,
+                    idle: POOL_IDLE_TIMEOUT,
+                },
+            ),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -32,6 +32,9 @@ enum Script {
     DieMidBodyLength,
     /// Sends a chunked head and one chunk, then closes without the last chunk.
     DieMidBodyChunked,
+    /// Sends a head promising 100,000 bytes, 1,000 of them, then goes
+    /// silent with the connection open.
+    StallMidBody,
 }
 
 struct ScriptedUpstream {
@@ -105,6 +108,15 @@ async fn serve_scripted(
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
                     .await?;
                 stream.write_all(&[b'x'; 1000]).await?;
+                return Ok(());
+            }
+            (Script::StallMidBody, _) => {
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    .await?;
+                stream.write_all(&[b'x'; 1000]).await?;
+                // Silent, but bounded so the task cannot outlive the run.
+                tokio::time::sleep(Duration::from_secs(30)).await;
                 return Ok(());
             }
             (Script::DieMidBodyChunked, _) => {
@@ -319,5 +331,30 @@ async fn upstream_dying_mid_body_resets_the_http2_stream() {
     assert!(
         outcome.is_err(),
         "a truncated body was delivered as a complete HTTP/2 response"
+    );
+}
+
+#[tokio::test]
+async fn upstream_stalling_mid_body_is_cut_at_the_upstream_timeout() {
+    let upstream = start_scripted(Script::StallMidBody).await;
+    let config = config(upstream.addr).replace(
+        "[server]",
+        "[server]\n[server.limits]\nupstream_timeout = \"300ms\"",
+    );
+    let proxy = start_proxy(&config).await;
+    let mut stream = TcpStream::connect(proxy.http_addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .expect("write");
+    // Without a stall clock on the upstream connection this read would wait
+    // for the upstream's 30 s sleep; read_to_eof gives up after 10 s.
+    let response = read_to_eof(&mut stream).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    let body_len = response.len() - (text.find("\r\n\r\n").expect("head end") + 4);
+    assert!(
+        body_len < 100_000,
+        "body cannot be complete: {body_len} bytes"
     );
 }
