@@ -206,7 +206,9 @@ elif check == "sslscan-only-ecdhe-aead-suites":
         if version == "TLSv1.3":
             ok = name in ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
         else:
-            ok = name.startswith("ECDHE-") and ("-GCM-" in name or name.endswith("CHACHA20-POLY1305"))
+            # AEAD: AES-GCM, ChaCha20-Poly1305, AES-CCM(8).
+            aead = "-GCM-" in name or name.endswith("CHACHA20-POLY1305") or "-CCM" in name
+            ok = name.startswith("ECDHE-") and aead
         if not ok:
             why.append(f"{version} {name}")
     if why and ciphers:
