@@ -2,19 +2,19 @@
 //! HAProxy: `cargo bench --bench proxy_throughput`.
 //!
 //! Method
-//! - One upstream for every target: this same bench binary re-executed as a
-//!   child process (`BENCH_ROLE=upstream`), a single-threaded hyper 1
-//!   HTTP/1.1 server answering every request with a fixed 100-byte body. A
-//!   separate process keeps it from sharing a runtime with the load
-//!   generator. It exits when its stdin closes, so it dies with the bench.
+//! - One upstream for every target: the origin of `support/origin.rs` (this
+//!   bench binary re-executed, a single-threaded hyper 1 HTTP/1.1 server
+//!   answering `GET /` with a fixed 100-byte body) in a process of its own,
+//!   so it never shares a runtime with the load generator.
 //! - The targets, measured one after another in one run on one machine:
 //!   `direct` (the upstream itself), cutover (the release binary cargo builds
-//!   for this bench, `workers = 1`, one catch-all site; once with
-//!   `RUST_LOG=warn` and once with `RUST_LOG=info`, i.e. with its access log
-//!   written to a file), nginx (`worker_processes 1`, keep-alive upstream
-//!   pool, no access log) and HAProxy (`nbthread 1`, `http-reuse always`).
-//!   Every proxy gets one worker thread, so the comparison is per core. A
-//!   proxy that is not installed gets a "not installed" row.
+//!   for this bench, one catch-all site; once with `RUST_LOG=warn` and once
+//!   with `RUST_LOG=info`, i.e. with its access log written to a file),
+//!   nginx (keep-alive upstream pool, no access log) and HAProxy
+//!   (`http-reuse always`), all configured by `support/proxies.rs`. Every
+//!   proxy gets `BENCH_WORKERS` worker threads (default 1, so the comparison
+//!   is per core; 0 = all cores). A proxy that is not installed gets a "not
+//!   installed" row.
 //! - Load: `wrk -t1 -c64 --latency` when wrk is installed, and always the
 //!   built-in generator (64 keep-alive hyper connections on one thread, every
 //!   request timed in microseconds). Each measured run is preceded by an
@@ -26,7 +26,8 @@
 //!   the machine (a build) skews req/s and latency far more than it skews
 //!   CPU per request.
 //! - "target CPU µs/req" is the user + system CPU time the target process
-//!   (the upstream for `direct`, else the proxy alone) used during the
+//!   (the upstream for `direct`, else the proxy alone, nginx's workers
+//!   included) used during the
 //!   measured run, from `/proc/PID/stat`, divided by the requests served. Load
 //!   generator, proxy and upstream share the machine's cores, so on a small
 //!   machine req/s measures how well the three share them; CPU per request
@@ -40,22 +41,22 @@
 //! `BENCH_WARMUP_SECONDS` (default 1), `BENCH_CONNECTIONS` (default 64),
 //! `BENCH_GENERATORS` (`wrk,builtin` by default; either one alone works),
 //! `BENCH_CUTOVER_INFO=0` to skip the `RUST_LOG=info` cutover row,
-//! `BENCH_CUTOVER_BIN` to measure another cutover binary.
+//! `BENCH_WORKERS` (1; 0 = one per core), `BENCH_CUTOVER_BIN` to measure
+//! another cutover binary.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[path = "support/mod.rs"]
 mod support;
+use support::load::{wrk, Measurement};
+use support::proxies::{self, Kind};
 use support::*;
 
 fn main() {
-    if std::env::var("BENCH_ROLE").as_deref() == Ok("upstream") {
-        upstream::serve();
+    if origin::serve_if_origin() {
         return;
     }
     // `cargo bench` passes --bench; `cargo test --benches` does not, and a
@@ -93,6 +94,8 @@ struct Settings {
     connections: usize,
     generators: Vec<Generator>,
     cutover_info_row: bool,
+    /// Worker threads per proxy; 0 = one per core.
+    workers: usize,
 }
 
 /// The load generator that produced a measurement.
@@ -131,17 +134,24 @@ impl Settings {
             connections: env_or("BENCH_CONNECTIONS", 64).max(1),
             generators,
             cutover_info_row: env_or("BENCH_CUTOVER_INFO", 1) != 0,
+            workers: env_or("BENCH_WORKERS", 1),
         }
     }
 
     fn describe(&self) -> String {
         let generators: Vec<&str> = self.generators.iter().map(|g| g.name()).collect();
         format!(
-            "Load: {} keep-alive connections, {} s warm-up + {} s measured per run; generators: {}.\n",
+            "Load: {} keep-alive connections, {} s warm-up + {} s measured per run; generators: {}; \
+             worker threads per proxy: {}.\n",
             self.connections,
             self.warmup_seconds,
             self.seconds,
-            generators.join(", ")
+            generators.join(", "),
+            if self.workers == 0 {
+                "one per core".to_string()
+            } else {
+                self.workers.to_string()
+            }
         )
     }
 }
@@ -246,45 +256,30 @@ struct Row {
     outcome: Result<Measurement, String>,
 }
 
-/// What one load run measured.
-#[derive(Debug, Clone, Default)]
-struct Measurement {
-    requests: u64,
-    seconds: f64,
-    requests_per_second: f64,
-    p50_us: f64,
-    p99_us: f64,
-    max_us: f64,
-    /// Connection errors, timeouts and non-200 answers.
-    errors: u64,
-    /// CPU time (user + system) the target process used per request: the
-    /// upstream for `direct`, the proxy alone otherwise.
-    cpu_us_per_request: Option<f64>,
-}
-
 fn run_all(settings: &Settings) -> Vec<Row> {
     let scratch = tempfile::tempdir().expect("create a temporary directory for configs and logs");
-    let upstream = upstream::Process::spawn();
+    let upstream = origin::Origin::spawn();
     let mut rows = Vec::new();
 
     rows.extend(measure("direct", upstream.addr, upstream.pid(), settings));
 
-    let cutover = targets::cutover_binary();
-    let mut cutover_variants = vec![("cutover (RUST_LOG=warn)", "warn")];
+    let mut variants = vec![("cutover (RUST_LOG=warn)", Kind::Cutover, "warn")];
     if settings.cutover_info_row {
-        cutover_variants.push(("cutover (RUST_LOG=info, access log)", "info"));
+        variants.push(("cutover (RUST_LOG=info, access log)", Kind::Cutover, "info"));
     }
-    for (name, log_level) in cutover_variants {
-        let dir = scratch.path().join(format!("cutover-{log_level}"));
-        let started = targets::start_cutover(&cutover, &dir, upstream.addr, log_level);
+    variants.push(("nginx", Kind::Nginx, "warn"));
+    variants.push(("haproxy", Kind::Haproxy, "warn"));
+    for (name, kind, cutover_log) in variants {
+        let options = proxies::Options {
+            workers: settings.workers,
+            cutover_log,
+        };
+        let dir = scratch
+            .path()
+            .join(format!("{}-{cutover_log}", kind.name()));
+        let started = proxies::start(kind, &dir, upstream.addr, options);
         rows.extend(measure_started(name, started, settings));
     }
-
-    let started = targets::start_nginx(&scratch.path().join("nginx"), upstream.addr);
-    rows.extend(measure_started("nginx", started, settings));
-
-    let started = targets::start_haproxy(&scratch.path().join("haproxy"), upstream.addr);
-    rows.extend(measure_started("haproxy", started, settings));
 
     drop(upstream);
     rows
@@ -294,12 +289,12 @@ fn run_all(settings: &Settings) -> Vec<Row> {
 /// a failure becomes one row that says why.
 fn measure_started(
     name: &str,
-    started: Result<targets::Running, String>,
+    started: Result<proxies::Running, String>,
     settings: &Settings,
 ) -> Vec<Row> {
     match started {
         Ok(running) => {
-            let rows = measure(name, running.addr, running.pid(), settings);
+            let rows = measure(name, running.http, running.pid(), settings);
             drop(running);
             rows
         }
@@ -339,7 +334,12 @@ fn measure_one(
     settings: &Settings,
 ) -> Result<Measurement, String> {
     let load = |seconds| match generator {
-        Generator::Wrk => wrk::run(addr, settings.connections, seconds),
+        Generator::Wrk => wrk::run(
+            &format!("http://{addr}/"),
+            settings.connections,
+            seconds,
+            &[],
+        ),
         Generator::Builtin => Ok(loadgen::run(addr, settings.connections, seconds)),
     };
     if settings.warmup_seconds > 0 {
@@ -347,354 +347,10 @@ fn measure_one(
     }
     let before = cpu_ticks(pid);
     let mut measurement = load(settings.seconds)?;
-    measurement.cpu_us_per_request = cpu_per_request(before, cpu_ticks(pid), &measurement);
+    measurement.cpu_us_per_request = cpu_per_request(before, cpu_ticks(pid), measurement.requests);
     Ok(measurement)
 }
 
-/// User + system CPU time of a process so far, in clock ticks
-/// (`/proc/PID/stat` fields 14 and 15).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; the fields after it don't.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some(user + system)
-}
-
-/// Linux reports process CPU time in USER_HZ ticks, 100 per second on every
-/// mainstream architecture.
-const MICROS_PER_TICK: f64 = 10_000.0;
-
-fn cpu_per_request(before: Option<u64>, after: Option<u64>, m: &Measurement) -> Option<f64> {
-    let ticks = after?.checked_sub(before?)?;
-    (m.requests > 0).then(|| ticks as f64 * MICROS_PER_TICK / m.requests as f64)
-}
-
-// ---------------------------------------------------------------------------
-// Processes and readiness
-// ---------------------------------------------------------------------------
-
-/// Waits until `GET /` on `addr` answers 200, the child dies, or 10 s pass.
-fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: &Path) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = String::from("no attempt");
-    while Instant::now() < deadline {
-        if let Some(exit) = child.exited() {
-            return Err(format!("{exit}; log: {}", tail(log)));
-        }
-        match probe(addr) {
-            Ok(status_line) if status_line.contains(" 200 ") => return Ok(()),
-            Ok(status_line) => last = status_line,
-            Err(err) => last = err.to_string(),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!(
-        "{} did not answer 200 within 10 s (last: {last}); log: {}",
-        child.name,
-        tail(log)
-    ))
-}
-
-// ---------------------------------------------------------------------------
-// The upstream: this binary re-executed with BENCH_ROLE=upstream
-// ---------------------------------------------------------------------------
-
-mod upstream {
-    use super::*;
-
-    use bytes::Bytes;
-    use http_body_util::Full;
-    use hyper::header::{HeaderValue, CONTENT_TYPE};
-    use hyper::service::service_fn;
-    use hyper::{Request, Response};
-    use hyper_util::rt::TokioIo;
-
-    /// The fixed response body: exactly 100 bytes.
-    const BODY: &[u8; 100] =
-        b"cutover bench upstream: a fixed body of exactly one hundred bytes, padded with dots................\n";
-
-    /// The running upstream child; killed when dropped.
-    pub struct Process {
-        pub addr: SocketAddr,
-        child: ChildGuard,
-    }
-
-    impl Process {
-        pub fn pid(&self) -> u32 {
-            self.child.pid()
-        }
-
-        /// Starts the upstream and reads the address it bound from its stdout.
-        pub fn spawn() -> Process {
-            let exe = std::env::current_exe().expect("locate the bench executable");
-            let mut child = Command::new(exe)
-                .env("BENCH_ROLE", "upstream")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start the upstream process");
-            let stdout = child.stdout.take().expect("upstream stdout is piped");
-            let mut line = String::new();
-            BufReader::new(stdout)
-                .read_line(&mut line)
-                .expect("read the upstream's address");
-            let addr = line
-                .trim()
-                .strip_prefix("listening ")
-                .and_then(|addr| addr.parse().ok())
-                .unwrap_or_else(|| panic!("upstream printed {line:?}, not its address"));
-            Process {
-                addr,
-                child: ChildGuard::new("upstream", child),
-            }
-        }
-    }
-
-    /// The child's entry point: serve until stdin closes (the bench ended or
-    /// died), on one thread.
-    pub fn serve() {
-        std::thread::spawn(|| {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-            std::process::exit(0);
-        });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("build the upstream runtime");
-        runtime.block_on(accept_loop());
-    }
-
-    async fn accept_loop() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("upstream: bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("upstream: local address");
-        println!("listening {addr}");
-        std::io::stdout().flush().expect("upstream: flush stdout");
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
-                    let mut response = Response::new(Full::new(Bytes::from_static(BODY)));
-                    response
-                        .headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-                    Ok::<_, std::convert::Infallible>(response)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The proxies under test
-// ---------------------------------------------------------------------------
-
-mod targets {
-    use super::*;
-
-    /// A started proxy; stopped when dropped.
-    pub struct Running {
-        pub addr: SocketAddr,
-        child: ChildGuard,
-    }
-
-    impl Running {
-        pub fn pid(&self) -> u32 {
-            self.child.pid()
-        }
-    }
-
-    /// The cutover binary cargo built for this bench (bench profile, i.e.
-    /// release settings), unless `BENCH_CUTOVER_BIN` names another.
-    pub fn cutover_binary() -> PathBuf {
-        std::env::var_os("BENCH_CUTOVER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_cutover")))
-    }
-
-    /// Writes `text` to `dir/name`, creating `dir`.
-    fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
-        std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
-        let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|err| format!("write {}: {err}", path.display()))?;
-        Ok(path)
-    }
-
-    /// Spawns `command` with stdout and stderr in `log`, then waits for it
-    /// to answer on `addr`.
-    fn launch(
-        name: &str,
-        mut command: Command,
-        addr: SocketAddr,
-        log: &Path,
-    ) -> Result<Running, String> {
-        let log_file =
-            std::fs::File::create(log).map_err(|err| format!("create {}: {err}", log.display()))?;
-        let log_copy = log_file
-            .try_clone()
-            .map_err(|err| format!("duplicate log handle: {err}"))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log_copy)
-            .stderr(log_file)
-            .spawn()
-            .map_err(|err| format!("cannot start {name}: {err}"))?;
-        let mut child = ChildGuard::new(name, child);
-        wait_ready(addr, &mut child, log)?;
-        Ok(Running { addr, child })
-    }
-
-    fn listen_addr() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], free_port()))
-    }
-
-    pub fn start_cutover(
-        binary: &Path,
-        dir: &Path,
-        upstream: SocketAddr,
-        log_level: &str,
-    ) -> Result<Running, String> {
-        if !binary.exists() {
-            return Err(format!("cutover binary {} not found", binary.display()));
-        }
-        let addr = listen_addr();
-        let config = format!(
-            "[server]\n\
-             http = \"{addr}\"\n\
-             workers = 1\n\
-             \n\
-             [[site]]\n\
-             hosts = [\"*\"]\n\
-             service = \"up\"\n\
-             \n\
-             [service.up]\n\
-             upstream = \"{upstream}\"\n"
-        );
-        let path = write_config(dir, "proxy.toml", &config)?;
-        let mut command = Command::new(binary);
-        command
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", log_level);
-        launch("cutover", command, addr, &dir.join("cutover.log"))
-    }
-
-    pub fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<Running, String> {
-        if !tool_installed("nginx") {
-            return Err("nginx: not installed (apt-get install nginx)".to_string());
-        }
-        let addr = listen_addr();
-        let d = dir.display();
-        // keepalive_requests is raised on both sides so neither nginx nor
-        // cutover recycles connections mid-run (cutover never does).
-        let config = format!(
-            "worker_processes 1;\n\
-             daemon off;\n\
-             master_process off;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n\
-             \x20   access_log off;\n\
-             \x20   keepalive_requests 1000000;\n\
-             \x20   client_body_temp_path {d}/client_body;\n\
-             \x20   proxy_temp_path {d}/proxy;\n\
-             \x20   fastcgi_temp_path {d}/fastcgi;\n\
-             \x20   uwsgi_temp_path {d}/uwsgi;\n\
-             \x20   scgi_temp_path {d}/scgi;\n\
-             \x20   upstream up {{\n\
-             \x20       server {upstream};\n\
-             \x20       keepalive 64;\n\
-             \x20       keepalive_requests 1000000;\n\
-             \x20   }}\n\
-             \x20   server {{\n\
-             \x20       listen {addr};\n\
-             \x20       location / {{\n\
-             \x20           proxy_pass http://up;\n\
-             \x20           proxy_http_version 1.1;\n\
-             \x20           proxy_set_header Connection \"\";\n\
-             \x20       }}\n\
-             \x20   }}\n\
-             }}\n"
-        );
-        let path = write_config(dir, "nginx.conf", &config)?;
-        let error_log = dir.join("error.log");
-        validate_nginx(dir, &path, &error_log)?;
-        let mut command = Command::new("nginx");
-        command
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(&path)
-            .arg("-e")
-            .arg(&error_log);
-        launch("nginx", command, addr, &dir.join("nginx.out"))
-    }
-
-    /// `nginx -t`, so a bad config is reported with nginx's own message.
-    fn validate_nginx(dir: &Path, config: &Path, error_log: &Path) -> Result<(), String> {
-        let output = Command::new("nginx")
-            .arg("-t")
-            .arg("-q")
-            .arg("-p")
-            .arg(dir)
-            .arg("-c")
-            .arg(config)
-            .arg("-e")
-            .arg(error_log)
-            .output()
-            .map_err(|err| format!("cannot run nginx -t: {err}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "nginx -t failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    }
-
-    pub fn start_haproxy(dir: &Path, upstream: SocketAddr) -> Result<Running, String> {
-        if !tool_installed("haproxy") {
-            return Err("haproxy: not installed (apt-get install haproxy)".to_string());
-        }
-        let addr = listen_addr();
-        let config = format!(
-            "global\n\
-             \x20   nbthread 1\n\
-             \x20   maxconn 4096\n\
-             defaults\n\
-             \x20   mode http\n\
-             \x20   option http-keep-alive\n\
-             \x20   timeout connect 5s\n\
-             \x20   timeout client 30s\n\
-             \x20   timeout server 30s\n\
-             frontend bench\n\
-             \x20   bind {addr}\n\
-             \x20   default_backend up\n\
-             backend up\n\
-             \x20   http-reuse always\n\
-             \x20   server up {upstream}\n"
-        );
-        let path = write_config(dir, "haproxy.cfg", &config)?;
-        let mut command = Command::new("haproxy");
-        command.arg("-db").arg("-f").arg(&path);
-        launch("haproxy", command, addr, &dir.join("haproxy.log"))
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Load generators
 // ---------------------------------------------------------------------------
 
@@ -820,108 +476,6 @@ mod loadgen {
     }
 }
 
-mod wrk {
-    //! Runs `wrk -t1 -c<connections> --latency` and parses its report.
-
-    use super::*;
-
-    pub fn run(addr: SocketAddr, connections: usize, seconds: u64) -> Result<Measurement, String> {
-        let url = format!("http://{addr}/");
-        let report = invoke(&url, connections, seconds)?;
-        parse(&report).ok_or_else(|| format!("cannot parse wrk output:\n{report}"))
-    }
-
-    fn invoke(url: &str, connections: usize, seconds: u64) -> Result<String, String> {
-        let output = Command::new("wrk")
-            .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
-            .args(["--timeout", "5s", "--latency", url])
-            .output()
-            .map_err(|err| format!("cannot run wrk: {err}"))?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        if output.status.success() {
-            Ok(text)
-        } else {
-            Err(format!(
-                "wrk failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            ))
-        }
-    }
-
-    /// Picks the numbers out of wrk's report:
-    /// ```text
-    ///     Latency   580.12us  100.00us   5.00ms   90.00%
-    ///      50%  550.00us
-    ///      99%    1.20ms
-    ///   123456 requests in 5.00s, 20.00MB read
-    ///   Socket errors: connect 0, read 0, write 0, timeout 0
-    ///   Non-2xx or 3xx responses: 5
-    /// ```
-    pub fn parse(report: &str) -> Option<Measurement> {
-        let mut m = Measurement::default();
-        let mut have = (false, false, false, false);
-        for line in report.lines() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            match words.as_slice() {
-                ["Latency", _avg, _stdev, max, ..] => {
-                    m.max_us = micros(max)?;
-                    have.0 = true;
-                }
-                ["50%", value] => {
-                    m.p50_us = micros(value)?;
-                    have.1 = true;
-                }
-                ["99%", value] => {
-                    m.p99_us = micros(value)?;
-                    have.2 = true;
-                }
-                [count, "requests", "in", secs, ..] => {
-                    m.requests = count.parse().ok()?;
-                    m.seconds = secs
-                        .trim_end_matches(',')
-                        .trim_end_matches('s')
-                        .parse()
-                        .ok()?;
-                    have.3 = true;
-                }
-                ["Socket", "errors:", rest @ ..] => {
-                    m.errors += rest
-                        .iter()
-                        .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                        .sum::<u64>();
-                }
-                ["Non-2xx", "or", "3xx", "responses:", count] => {
-                    m.errors += count.parse::<u64>().ok()?;
-                }
-                _ => {}
-            }
-        }
-        if have != (true, true, true, true) || m.seconds <= 0.0 {
-            return None;
-        }
-        m.requests_per_second = m.requests as f64 / m.seconds;
-        Some(m)
-    }
-
-    /// "580.12us", "1.20ms", "2.00s" → microseconds.
-    fn micros(text: &str) -> Option<f64> {
-        let (number, scale) = if let Some(n) = text.strip_suffix("us") {
-            (n, 1.0)
-        } else if let Some(n) = text.strip_suffix("ms") {
-            (n, 1_000.0)
-        } else if let Some(n) = text.strip_suffix('m') {
-            (n, 60_000_000.0)
-        } else if let Some(n) = text.strip_suffix('s') {
-            (n, 1_000_000.0)
-        } else {
-            (text, 1.0)
-        };
-        number.parse::<f64>().ok().map(|n| n * scale)
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Reporting
 // ---------------------------------------------------------------------------
 
@@ -1039,19 +593,14 @@ mod report {
 
     /// Writes the JSON report and returns its path.
     pub fn write_json(machine: &Machine, settings: &Settings, rows: &[Row]) -> PathBuf {
-        let path = std::env::var_os("BENCH_RESULTS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("target/bench-results/proxy_throughput.json")
-            });
+        let path = results_path("proxy_throughput");
         let json = serde_json::json!({
             "machine": {
                 "date": machine.date,
                 "cores": machine.cores,
                 "cpu": machine.cpu,
-                                "kernel": machine.kernel,
-                                "load_average_at_start": machine.load,
+                "kernel": machine.kernel,
+                "load_average_at_start": machine.load,
                 "cpu_busy_percent_before_start": machine.busy_percent,
                 "tools": machine.tools.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             },
@@ -1059,16 +608,11 @@ mod report {
                 "seconds": settings.seconds,
                 "warmup_seconds": settings.warmup_seconds,
                 "connections": settings.connections,
+                "workers": settings.workers,
             },
             "rows": rows.iter().map(|row| row_json(rows, row)).collect::<Vec<_>>(),
         });
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
-        }
-        let text = serde_json::to_string_pretty(&json).expect("serialize the results");
-        std::fs::write(&path, text + "\n")
-            .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        support::write_json(&path, &json);
         path
     }
 
@@ -1090,7 +634,7 @@ mod report {
                     "added_p99_ms": direct
                         .filter(|_| row.target != "direct")
                         .map(|d| (m.p99_us - d.p99_us) / 1000.0),
-                                    "errors": m.errors,
+                    "errors": m.errors,
                     "target_cpu_us_per_request": m.cpu_us_per_request,
                 })
             }

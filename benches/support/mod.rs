@@ -1,8 +1,13 @@
 //! Helpers the benches share: child processes that die with the bench,
-//! free ports, readiness probes, machine facts, percentiles. Each bench
-//! target includes this file with `#[path]` and uses a subset of it.
+//! free ports, readiness probes, machine facts, percentiles, CPU time; the
+//! origin server, the three proxies and the external load generators. Each
+//! bench target includes this file with `#[path]` and uses a subset of it.
 
 #![allow(dead_code)]
+
+pub mod load;
+pub mod origin;
+pub mod proxies;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -136,4 +141,75 @@ impl Drop for ChildGuard {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// User + system CPU time so far, in clock ticks, of `pid` and its direct
+/// children (nginx's workers under a master): `/proc/PID/stat` fields 14, 15.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let own = own_cpu_ticks(pid)?;
+    let children: u64 = child_pids(pid).into_iter().filter_map(own_cpu_ticks).sum();
+    Some(own + children)
+}
+
+/// Linux reports process CPU time in USER_HZ ticks, 100 per second on every
+/// mainstream architecture.
+pub const MICROS_PER_TICK: f64 = 10_000.0;
+
+/// CPU µs per request between two `cpu_ticks` readings.
+pub fn cpu_per_request(before: Option<u64>, after: Option<u64>, requests: u64) -> Option<f64> {
+    let ticks = after?.checked_sub(before?)?;
+    (requests > 0).then(|| ticks as f64 * MICROS_PER_TICK / requests as f64)
+}
+
+/// The fields after the command name of /proc/PID/stat (the name may
+/// contain spaces; nothing after it does).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    Some(after_name.split_whitespace().map(str::to_string).collect())
+}
+
+fn own_cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
+/// Processes whose parent is `parent`.
+pub fn child_pids(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            stat_fields(pid)
+                .and_then(|f| f.get(1)?.parse::<u32>().ok())
+                .is_some_and(|ppid| ppid == parent)
+        })
+        .collect()
+}
+
+/// Where a bench writes its JSON: `$BENCH_RESULTS`, else
+/// `target/bench-results/<name>.json`.
+pub fn results_path(name: &str) -> std::path::PathBuf {
+    std::env::var_os("BENCH_RESULTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/bench-results")
+                .join(format!("{name}.json"))
+        })
+}
+
+/// Writes `json` (pretty) to `path`, creating its directory.
+pub fn write_json(path: &Path, json: &serde_json::Value) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
+    }
+    let text = serde_json::to_string_pretty(json).expect("serialize the results");
+    std::fs::write(path, text + "\n")
+        .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
 }
