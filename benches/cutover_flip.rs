@@ -16,7 +16,11 @@
 //!      the upstream block + SIGHUP to the master (`master_process on`,
 //!      `worker_processes 1`), then wait until every worker that existed
 //!      before the reload has exited (bounded, 10 s) — nginx's equivalent of
-//!      "drain done";
+//!      "drain done"; HAProxy = its runtime API on the stats socket (a
+//!      backend with a `blue` and a `green` server, `nbthread 1`): `set
+//!      server up/<new> state ready; set server up/<old> state maint`, then
+//!      poll `show stat` until the old server has no current sessions
+//!      (bounded, 10 s) — HAProxy's "drain done";
 //!   3. the old upstream is STOPPED (SIGKILL: listener and connections
 //!      gone), so any request still routed to it fails.
 //! - A failed request is a connection error, a request error (e.g. the
@@ -26,12 +30,13 @@
 //!   (`ready()` fails, nothing was sent), is not a failure: it is counted as
 //!   a reconnect.
 //! - Drain time per flip: cutover = the switch reply's `drain.drain_ms`;
-//!   nginx = time from SIGHUP until the old workers had exited.
+//!   nginx = time from SIGHUP until the old workers had exited; HAProxy =
+//!   time from the runtime API command until the old server's `scur` was 0.
 //!
 //! Output: a Markdown table on stdout and JSON in
 //! `target/bench-results/cutover_flip.json` (or `$BENCH_RESULTS`).
 //! Environment: `BENCH_SECONDS` (default 20), `BENCH_CONNECTIONS` (64),
-//! `BENCH_TARGETS` (`cutover,nginx`), `BENCH_CUTOVER_BIN`.
+//! `BENCH_TARGETS` (`cutover,nginx,haproxy`), `BENCH_CUTOVER_BIN`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -64,6 +69,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!("- nginx: {}", first_line_of("nginx", &["-v"]));
+    println!("- haproxy: {}", first_line_of("haproxy", &["-v"]));
     println!("- load average at start: {}", load_average());
     println!(
         "- load: {} keep-alive connections (built-in generator) for {} s; one flip per second; \
@@ -108,10 +114,10 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
-        let targets = env_or("BENCH_TARGETS", "cutover,nginx".to_string())
+        let targets = env_or("BENCH_TARGETS", "cutover,nginx,haproxy".to_string())
             .split(',')
             .map(|t| t.trim().to_string())
-            .filter(|t| t == "cutover" || t == "nginx")
+            .filter(|t| ["cutover", "nginx", "haproxy"].contains(&t.as_str()))
             .collect();
         Settings {
             seconds: env_or("BENCH_SECONDS", 20).clamp(3, 600),
@@ -175,6 +181,10 @@ fn run_target(target: &str, settings: &Settings, dir: &Path) -> Result<Row, Stri
             "nginx" => {
                 let (running, flipper) = targets::start_nginx(dir, blue)?;
                 (running.addr(), Box::new(flipper), Box::new(running))
+            }
+            "haproxy" => {
+                let (running, flipper) = targets::start_haproxy(dir, blue, upstreams.addr(1))?;
+                (running.addr, Box::new(flipper), Box::new(running))
             }
             other => return Err(format!("unknown target {other}")),
         };
@@ -706,6 +716,135 @@ mod targets {
                 wall_ms,
                 drain_ms: wall_ms,
                 detail: format!("old workers {old_workers:?} exited"),
+            })
+        }
+    }
+    // --- HAProxy -------------------------------------------------------------
+
+    /// Flips HAProxy between its `blue` and `green` servers over the runtime
+    /// API (the admin-level stats socket).
+    pub struct HaproxyFlipper {
+        socket: PathBuf,
+        servers: [(SocketAddr, &'static str); 2],
+    }
+
+    pub fn start_haproxy(
+        dir: &Path,
+        blue: SocketAddr,
+        green: SocketAddr,
+    ) -> Result<(Running, HaproxyFlipper), String> {
+        if !tool_installed("haproxy") {
+            return Err("haproxy: not installed (apt-get install -y haproxy)".to_string());
+        }
+        let addr = listen_addr();
+        let socket = dir.join("haproxy.sock");
+        let config = format!(
+            "global\n\
+             \x20   nbthread 1\n\
+             \x20   stats socket {socket} mode 600 level admin\n\
+             defaults\n\
+             \x20   mode http\n\
+             \x20   option http-keep-alive\n\
+             \x20   timeout connect 5s\n\
+             \x20   timeout client 30s\n\
+             \x20   timeout server 30s\n\
+             frontend bench\n\
+             \x20   bind {addr}\n\
+             \x20   default_backend up\n\
+             backend up\n\
+             \x20   http-reuse always\n\
+             \x20   server blue {blue}\n\
+             \x20   server green {green} disabled\n",
+            socket = socket.display(),
+        );
+        let path = write_config(dir, "haproxy.cfg", &config)?;
+        let mut command = Command::new("haproxy");
+        command.arg("-db").arg("-f").arg(&path);
+        let log = dir.join("haproxy.log");
+        let mut child = spawn_logged("haproxy", command, &log)?;
+        wait_ready(addr, &mut child, Some(&log))?;
+        Ok((
+            Running {
+                addr,
+                _child: child,
+            },
+            HaproxyFlipper {
+                socket,
+                servers: [(blue, "blue"), (green, "green")],
+            },
+        ))
+    }
+
+    impl HaproxyFlipper {
+        /// One runtime API command (several joined by `;`); HAProxy answers
+        /// and closes. Any non-empty answer to `set` is an error message.
+        fn command(&self, line: &str) -> Result<String, String> {
+            use std::io::{Read, Write};
+            let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)
+                .map_err(|err| format!("connect {}: {err}", self.socket.display()))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|err| err.to_string())?;
+            stream
+                .write_all(format!("{line}\n").as_bytes())
+                .map_err(|err| format!("send {line:?}: {err}"))?;
+            let mut answer = String::new();
+            stream
+                .read_to_string(&mut answer)
+                .map_err(|err| format!("read the answer to {line:?}: {err}"))?;
+            Ok(answer)
+        }
+
+        /// Current sessions on server `name` of backend `up`, from the
+        /// `show stat` CSV (`pxname,svname,qcur,qmax,scur,...`).
+        fn current_sessions(&self, name: &str) -> Result<u64, String> {
+            let csv = self.command("show stat")?;
+            csv.lines()
+                .map(|line| line.split(',').collect::<Vec<_>>())
+                .find(|fields| fields.first() == Some(&"up") && fields.get(1) == Some(&name))
+                .and_then(|fields| fields.get(4)?.parse().ok())
+                .ok_or_else(|| format!("no up/{name} line in show stat"))
+        }
+    }
+
+    impl Flipper for HaproxyFlipper {
+        fn flip(&mut self, to: SocketAddr) -> Result<Flip, String> {
+            let (new, old) = if self.servers[0].0 == to {
+                (self.servers[0].1, self.servers[1].1)
+            } else {
+                (self.servers[1].1, self.servers[0].1)
+            };
+            let began = Instant::now();
+            let answer = self.command(&format!(
+                "set server up/{new} state ready; set server up/{old} state maint"
+            ))?;
+            if !answer.trim().is_empty() {
+                return Err(format!("runtime API refused the flip: {}", answer.trim()));
+            }
+            let wall_ms = began.elapsed().as_secs_f64() * 1000.0;
+            // Drain done = no session left on the old server.
+            let deadline = began + Duration::from_secs(10);
+            let mut polls = 0u32;
+            loop {
+                polls += 1;
+                let left = self.current_sessions(old)?;
+                if left == 0 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{left} session(s) still on {old} 10 s after the flip"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(Flip {
+                at_s: 0.0,
+                to: to.to_string(),
+                restart_ms: 0.0,
+                wall_ms,
+                drain_ms: began.elapsed().as_secs_f64() * 1000.0,
+                detail: format!("{new} ready, {old} maint; old scur 0 after {polls} poll(s)"),
             })
         }
     }
