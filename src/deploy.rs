@@ -790,6 +790,12 @@ impl Controller {
         let (mut active_info, mut previous_info) = (None, None);
         for info in containers {
             starting_seen |= starting.as_deref() == Some(info.name.trim_start_matches('/'));
+            let info = if Some(&info.id) == active_id.as_ref() && !info.running {
+                self.restart_stopped_active(engine, service, info, container.port, settings)
+                    .await
+            } else {
+                info
+            };
             if Some(&info.id) == active_id.as_ref() && info.running {
                 active_info = Some(info);
             } else if Some(&info.id) == previous_id.as_ref() && info.running {
@@ -863,6 +869,35 @@ impl Controller {
             );
         }
         Ok(())
+    }
+
+    /// The active container stopped without cutover stopping it: an engine
+    /// restart or a host reboot (the containers have no restart policy:
+    /// cutover decides), or an OOM kill. Starts it again and gives it the
+    /// health deadline, so the service comes back without a deploy.
+    /// Returns its fresh state (still stopped if it would not start).
+    async fn restart_stopped_active(
+        &self,
+        engine: &Engine,
+        service: &str,
+        info: ContainerInfo,
+        port: u16,
+        settings: &Service,
+    ) -> ContainerInfo {
+        tracing::warn!(service, container = %info.name, "the active container is stopped (engine restart or reboot?): starting it again");
+        let started = match engine.start(&info.id, port).await {
+            Ok(started) => started,
+            Err(err) => {
+                tracing::error!(service, container = %info.name, error = %err, "could not start the active container again");
+                return info;
+            }
+        };
+        if let Some(addr) = started.host_addr {
+            if let Err(err) = check_health(addr, settings, &Progress::log_only()).await {
+                tracing::error!(service, container = %info.name, error = %err, "the restarted active container is not healthy");
+            }
+        }
+        started
     }
 
     /// A deploy was creating container `name` when cutover stopped, and the

@@ -401,6 +401,13 @@ impl Engine {
         started
     }
 
+    /// Starts an existing, stopped container again and reports where it
+    /// listens now (an ephemeral host port changes across a restart).
+    pub async fn start(&self, id: &str, container_port: u16) -> Result<ContainerInfo, DockerError> {
+        self.docker.start_container(id, None).await?;
+        self.inspect(id, container_port).await
+    }
+
     /// Best-effort removal of a container that failed to come up; the original
     /// error matters more to the caller than a failed clean-up.
     async fn discard(&self, id: &str, name: &str) {

@@ -432,6 +432,78 @@ async fn engine_gone_mid_deploy() {
 
     h.deploy_ok(&v2).await;
     assert_eq!(all_agree(&h).await, "v2", "a deploy works again");
+
+    // (e) A real engine restart (without live-restore) also stops every
+    // container. Cut the engine mid-deploy and kill the serving v2 as the
+    // restart would: once the engine answers, cutover starts v2 again (the
+    // containers have no restart policy) and removes the stranded one.
+    let active = h.status().await["active"]["container"]
+        .as_str()
+        .expect("active container")
+        .to_string();
+    let deploying = {
+        let h = Arc::new(h);
+        let task = deploy_in_background(&h, &slow);
+        wait_running(&h, &slow).await;
+        engine.cut().await;
+        let out = finish(task).await;
+        assert_failed_with(&out, &["lost the docker engine"]);
+        Arc::into_inner(h).expect("no other owner")
+    };
+    let h = deploying;
+    docker(&["kill", &active]);
+    engine.restore();
+    wait_for_version(h.proxy.http, "v2", Duration::from_secs(60)).await;
+    wait_no_orphans(&h).await;
+    assert_eq!(all_agree(&h).await, "v2");
+    assert_eq!(
+        h.status().await["active"]["container"],
+        active.as_str(),
+        "the same container was started again"
+    );
+    h.done();
+}
+
+// ---------------------------------------------------------------------------
+// 2b. engine restart or host reboot while cutover is down
+// ---------------------------------------------------------------------------
+
+/// An engine restart or a host reboot stops every container (they have no
+/// restart policy). The restarted cutover starts the active one again
+/// instead of removing it and answering 503 until the next deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_active_container_is_started_again_at_restart() {
+    let mut h = Harness::start("freboot", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    h.deploy_ok(&v2).await;
+    let status = h.consistent().await;
+    let active = status["active"]["container"]
+        .as_str()
+        .expect("active")
+        .to_string();
+
+    h.proxy.kill9();
+    for c in h.containers() {
+        docker(&["kill", &c.id]);
+    }
+    h.proxy.spawn().await;
+    assert_eq!(
+        all_agree(&h).await,
+        "v2",
+        "v2 serves again without a deploy"
+    );
+    let status = h.status().await;
+    assert_eq!(
+        status["active"]["container"],
+        active.as_str(),
+        "the same container"
+    );
+    // The warm v1 was stopped too: a rollback target only, it is removed
+    // (rollback then starts its image again).
+    assert!(status["previous"].is_null(), "{status}");
+    assert_eq!(h.containers().len(), 1, "{}", h.ps());
     h.done();
 }
 
