@@ -849,6 +849,10 @@ impl Controller {
         }
         // The active colour is gone or unhealthy: the warm previous colour,
         // if healthy, takes over; otherwise nothing is served.
+        if previous_info.is_none() {
+            // Removed above, or gone already: no rollback target to name.
+            self.update_record(service, |r| r.previous = None);
+        }
         if let (Some(previous), Some(info)) = (record.previous, previous_info) {
             let addr = info.host_addr.unwrap_or(previous.addr);
             if let (true, Some(state)) = (probe_a_few(addr, settings).await, previous.container) {

@@ -504,6 +504,36 @@ async fn stopped_active_container_is_started_again_at_restart() {
     // (rollback then starts its image again).
     assert!(status["previous"].is_null(), "{status}");
     assert_eq!(h.containers().len(), 1, "{}", h.ps());
+
+    // With the active container gone for good and the warm one stopped,
+    // nothing healthy is left: 503, and status names no container that
+    // does not exist. The next deploy serves again.
+    h.deploy_ok(&v1).await;
+    let status = h.consistent().await;
+    let (active, previous) = (
+        status["active"]["container"]
+            .as_str()
+            .expect("active")
+            .to_string(),
+        status["previous"]["container"]
+            .as_str()
+            .expect("previous")
+            .to_string(),
+    );
+    h.proxy.kill9();
+    docker(&["rm", "-f", &active]);
+    docker(&["kill", &previous]);
+    h.proxy.spawn().await;
+    let status = h.consistent().await;
+    assert!(
+        status["active"].is_null() && status["previous"].is_null(),
+        "{status}"
+    );
+    assert!(h.containers().is_empty(), "{}", h.ps());
+    let answer = get(h.proxy.http, "/").await.expect("GET /");
+    assert_eq!(answer.status, 503, "{answer:?}");
+    h.deploy_ok(&v2).await;
+    assert_eq!(all_agree(&h).await, "v2");
     h.done();
 }
 
