@@ -230,7 +230,7 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
         "p99 added latency ≤ nginx's (h1, one worker)",
         added("cutover (RUST_LOG=warn)"),
         added("nginx"),
-        |c, n| format!("cutover +{c:.2} ms vs nginx +{n:.2} ms over direct's p99"),
+        |c, n| format!("cutover {c:+.2} ms vs nginx {n:+.2} ms over direct's p99"),
         |c, n| c <= n,
     ));
     list.push(failures_target(results));
