@@ -15,6 +15,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::errors;
+
 /// Errors that cross body and client boundaries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -172,7 +174,7 @@ where
             }
             Poll::Ready(Some(Err(err))) => {
                 let err: BoxError = err.into();
-                let unreadable = BodyLimitError::Unreadable(error_chain(&*err));
+                let unreadable = BodyLimitError::Unreadable(errors::chain(&*err));
                 Poll::Ready(Some(Err(Box::new(unreadable))))
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -186,18 +188,6 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// An error and its sources on one line ("a: b: c").
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(current) = source {
-        text.push_str(": ");
-        text.push_str(&current.to_string());
-        source = current.source();
-    }
-    text
 }
 
 impl<B> LimitedBody<B> {

@@ -39,6 +39,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tracing::{debug, warn};
 
+use crate::errors;
+
 /// Marks a container as ours, so start-up reconciliation never touches anything
 /// it did not create. Value is always `"true"`.
 pub const LABEL_MANAGED: &str = "cutover.managed";
@@ -159,27 +161,10 @@ impl From<BollardError> for DockerError {
             }
             err @ (BollardError::HyperLegacyError { .. }
             | BollardError::HyperResponseError { .. }
-            | BollardError::IOError { .. }) => DockerError::Unreachable(error_chain(&err)),
-            other => DockerError::Client(error_chain(&other)),
+            | BollardError::IOError { .. }) => DockerError::Unreachable(errors::chain(&err)),
+            other => DockerError::Client(errors::chain(&other)),
         }
     }
-}
-
-/// Renders an error with its sources, because hyper's top-level messages
-/// ("client error (Connect)") hide the useful part ("Connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        // bollard's wrappers already print their direct cause; don't repeat it.
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// What the controller wants running: one container of one service in one slot.

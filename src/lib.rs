@@ -13,6 +13,7 @@ pub mod config;
 pub mod controller;
 pub mod deploy;
 pub mod docker;
+pub mod errors;
 pub mod forward;
 pub mod group;
 pub mod health;

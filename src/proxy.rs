@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{self, BodyLimitError, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody};
 use crate::config::{Action, Site};
+use crate::errors;
 use crate::forward::{self, ClientFacts};
 use crate::pool::{SendError, Sender};
 use crate::routes::{self, normalize_host};
@@ -527,7 +528,7 @@ fn classify_send_error(err: SendError) -> ProxyError {
         }
         source = current.source();
     }
-    ProxyError::UpstreamProtocol(error_chain(&err))
+    ProxyError::UpstreamProtocol(errors::chain(&err))
 }
 
 /// Whether `err` is the upstream connection's stall clock running out
@@ -536,17 +537,6 @@ fn is_stall(err: &(dyn std::error::Error + 'static)) -> bool {
     err.downcast_ref::<std::io::Error>()
         .and_then(|io| io.get_ref())
         .is_some_and(|inner| inner.is::<Stalled>())
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(current) = source {
-        text.push_str(": ");
-        text.push_str(&current.to_string());
-        source = current.source();
-    }
-    text
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies

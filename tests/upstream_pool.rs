@@ -193,15 +193,21 @@ async fn sequential_requests_reuse_one_upstream_connection() {
     );
 }
 
-#[tokio::test]
-async fn stale_pooled_connection_is_retried_for_idempotent_request() {
+/// A proxy whose pool holds one connection to an upstream that will close
+/// it on the next request, idle long enough (the pool's `STALE_AFTER`) to
+/// count as possibly stale.
+async fn proxy_with_a_stale_pooled_connection() -> (ScriptedUpstream, TestProxy) {
     let upstream = start_scripted(Script::CloseOnSecondRequest).await;
     let proxy = start_proxy(&config(upstream.addr)).await;
     let first = http_get(proxy.http_addr, "app.localhost", "/one").await;
     assert_eq!(first.status, 200);
-
-    // Idle long enough to count as possibly stale (the pool's STALE_AFTER).
     tokio::time::sleep(STALE).await;
+    (upstream, proxy)
+}
+
+#[tokio::test]
+async fn stale_pooled_connection_is_retried_for_idempotent_request() {
+    let (upstream, proxy) = proxy_with_a_stale_pooled_connection().await;
     // The pooled connection takes this GET and dies without answering; the
     // proxy sends it again on a fresh connection.
     let second = http_get(proxy.http_addr, "app.localhost", "/two").await;
@@ -223,11 +229,7 @@ async fn stale_pooled_connection_is_retried_for_idempotent_request() {
 
 #[tokio::test]
 async fn stale_pooled_connection_is_not_retried_for_post() {
-    let upstream = start_scripted(Script::CloseOnSecondRequest).await;
-    let proxy = start_proxy(&config(upstream.addr)).await;
-    let first = http_get(proxy.http_addr, "app.localhost", "/one").await;
-    assert_eq!(first.status, 200);
-    tokio::time::sleep(STALE).await;
+    let (upstream, proxy) = proxy_with_a_stale_pooled_connection().await;
 
     let post = http_request(
         proxy.http_addr,
