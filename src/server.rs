@@ -301,9 +301,10 @@ impl Server {
                 self.serve(stream, conn).await;
             }
             Some(acceptor) => {
+                // Boxed: rustls' handshake state is large and needed briefly.
                 let handshake = tokio::time::timeout(
                     self.limits.tls_handshake_timeout,
-                    acceptor.accept(stream),
+                    Box::pin(acceptor.accept(stream)),
                 );
                 match handshake.await {
                     Ok(Ok(stream)) => {
@@ -343,17 +344,22 @@ impl Server {
             let connection = self
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service);
-            tokio::pin!(connection);
-            watch.drive(connection, |c| c.graceful_shutdown()).await
+            // Boxed, here and below, so each connection's task holds only
+            // the kind of connection it serves (an HTTP/1-only connection
+            // is a fraction of an auto h1+h2 one) instead of room for both.
+            let mut connection = Box::pin(connection);
+            watch
+                .drive(connection.as_mut(), |c| c.graceful_shutdown())
+                .await
         } else {
             // Plain HTTP is HTTP/1.1 only: the auto builder would also serve
             // h2c prior knowledge (its `http1_only` is ignored with upgrades).
             let connection = http1_builder(&self.limits)
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
-            tokio::pin!(connection);
+            let mut connection = Box::pin(connection);
             watch
-                .drive(connection, |c| c.graceful_shutdown())
+                .drive(connection.as_mut(), |c| c.graceful_shutdown())
                 .await
                 .map_err(Into::into)
         };
