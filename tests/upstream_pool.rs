@@ -267,6 +267,20 @@ async fn unsolicited_response_is_never_served_to_a_later_request() {
     }
 }
 
+/// Sends one raw GET and reads until the proxy closes the connection
+/// (bounded); the response must have started as a 200.
+async fn get_until_closed(proxy: SocketAddr) -> (Vec<u8>, String) {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let response = read_to_eof(&mut stream).await;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    (response, text)
+}
+
 /// Reads a raw response until EOF (bounded).
 async fn read_to_eof(stream: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
@@ -282,14 +296,7 @@ async fn read_to_eof(stream: &mut TcpStream) -> Vec<u8> {
 async fn upstream_dying_mid_body_stays_visible_as_truncation() {
     let upstream = start_scripted(Script::DieMidBodyLength).await;
     let proxy = start_proxy(&config(upstream.addr)).await;
-    let mut stream = TcpStream::connect(proxy.http_addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
-        .await
-        .expect("write");
-    let response = read_to_eof(&mut stream).await;
-    let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    let (response, text) = get_until_closed(proxy.http_addr).await;
     assert!(
         text.to_ascii_lowercase().contains("content-length: 100000"),
         "the promised length is forwarded, so the client can see the cut"
@@ -305,14 +312,7 @@ async fn upstream_dying_mid_body_stays_visible_as_truncation() {
 async fn upstream_dying_mid_chunked_body_never_sends_the_last_chunk() {
     let upstream = start_scripted(Script::DieMidBodyChunked).await;
     let proxy = start_proxy(&config(upstream.addr)).await;
-    let mut stream = TcpStream::connect(proxy.http_addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
-        .await
-        .expect("write");
-    let response = read_to_eof(&mut stream).await;
-    let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    let (_, text) = get_until_closed(proxy.http_addr).await;
     assert!(text.contains("hello"), "the chunk that arrived is relayed");
     assert!(
         !text.ends_with("0\r\n\r\n"),
@@ -344,16 +344,9 @@ async fn upstream_stalling_mid_body_is_cut_at_the_upstream_timeout() {
         "[server]\n[server.limits]\nupstream_timeout = \"300ms\"",
     );
     let proxy = start_proxy(&config).await;
-    let mut stream = TcpStream::connect(proxy.http_addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
-        .await
-        .expect("write");
     // Without a stall clock on the upstream connection this read would wait
     // for the upstream's 30 s sleep; read_to_eof gives up after 10 s.
-    let response = read_to_eof(&mut stream).await;
-    let text = String::from_utf8_lossy(&response);
-    assert!(text.starts_with("HTTP/1.1 200"), "got {text:?}");
+    let (response, text) = get_until_closed(proxy.http_addr).await;
     let body_len = response.len() - (text.find("\r\n\r\n").expect("head end") + 4);
     assert!(
         body_len < 100_000,
