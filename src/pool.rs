@@ -177,11 +177,6 @@ impl Pool {
         }
     }
 
-    /// How many idle connections are kept right now.
-    pub fn idle_count(&self) -> usize {
-        self.lock_idle().len()
-    }
-
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         // A panic while holding this lock cannot leave the deque invalid.
         self.idle
