@@ -173,11 +173,19 @@ async fn container_killed_during_health_check() {
     h.deploy_ok(&v1).await;
     let before = h.containers();
 
-    // `rm -f` is seen as "disappeared" or, if the inspect lands while the
-    // engine is removing it, as an exit with an unknown code.
+    // `rm -f` kills the container (SIGKILL) before removing it, so it is
+    // seen as "disappeared", as an exit with an unknown code if the inspect
+    // lands mid-removal, or as the kill's exit 137 if it lands before.
     for (how, expect) in [
         ("kill", &["exit code 137"][..]),
-        ("rm", &["container disappeared", "exit code unknown"][..]),
+        (
+            "rm",
+            &[
+                "container disappeared",
+                "exit code unknown",
+                "exit code 137",
+            ][..],
+        ),
     ] {
         let deploying = deploy_in_background(&h, &slow);
         let victim = wait_running(&h, &slow).await;
