@@ -440,13 +440,7 @@ struct Window {
 mod loadgen {
     use super::*;
 
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Empty};
-    use hyper::client::conn::http1;
-    use hyper::{Request, StatusCode};
-    use hyper_util::rt::TokioIo;
-
-    const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+    use support::keepalive::{connect, request, Outcome};
 
     pub struct LoadResult {
         /// (start, µs since load start; latency µs; failed).
@@ -499,12 +493,6 @@ mod loadgen {
         samples: Vec<(u64, u32, bool)>,
         failures: Vec<(f64, String)>,
         reconnects: u64,
-    }
-
-    enum Outcome {
-        Ok,
-        Closed,
-        Failed(String),
     }
 
     pub fn run(
@@ -589,61 +577,5 @@ mod loadgen {
             }
         }
         stats
-    }
-
-    async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Empty<Bytes>>, String> {
-        let stream = tokio::time::timeout(REQUEST_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| "timeout".to_string())?
-            .map_err(|err| err.kind().to_string())?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|err| err.to_string())?;
-        tokio::spawn(conn);
-        Ok(sender)
-    }
-
-    fn chain(err: &dyn std::error::Error) -> String {
-        let mut text = err.to_string();
-        let mut source = err.source();
-        while let Some(inner) = source {
-            text.push_str(": ");
-            text.push_str(&inner.to_string());
-            source = inner.source();
-        }
-        text
-    }
-
-    async fn request(sender: &mut http1::SendRequest<Empty<Bytes>>, host: &str) -> Outcome {
-        if sender.ready().await.is_err() {
-            return Outcome::Closed;
-        }
-        let exchange = async {
-            let req = Request::get("/")
-                .header(hyper::header::HOST, host)
-                .body(Empty::new())
-                .expect("a valid request");
-            let response = sender
-                .send_request(req)
-                .await
-                .map_err(|err| format!("request: {}", chain(&err)))?;
-            let status = response.status();
-            response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|err| format!("body: {}", chain(&err)))?;
-            if status == StatusCode::OK {
-                Ok(())
-            } else {
-                Err(format!("status {}", status.as_u16()))
-            }
-        };
-        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(kind)) => Outcome::Failed(kind),
-            Err(_) => Outcome::Failed("timeout (5 s)".to_string()),
-        }
     }
 }

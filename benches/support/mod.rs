@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod keepalive;
 pub mod load;
 pub mod origin;
 pub mod proxies;
