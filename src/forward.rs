@@ -22,6 +22,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+// Names built at compile time: `HeaderName::from_static` called at run
+// time validates and looks up its argument on every call.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// `Via` token this proxy adds.
 pub const VIA: &str = "1.1 cutover";
 
@@ -111,31 +118,24 @@ impl ClientFacts<'_> {
 /// cannot forge the address the upstream sees. The untrusted case (almost
 /// every request at an edge proxy) only clones prepared header values.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let real_ip = HeaderName::from_static("x-real-ip");
-    let proto = HeaderName::from_static("x-forwarded-proto");
     // Room for the five headers below without regrowing the map.
     headers.reserve(5);
     if facts.trusted() {
         extend_trusted(headers, facts);
     } else {
-        headers.insert(xff, facts.addr_value.clone());
-        headers.insert(real_ip, facts.addr_value.clone());
-        headers.insert(proto, HeaderValue::from_static(facts.proto));
+        headers.insert(X_FORWARDED_FOR, facts.addr_value.clone());
+        headers.insert(X_REAL_IP, facts.addr_value.clone());
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(facts.proto));
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-host"),
-        facts.host.clone(),
-    );
+    headers.insert(X_FORWARDED_HOST, facts.host.clone());
     append_via(headers);
 }
 
 /// A trusted proxy's values are extended (`X-Forwarded-For`) or kept.
 fn extend_trusted(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
-    let xff = HeaderName::from_static("x-forwarded-for");
     let client = facts.addr.to_string();
     let previous: Vec<&str> = headers
-        .get_all(&xff)
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
@@ -144,14 +144,12 @@ fn extend_trusted(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
     } else {
         format!("{}, {client}", previous.join(", "))
     };
-    insert_str(headers, xff, &forwarded_for);
-    let real_ip = HeaderName::from_static("x-real-ip");
-    if !headers.contains_key(&real_ip) {
-        headers.insert(real_ip, facts.addr_value.clone());
+    insert_str(headers, X_FORWARDED_FOR, &forwarded_for);
+    if !headers.contains_key(&X_REAL_IP) {
+        headers.insert(X_REAL_IP, facts.addr_value.clone());
     }
-    let proto = HeaderName::from_static("x-forwarded-proto");
-    if !headers.contains_key(&proto) {
-        headers.insert(proto, HeaderValue::from_static(facts.proto));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(facts.proto));
     }
 }
 

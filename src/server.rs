@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
@@ -415,20 +416,93 @@ impl Watch {
     where
         C: Future<Output = Result<(), E>>,
     {
-        loop {
-            let idle_deadline = self.idle.last_request() + self.idle_timeout;
-            tokio::select! {
-                result = connection.as_mut() => return result,
-                _ = self.shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(idle_deadline) => {
-                    if self.idle.last_request() + self.idle_timeout <= tokio::time::Instant::now() {
-                        break;
-                    }
-                }
+        let cancelled = self.shutdown.cancelled();
+        let idle = tokio::time::sleep_until(self.idle_deadline());
+        tokio::pin!(cancelled, idle);
+        let mut signals = Signals {
+            shutdown: &self.shutdown,
+            cancelled,
+            idle,
+            registered: None,
+        };
+        let finished = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
             }
+            signals
+                .poll_stop(cx, || self.idle_deadline())
+                .map(|()| None)
+        })
+        .await;
+        if let Some(result) = finished {
+            return result;
         }
         begin_shutdown(connection.as_mut());
         connection.await
+    }
+
+    fn idle_deadline(&self) -> tokio::time::Instant {
+        self.idle.last_request() + self.idle_timeout
+    }
+}
+
+/// The two signals [`Watch::drive`] waits for beside the connection.
+///
+/// A connection task wakes several times per request, and polling both
+/// signals' futures on every wake-up (as `select!` does) costs a mutex and
+/// a timer registration each time. Both futures keep the waker they were
+/// last polled with, so while the task's waker stays the same, a wake-up
+/// only needs to look at their state; they are polled again only when the
+/// waker changes or the idle timer must be moved.
+struct Signals<'a, 'token> {
+    shutdown: &'token CancellationToken,
+    cancelled: std::pin::Pin<&'a mut WaitForCancellationFuture<'token>>,
+    idle: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    /// The waker both futures hold.
+    registered: Option<Waker>,
+}
+
+impl Signals<'_, '_> {
+    /// Ready when the connection should be asked to finish: the server is
+    /// shutting down, or `idle_deadline()` (re-read when the timer fires,
+    /// since requests move it) has passed.
+    fn poll_stop(
+        &mut self,
+        cx: &mut Context<'_>,
+        idle_deadline: impl Fn() -> tokio::time::Instant,
+    ) -> Poll<()> {
+        loop {
+            let holds_waker = self
+                .registered
+                .as_ref()
+                .is_some_and(|waker| waker.will_wake(cx.waker()));
+            if holds_waker {
+                if self.shutdown.is_cancelled() {
+                    return Poll::Ready(());
+                }
+                if !self.idle.is_elapsed() {
+                    return Poll::Pending;
+                }
+            } else {
+                if self.cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                let idle = self.idle.as_mut().poll(cx);
+                self.registered = Some(cx.waker().clone());
+                if idle.is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            // The timer fired at an old deadline; a request since may have
+            // moved it.
+            let deadline = idle_deadline();
+            if deadline <= tokio::time::Instant::now() {
+                return Poll::Ready(());
+            }
+            self.idle.as_mut().reset(deadline);
+            // The reset timer must be polled to hold the waker again.
+            self.registered = None;
+        }
     }
 }
 

@@ -26,7 +26,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -52,6 +52,10 @@ pin_project! {
         timeout: Duration,
         // Whether `timer` is armed for the current blocked stretch.
         blocked: bool,
+        // The waker `timer` was last polled with in this stretch: while the
+        // task's waker stays the same, the timer already holds it, so the
+        // repeated `Pending` polls of one stretch skip polling the timer.
+        registered: Option<Waker>,
         // Whether reads count too (upstream side).
         watch_reads: bool,
     }
@@ -75,6 +79,7 @@ impl<T> StallTimeout<T> {
             timer: Box::pin(tokio::time::sleep(timeout)),
             timeout,
             blocked: false,
+            registered: None,
             watch_reads,
         }
     }
@@ -94,6 +99,7 @@ impl<T> StallTimeout<T> {
             Poll::Ready(Ok(value)) => {
                 if progressed(&value) {
                     *this.blocked = false;
+                    *this.registered = None;
                 }
                 Poll::Ready(Ok(value))
             }
@@ -102,19 +108,31 @@ impl<T> StallTimeout<T> {
                 if !*this.blocked {
                     *this.blocked = true;
                     this.timer.as_mut().reset(Instant::now() + *this.timeout);
+                } else if this.timer.is_elapsed() {
+                    return Poll::Ready(Err(stalled(*this.timeout)));
+                } else if this
+                    .registered
+                    .as_ref()
+                    .is_some_and(|waker| waker.will_wake(cx.waker()))
+                {
+                    return Poll::Pending;
                 }
-                // Polling the timer registers the waker, so a client that
-                // never reads again still gets this task woken to fail.
+                // Polling the timer registers the waker, so a peer that
+                // never moves a byte again still gets this task woken to fail.
                 match this.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        Stalled(*this.timeout),
-                    ))),
-                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => Poll::Ready(Err(stalled(*this.timeout))),
+                    Poll::Pending => {
+                        *this.registered = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
                 }
             }
         }
     }
+}
+
+fn stalled(timeout: Duration) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, Stalled(timeout))
 }
 
 impl<T: AsyncRead> AsyncRead for StallTimeout<T> {
@@ -219,6 +237,49 @@ mod tests {
             .expect("bounded")
             .expect("reader task");
         assert_eq!(got, payload);
+    }
+
+    /// A waker that records whether it was woken.
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn flag() -> (std::sync::Arc<Flag>, Waker) {
+        let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        (std::sync::Arc::clone(&flag), Waker::from(flag))
+    }
+
+    #[tokio::test]
+    async fn a_blocked_write_polled_with_a_new_waker_wakes_that_one() {
+        // The first `Pending` of a stretch registers the timer; later ones
+        // skip it while the waker stays the same. A different waker must
+        // be registered, or its task would never learn of the timeout.
+        let (server, _client) = tokio::io::duplex(16);
+        let mut guarded = StallTimeout::on_writes(server, Duration::from_millis(50));
+        let payload = [b'z'; 64];
+        let (_first, first_waker) = flag();
+        let (second, second_waker) = flag();
+        let mut poll_with = |waker: &Waker| {
+            let mut cx = Context::from_waker(waker);
+            Pin::new(&mut guarded).poll_write(&mut cx, &payload)
+        };
+        assert!(matches!(poll_with(&first_waker), Poll::Ready(Ok(16))));
+        assert!(poll_with(&first_waker).is_pending());
+        assert!(poll_with(&first_waker).is_pending());
+        assert!(poll_with(&second_waker).is_pending());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            second.0.load(std::sync::atomic::Ordering::SeqCst),
+            "the waker of the latest poll must be woken at the timeout"
+        );
+        match poll_with(&second_waker) {
+            Poll::Ready(Err(err)) => assert_eq!(err.kind(), io::ErrorKind::TimedOut),
+            other => panic!("expected the stall error, got {other:?}"),
+        }
     }
 
     #[tokio::test]
