@@ -347,7 +347,7 @@ fn measure_one(
     }
     let before = cpu_ticks(pid);
     let mut measurement = load(settings.seconds)?;
-    measurement.cpu_us_per_request = cpu_per_request(before, cpu_ticks(pid), measurement.requests);
+    measurement.cpu = cpu_per_request(before, cpu_ticks(pid), measurement.requests);
     Ok(measurement)
 }
 
@@ -471,7 +471,7 @@ mod loadgen {
             p99_us: percentile(&latencies, 99.0),
             max_us: latencies.last().copied().map_or(0.0, f64::from),
             errors,
-            cpu_us_per_request: None,
+            cpu: None,
         }
     }
 }
@@ -495,7 +495,7 @@ mod report {
 
     pub fn markdown(rows: &[Row]) -> String {
         let mut text = String::from(
-            "| target | generator | req/s | ratio to direct | p50 ms | p99 ms | max ms | errors | added p99 vs direct (ms) | target CPU µs/req |\n\
+            "| target | generator | req/s | ratio to direct | p50 ms | p99 ms | max ms | errors | added p99 vs direct (ms) | target CPU µs/req (user + sys) |\n\
              |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for row in rows {
@@ -519,8 +519,7 @@ mod report {
                         ms(m.p99_us),
                         ms(m.max_us),
                         m.errors,
-                        m.cpu_us_per_request
-                            .map_or("-".to_string(), |cpu| format!("{cpu:.1}")),
+                        m.cpu.map_or("-".to_string(), |cpu| cpu.describe()),
                     );
                 }
                 Err(reason) => {
@@ -578,13 +577,15 @@ mod report {
                 ms(added_nginx),
                 if latency_ok { "MEETS" } else { "MISSES" },
             );
-            if let (Some(ours), Some(theirs)) =
-                (cutover.cpu_us_per_request, nginx.cpu_us_per_request)
-            {
+            if let (Some(ours), Some(theirs)) = (cutover.cpu, nginx.cpu) {
                 let _ = writeln!(
                     text,
-                    "  CPU per request: cutover {ours:.1} µs vs nginx {theirs:.1} µs ({:.2}x)",
-                    ours / theirs
+                    "  CPU per request (user + sys): cutover {} µs vs nginx {} µs ({:.2}x; user {:.2}x, sys {:.2}x)",
+                    ours.describe(),
+                    theirs.describe(),
+                    ours.total_us() / theirs.total_us(),
+                    ours.user_us / theirs.user_us,
+                    ours.system_us / theirs.system_us,
                 );
             }
         }
@@ -635,7 +636,9 @@ mod report {
                         .filter(|_| row.target != "direct")
                         .map(|d| (m.p99_us - d.p99_us) / 1000.0),
                     "errors": m.errors,
-                    "target_cpu_us_per_request": m.cpu_us_per_request,
+                    "target_cpu_us_per_request": m.cpu.map(|cpu| cpu.total_us()),
+                    "target_cpu_user_us_per_request": m.cpu.map(|cpu| cpu.user_us),
+                    "target_cpu_system_us_per_request": m.cpu.map(|cpu| cpu.system_us),
                 })
             }
             Err(reason) => serde_json::json!({

@@ -383,6 +383,8 @@ fn columns(stem: &str) -> Vec<Column> {
             ("added p99 ms", "added_p99_ms", 2),
             ("errors", "errors", 0),
             ("CPU µs/req", "target_cpu_us_per_request", 1),
+            ("user µs/req", "target_cpu_user_us_per_request", 1),
+            ("sys µs/req", "target_cpu_system_us_per_request", 1),
         ],
         "tls_throughput" => vec![
             ("scenario", "scenario", 0),
@@ -393,6 +395,8 @@ fn columns(stem: &str) -> Vec<Column> {
             ("max ms", "max_ms", 2),
             ("errors", "errors", 0),
             ("CPU µs/req", "cpu_us_per_request", 1),
+            ("user µs/req", "cpu_user_us_per_request", 1),
+            ("sys µs/req", "cpu_system_us_per_request", 1),
         ],
         "cutover_flip" => vec![
             ("target", "target", 0),

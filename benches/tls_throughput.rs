@@ -208,13 +208,13 @@ fn measure(
     }
     let before = cpu_ticks(proxy.pid());
     let mut m = run(settings.seconds)?;
-    m.cpu_us_per_request = cpu_per_request(before, cpu_ticks(proxy.pid()), m.requests);
+    m.cpu = cpu_per_request(before, cpu_ticks(proxy.pid()), m.requests);
     Ok(m)
 }
 
 fn markdown(rows: &[Row]) -> String {
     let mut text = String::from(
-        "| scenario | target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req |\n\
+        "| scenario | target | req/s | p50 ms | p99 ms | max ms | errors | CPU µs/req (user + sys) |\n\
          |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
@@ -230,8 +230,7 @@ fn markdown(rows: &[Row]) -> String {
                     m.p99_us / 1000.0,
                     m.max_us / 1000.0,
                     m.errors,
-                    m.cpu_us_per_request
-                        .map_or("-".to_string(), |cpu| format!("{cpu:.1}")),
+                    m.cpu.map_or("-".to_string(), |cpu| cpu.describe()),
                 );
             }
             Err(reason) => {

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use super::{percentile, tool_installed};
+use super::{percentile, tool_installed, CpuPerRequest};
 
 /// What one load run measured.
 #[derive(Debug, Clone, Default)]
@@ -18,8 +18,8 @@ pub struct Measurement {
     pub max_us: f64,
     /// Connection errors, timeouts and non-2xx answers.
     pub errors: u64,
-    /// CPU time (user + system) the measured process used per request.
-    pub cpu_us_per_request: Option<f64>,
+    /// CPU time the measured process used per request.
+    pub cpu: Option<CpuPerRequest>,
 }
 
 impl Measurement {
@@ -33,7 +33,9 @@ impl Measurement {
             "p99_ms": self.p99_us / 1000.0,
             "max_ms": self.max_us / 1000.0,
             "errors": self.errors,
-            "cpu_us_per_request": self.cpu_us_per_request,
+            "cpu_us_per_request": self.cpu.map(|cpu| cpu.total_us()),
+            "cpu_user_us_per_request": self.cpu.map(|cpu| cpu.user_us),
+            "cpu_system_us_per_request": self.cpu.map(|cpu| cpu.system_us),
         })
     }
 }
