@@ -25,7 +25,7 @@ mod support;
 use support::*;
 
 /// The scenario result files, in report order: (file stem, heading).
-const SCENARIOS: [(&str, &str); 7] = [
+const SCENARIOS: [(&str, &str); 8] = [
     (
         "proxy_throughput",
         "1. HTTP/1.1 keep-alive, 64 connections, one worker per proxy",
@@ -33,6 +33,10 @@ const SCENARIOS: [(&str, &str); 7] = [
     (
         "proxy_throughput_all_cores",
         "1b. HTTP/1.1 keep-alive, 64 connections, all cores",
+    ),
+    (
+        "instructions",
+        "1c. Instructions per proxied request (callgrind, user space, one worker)",
     ),
     (
         "tls_throughput",
@@ -385,6 +389,13 @@ fn columns(stem: &str) -> Vec<Column> {
             ("CPU µs/req", "target_cpu_us_per_request", 1),
             ("user µs/req", "target_cpu_user_us_per_request", 1),
             ("sys µs/req", "target_cpu_system_us_per_request", 1),
+        ],
+        "instructions" => vec![
+            ("target", "target", 0),
+            ("requests", "requests", 0),
+            ("instructions per request", "instructions_per_request", 0),
+            ("ratio to nginx", "ratio_to_nginx", 2),
+            ("share of cutover's %", "share_of_cutover_percent", 1),
         ],
         "tls_throughput" => vec![
             ("scenario", "scenario", 0),

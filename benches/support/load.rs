@@ -196,6 +196,34 @@ pub mod h2load {
         Ok(m)
     }
 
+    /// Sends exactly `requests` HTTP/1.1 keep-alive requests to a plain
+    /// `http://` url over `clients` connections (`h2load --h1 -n`): a
+    /// bounded count rather than a duration, for runs under valgrind.
+    pub fn run_h1_count(url: &str, clients: usize, requests: u64) -> Result<Measurement, String> {
+        if !tool_installed("h2load") {
+            return Err("h2load: not installed (apt-get install -y nghttp2-client)".to_string());
+        }
+        let output = Command::new("h2load")
+            .args([
+                "--h1",
+                "-t1",
+                &format!("-c{clients}"),
+                &format!("-n{requests}"),
+            ])
+            .arg(url)
+            .output()
+            .map_err(|err| format!("cannot run h2load: {err}"))?;
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            return Err(format!(
+                "h2load failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        parse(&report).ok_or_else(|| format!("cannot parse h2load output:\n{report}"))
+    }
+
     /// Picks the numbers out of h2load's report:
     /// ```text
     /// finished in 5.00s, 40000.00 req/s, 5.00MB/s
@@ -209,12 +237,9 @@ pub mod h2load {
         for line in report.lines() {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
-                ["finished", "in", secs, ..] => {
-                    m.seconds = secs
-                        .trim_end_matches(',')
-                        .trim_end_matches('s')
-                        .parse()
-                        .ok()?;
+                ["finished", "in", duration, ..] => {
+                    // "5.00s," for timed runs, "256.65ms," for short counted ones.
+                    m.seconds = super::wrk::micros(duration.trim_end_matches(','))? / 1e6;
                 }
                 ["requests:", _total, "total,", _started, "started,", done, "done,", rest @ ..] => {
                     m.requests = done.parse().ok()?;

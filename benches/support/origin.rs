@@ -60,8 +60,22 @@ impl Origin {
 
     /// Starts the origin and reads the address it bound from its stdout.
     pub fn spawn() -> Origin {
+        Origin::spawn_under(&[])
+    }
+
+    /// Starts the origin under `wrapper` (a command and its arguments that
+    /// run the origin binary, such as valgrind), or directly when empty.
+    pub fn spawn_under(wrapper: &[std::ffi::OsString]) -> Origin {
         let exe = std::env::current_exe().expect("locate the bench executable");
-        let mut child = Command::new(exe)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .env("BENCH_ROLE", ROLE)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

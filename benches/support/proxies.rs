@@ -11,6 +11,7 @@
 //! limit, and idle timeouts of 300 s so 10,000 idle connections stay open
 //! while they are counted.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -113,6 +114,18 @@ pub fn start(
     origin: SocketAddr,
     options: Options,
 ) -> Result<Running, String> {
+    start_under(kind, dir, origin, options, &[])
+}
+
+/// Like [`start`], with the proxy run by `wrapper` (a command and its
+/// arguments, such as valgrind), or directly when it is empty.
+pub fn start_under(
+    kind: Kind,
+    dir: &Path,
+    origin: SocketAddr,
+    options: Options,
+    wrapper: &[OsString],
+) -> Result<Running, String> {
     std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
     let http = listen_addr();
     let https = listen_addr();
@@ -121,15 +134,40 @@ pub fn start(
         Kind::Nginx => nginx_command(dir, http, https, origin, options)?,
         Kind::Haproxy => haproxy_command(dir, http, https, origin, options)?,
     };
+    let (command, ready_within) = match wrapper.split_first() {
+        None => (command, Duration::from_secs(10)),
+        // valgrind starts a program tens of times slower.
+        Some((program, args)) => (wrap(command, program, args), Duration::from_secs(60)),
+    };
     let log = dir.join(format!("{}.log", kind.name()));
     let mut child = spawn_logged(kind.name(), command, &log)?;
-    wait_ready(http, &mut child, &log)?;
+    wait_ready(http, &mut child, &log, ready_within)?;
     Ok(Running {
         kind,
         http,
         https,
         child,
     })
+}
+
+/// `command` run by `program args…` instead: same arguments, environment
+/// and working directory.
+fn wrap(command: Command, program: &OsString, args: &[OsString]) -> Command {
+    let mut wrapped = Command::new(program);
+    wrapped
+        .args(args)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
 }
 
 fn listen_addr() -> SocketAddr {
@@ -342,9 +380,15 @@ fn spawn_logged(name: &str, mut command: Command, log: &Path) -> Result<ChildGua
     Ok(ChildGuard::new(name, child))
 }
 
-/// Waits until `GET /` on `addr` answers 200, the child dies, or 10 s pass.
-fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: &Path) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Waits until `GET /` on `addr` answers 200, the child dies, or `within`
+/// passes.
+fn wait_ready(
+    addr: SocketAddr,
+    child: &mut ChildGuard,
+    log: &Path,
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
     let mut last = String::from("no attempt");
     while Instant::now() < deadline {
         if let Some(exit) = child.exited() {
@@ -358,7 +402,7 @@ fn wait_ready(addr: SocketAddr, child: &mut ChildGuard, log: &Path) -> Result<()
         std::thread::sleep(Duration::from_millis(50));
     }
     Err(format!(
-        "{} did not answer 200 within 10 s (last: {last}); log: {}",
+        "{} did not answer 200 within {within:?} (last: {last}); log: {}",
         child.name,
         tail(log)
     ))
