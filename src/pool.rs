@@ -230,7 +230,14 @@ impl Pool {
             .set_tcp_keepalive(&keepalive)
             .map_err(connect_error)?;
         let io = StallTimeout::on_reads_and_writes(stream, self.stall_timeout);
-        let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+        // Flattened writes: an upstream request is usually a head alone, and
+        // one copied buffer costs fewer instructions than hyper's writev
+        // queue (measured: 1% of a proxied request). Client connections keep
+        // writev, so a large response body is never copied or kept there.
+        let (sender, connection) = http1::Builder::new()
+            .writev(false)
+            .handshake(TokioIo::new(io))
+            .await?;
         let addr = self.addr;
         tokio::spawn(async move {
             if let Err(err) = connection.with_upgrades().await {
