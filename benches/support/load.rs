@@ -40,6 +40,22 @@ impl Measurement {
     }
 }
 
+/// Runs a load generator to its end and returns its report (stdout); a
+/// start failure or a non-zero exit is an error that quotes its stderr.
+fn report_of(tool: &str, command: &mut Command) -> Result<String, String> {
+    let output = command
+        .output()
+        .map_err(|err| format!("cannot run {tool}: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{tool} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 pub mod wrk {
     //! `wrk -t1 -c<connections> --latency`, and its report parsed.
 
@@ -63,18 +79,7 @@ pub mod wrk {
         for header in headers {
             command.args(["-H", header]);
         }
-        let output = command
-            .arg(url)
-            .output()
-            .map_err(|err| format!("cannot run wrk: {err}"))?;
-        let report = String::from_utf8_lossy(&output.stdout).into_owned();
-        if !output.status.success() {
-            return Err(format!(
-                "wrk failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
+        let report = report_of("wrk", command.arg(url))?;
         parse(&report).ok_or_else(|| format!("cannot parse wrk output:\n{report}"))
     }
 
@@ -169,22 +174,15 @@ pub mod h2load {
         if !tool_installed("h2load") {
             return Err("h2load: not installed (apt-get install -y nghttp2-client)".to_string());
         }
-        let output = Command::new("h2load")
-            .args(["-t1", &format!("-c{clients}"), &format!("-m{streams}")])
-            .args(["-D", &seconds.to_string(), "--warm-up-time", "1"])
-            .arg("--log-file")
-            .arg(log)
-            .arg(url)
-            .output()
-            .map_err(|err| format!("cannot run h2load: {err}"))?;
-        let report = String::from_utf8_lossy(&output.stdout).into_owned();
-        if !output.status.success() {
-            return Err(format!(
-                "h2load failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
+        let report = report_of(
+            "h2load",
+            Command::new("h2load")
+                .args(["-t1", &format!("-c{clients}"), &format!("-m{streams}")])
+                .args(["-D", &seconds.to_string(), "--warm-up-time", "1"])
+                .arg("--log-file")
+                .arg(log)
+                .arg(url),
+        )?;
         let mut m =
             parse(&report).ok_or_else(|| format!("cannot parse h2load output:\n{report}"))?;
         let mut latencies = request_log(log);
@@ -203,24 +201,17 @@ pub mod h2load {
         if !tool_installed("h2load") {
             return Err("h2load: not installed (apt-get install -y nghttp2-client)".to_string());
         }
-        let output = Command::new("h2load")
-            .args([
-                "--h1",
-                "-t1",
-                &format!("-c{clients}"),
-                &format!("-n{requests}"),
-            ])
-            .arg(url)
-            .output()
-            .map_err(|err| format!("cannot run h2load: {err}"))?;
-        let report = String::from_utf8_lossy(&output.stdout).into_owned();
-        if !output.status.success() {
-            return Err(format!(
-                "h2load failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
+        let report = report_of(
+            "h2load",
+            Command::new("h2load")
+                .args([
+                    "--h1",
+                    "-t1",
+                    &format!("-c{clients}"),
+                    &format!("-n{requests}"),
+                ])
+                .arg(url),
+        )?;
         parse(&report).ok_or_else(|| format!("cannot parse h2load output:\n{report}"))
     }
 
