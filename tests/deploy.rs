@@ -422,23 +422,15 @@ async fn rollback_after_previous_retired_starts_it_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_concurrent_deploy_is_refused() {
-    let h = Arc::new(Harness::start("busy", Opts::default()).await);
+    let h = Harness::start("busy", Opts::default()).await;
     let v1 = h.image("v1", &[]).await;
     let slow = h.image("slow", &[("START_DELAY_MS", "3000")]).await;
     let v3 = h.image("v3", &[]).await;
     h.deploy_ok(&v1).await;
 
-    let first = {
-        let h = Arc::clone(&h);
-        let slow = slow.clone();
-        tokio::spawn(async move { h.deploy(&slow).await })
-    };
+    let first = h.deploy_in_background(&slow, Duration::from_secs(120));
     // Wait until the first deploy has its container up (in the health check).
-    let (_, started) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
-        l.iter().any(|c| c.image == slow && c.running())
-    })
-    .await;
-    assert!(started, "slow container never started:\n{}", h.ps());
+    h.wait_running(&slow, Duration::from_secs(15)).await;
 
     let second = h.deploy(&v3).await;
     assert_ne!(
@@ -490,30 +482,8 @@ async fn proxy_killed_mid_deploy_recovers_without_orphans() {
     h.deploy_ok(&v1).await;
     let v1_id = h.containers()[0].id.clone();
 
-    let deploying = {
-        let config = h.proxy.config.clone();
-        let svc = h.svc.clone();
-        let slow = slow.clone();
-        tokio::spawn(async move {
-            cli(
-                &[
-                    "deploy",
-                    &svc,
-                    "--image",
-                    &slow,
-                    "--config",
-                    config.to_str().expect("utf-8"),
-                ],
-                Duration::from_secs(60),
-            )
-            .await
-        })
-    };
-    let (_, started) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
-        l.iter().any(|c| c.image == slow && c.running())
-    })
-    .await;
-    assert!(started, "slow container never started:\n{}", h.ps());
+    let deploying = h.deploy_in_background(&slow, Duration::from_secs(60));
+    h.wait_running(&slow, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // well into the health check
     h.proxy.kill9();
     let killed_at = Instant::now();
@@ -820,23 +790,8 @@ async fn sigterm_mid_deploy_exits_in_time_and_restart_is_clean() {
     h.deploy_ok(&v1).await;
     let v1_id = h.containers()[0].id.clone();
 
-    let deploying = {
-        let config = h.proxy.config.clone();
-        let (svc, slow) = (h.svc.clone(), slow.clone());
-        tokio::spawn(async move {
-            let config = config.to_str().expect("utf-8").to_string();
-            cli(
-                &["deploy", &svc, "--image", &slow, "--config", &config],
-                Duration::from_secs(60),
-            )
-            .await
-        })
-    };
-    let (_, started) = wait_containers(&h.svc, Duration::from_secs(15), |l| {
-        l.iter().any(|c| c.image == slow && c.running())
-    })
-    .await;
-    assert!(started, "slow container never started:\n{}", h.ps());
+    let deploying = h.deploy_in_background(&slow, Duration::from_secs(60));
+    h.wait_running(&slow, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t = Instant::now();
     // shutdown_timeout = 2s; stop_timeout = 1s.

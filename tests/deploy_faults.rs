@@ -45,26 +45,11 @@ fn tag(image: &str) -> &str {
     image.rsplit(':').next().unwrap_or(image)
 }
 
-/// Starts `deploy IMAGE` in the background.
-fn deploy_in_background(h: &Arc<Harness>, image: &str) -> JoinHandle<CliOutput> {
-    let h = Arc::clone(h);
-    let image = image.to_string();
-    tokio::spawn(async move { h.deploy(&image).await })
-}
+/// How long a background deploy may take (the harness's CLI bound).
+const CLI_LIMIT: Duration = Duration::from_secs(120);
 
-/// Waits (bounded) until a container of `image` runs: the deploy is then in
-/// its health check.
-async fn wait_running(h: &Harness, image: &str) -> Ctr {
-    let (listed, ok) = wait_containers(&h.svc, Duration::from_secs(30), |l| {
-        l.iter().any(|c| c.image == image && c.running())
-    })
-    .await;
-    assert!(ok, "no running container of {image}:\n{}", h.ps());
-    listed
-        .into_iter()
-        .find(|c| c.image == image)
-        .expect("listed above")
-}
+/// How long a deploy's container may take to come up.
+const RUNNING_WITHIN: Duration = Duration::from_secs(30);
 
 async fn finish(task: JoinHandle<CliOutput>) -> CliOutput {
     tokio::time::timeout(DEPLOY_LIMIT, task)
@@ -187,8 +172,8 @@ async fn container_killed_during_health_check() {
             ][..],
         ),
     ] {
-        let deploying = deploy_in_background(&h, &slow);
-        let victim = wait_running(&h, &slow).await;
+        let deploying = h.deploy_in_background(&slow, CLI_LIMIT);
+        let victim = h.wait_running(&slow, RUNNING_WITHIN).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         match how {
             "kill" => docker(&["kill", &victim.id]),
@@ -356,8 +341,8 @@ async fn engine_gone_mid_deploy() {
     // longer watch or remove the new container, so it does not switch to
     // it, says so, and removes it once the engine is back: no restart.
     let h = Arc::new(h);
-    let deploying = deploy_in_background(&h, &slow);
-    let stranded = wait_running(&h, &slow).await;
+    let deploying = h.deploy_in_background(&slow, CLI_LIMIT);
+    let stranded = h.wait_running(&slow, RUNNING_WITHIN).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     engine.cut().await;
     let out = finish(deploying).await;
@@ -399,8 +384,8 @@ async fn engine_gone_mid_deploy() {
     // (c) As (b), but cutover is also SIGKILLed and restarted while the
     // engine is still gone: it serves v1 unchecked, and reconciles (removes
     // the stranded container) when the engine comes back.
-    let deploying = deploy_in_background(&h, &slow);
-    let stranded = wait_running(&h, &slow).await;
+    let deploying = h.deploy_in_background(&slow, CLI_LIMIT);
+    let stranded = h.wait_running(&slow, RUNNING_WITHIN).await;
     engine.cut().await;
     let out = finish(deploying).await;
     assert_failed_with(&out, &["lost the docker engine"]);
@@ -451,8 +436,8 @@ async fn engine_gone_mid_deploy() {
         .to_string();
     let deploying = {
         let h = Arc::new(h);
-        let task = deploy_in_background(&h, &slow);
-        wait_running(&h, &slow).await;
+        let task = h.deploy_in_background(&slow, CLI_LIMIT);
+        h.wait_running(&slow, RUNNING_WITHIN).await;
         engine.cut().await;
         let out = finish(task).await;
         assert_failed_with(&out, &["lost the docker engine"]);
@@ -864,8 +849,8 @@ async fn state_dir_broken(test: &str, breakage: Breakage) {
 
     // Broken during the health check: the state write before the swap
     // fails, traffic stays on v2, the new container is removed.
-    let deploying = deploy_in_background(&h, &v3);
-    let new = wait_running(&h, &v3).await;
+    let deploying = h.deploy_in_background(&v3, CLI_LIMIT);
+    let new = h.wait_running(&v3, RUNNING_WITHIN).await;
     breakage.apply(&mount);
     let out = finish(deploying).await;
     eprintln!("state dir {breakage:?} before the swap: {out}");

@@ -6,12 +6,13 @@
 //! containers and images are removed, then the temporary directory.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use super::cutover::*;
 use super::images::build_testapp_image_with_env;
+use tokio::task::JoinHandle;
 
 /// The app's port inside its container.
 pub const APP_PORT: u16 = 8080;
@@ -144,6 +145,34 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
             .await;
         eprintln!("[{}] {out}", self.svc);
         out
+    }
+
+    /// Starts `cutover deploy` of `image` in the background, bounded by
+    /// `limit`, so the test can act (kill, cut, race) while it runs. It
+    /// borrows nothing, so the harness stays free for that.
+    pub fn deploy_in_background(&self, image: &str, limit: Duration) -> JoinHandle<CliOutput> {
+        let config = self.proxy.config.to_str().expect("utf-8 path").to_string();
+        let (svc, image) = (self.svc.clone(), image.to_string());
+        tokio::spawn(async move {
+            let args = ["deploy", &svc, "--image", &image, "--config", &config];
+            let out = cli(&args, limit).await;
+            eprintln!("[{svc}] {out}");
+            out
+        })
+    }
+
+    /// Waits up to `within` until a container of `image` runs: a deploy
+    /// of it is then in its health check.
+    pub async fn wait_running(&self, image: &str, within: Duration) -> Ctr {
+        let (listed, ok) = wait_containers(&self.svc, within, |l| {
+            l.iter().any(|c| c.image == image && c.running())
+        })
+        .await;
+        assert!(ok, "no running container of {image}:\n{}", self.ps());
+        listed
+            .into_iter()
+            .find(|c| c.image == image)
+            .expect("listed above")
     }
 
     pub async fn deploy_ok(&self, image: &str) -> CliOutput {
