@@ -107,7 +107,8 @@ struct AdminArgs {
 /// mimalloc: the profile showed glibc malloc/free at ~5% of the proxy's
 /// CPU; hyper allocates per request and per connection. Its v2 line
 /// (Cargo feature `v2`): v3's aligned path, which Rust's allocator calls
-/// always take, made hyper's per-request 8 KiB read buffers 9× dearer.
+/// always take, made hyper's per-request 8 KiB read-buffer allocations
+/// 1.6× dearer (callgrind: 375 against 231 instructions each).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
