@@ -23,9 +23,8 @@
 //! - User space only: the kernel's work for the syscalls is not counted
 //!   (`proxy_throughput` reports it as system CPU time).
 //! - cutover's count is also split by whose source the instructions come
-//!   from (`callgrind_annotate` self cost grouped by source path: a crate,
-//!   the Rust standard library, libc), inlined code included where it came
-//!   from.
+//!   from (the dump's self costs grouped by source path: a crate, the Rust
+//!   standard library, libc), inlined code counted where it came from.
 //! - Everything listens on 127.0.0.1; every load is a bounded count.
 //!
 //! Output: a Markdown table on stdout, and JSON in
@@ -104,15 +103,10 @@ impl Settings {
 }
 
 fn missing_tools() -> Option<String> {
-    let missing: Vec<&str> = [
-        "valgrind",
-        "callgrind_control",
-        "callgrind_annotate",
-        "h2load",
-    ]
-    .into_iter()
-    .filter(|tool| !tool_installed(tool))
-    .collect();
+    let missing: Vec<&str> = ["valgrind", "callgrind_control", "h2load"]
+        .into_iter()
+        .filter(|tool| !tool_installed(tool))
+        .collect();
     (!missing.is_empty()).then(|| {
         format!(
             "not installed: {} (apt-get install -y valgrind nghttp2-client)",
@@ -157,6 +151,23 @@ impl Row {
             .map(Count::per_request)
     }
 
+    /// A target's ratio to nginx, or a source group's share of cutover's
+    /// count in percent (the other is `None`).
+    fn relative(&self, rows: &[Row]) -> (Option<f64>, Option<f64>) {
+        let Ok(count) = &self.outcome else {
+            return (None, None);
+        };
+        let per_request = count.per_request();
+        if self.part_of_cutover {
+            let share =
+                Row::per_request_of(rows, "cutover").map(|total| 100.0 * per_request / total);
+            (None, share)
+        } else {
+            let ratio = Row::per_request_of(rows, "nginx").map(|nginx| per_request / nginx);
+            (ratio, None)
+        }
+    }
+
     fn json(&self, rows: &[Row]) -> serde_json::Value {
         let count = match &self.outcome {
             Ok(count) => count,
@@ -165,13 +176,7 @@ impl Row {
             }
         };
         let per_request = count.per_request();
-        let (ratio_to_nginx, share_of_cutover) = if self.part_of_cutover {
-            let share = Row::per_request_of(rows, "cutover").map(|total| per_request / total);
-            (None, share.map(|s| s * 100.0))
-        } else {
-            let ratio = Row::per_request_of(rows, "nginx").map(|nginx| per_request / nginx);
-            (ratio, None)
-        };
+        let (ratio_to_nginx, share_of_cutover) = self.relative(rows);
         serde_json::json!({
             "target": self.target,
             "requests": count.requests,
@@ -210,22 +215,18 @@ fn run_all(settings: &Settings) -> Vec<Row> {
                 )
             });
         let outcome = started.and_then(|proxy| count(proxy.pid(), proxy.http, &outfile, settings));
-        if kind == Kind::Cutover {
-            if let Ok(count) = &outcome {
-                rows.push(Row {
-                    target: kind.name().to_string(),
-                    outcome: Ok(*count),
-                    part_of_cutover: false,
-                });
-                rows.extend(by_source(&dump_of(&outfile), count.requests));
-                continue;
-            }
-        }
+        let cutover_requests = match (&outcome, kind) {
+            (Ok(count), Kind::Cutover) => Some(count.requests),
+            _ => None,
+        };
         rows.push(Row {
             target: kind.name().to_string(),
             outcome,
             part_of_cutover: false,
         });
+        if let Some(requests) = cutover_requests {
+            rows.extend(by_source(&dump_of(&outfile), requests));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     rows
@@ -235,9 +236,9 @@ fn run_all(settings: &Settings) -> Vec<Row> {
 fn measure_origin_alone(dir: &Path, settings: &Settings) -> Row {
     eprintln!("counting the origin alone ...");
     let outfile = dir.join("origin.callgrind.out");
+    // Ready: it prints its address only once it is listening.
     let origin = Origin::spawn_under(&callgrind(&outfile));
-    let outcome = wait_answering(origin.addr, Duration::from_secs(60))
-        .and_then(|()| count(origin.pid(), origin.addr, &outfile, settings));
+    let outcome = count(origin.pid(), origin.addr, &outfile, settings);
     Row {
         target: "hyper HTTP/1 server alone (the origin)".to_string(),
         outcome,
@@ -257,17 +258,6 @@ fn callgrind(outfile: &Path) -> Vec<OsString> {
         // valgrind's own messages, kept out of the program's log.
         "--log-file=/dev/null".into(),
     ]
-}
-
-fn wait_answering(addr: SocketAddr, within: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if probe(addr).is_ok_and(|status| status.contains(" 200 ")) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!("{addr} did not answer within {within:?}"))
 }
 
 /// Warm-up, zero the counters, the counted load, dump: the instructions
@@ -477,15 +467,11 @@ fn markdown(rows: &[Row]) -> String {
          |---|---:|---:|---:|---:|\n",
     );
     for row in rows {
-        let json = row.json(rows);
         match &row.outcome {
             Ok(count) => {
-                let ratio = json["ratio_to_nginx"]
-                    .as_f64()
-                    .map_or("-".to_string(), |r| format!("{r:.2}"));
-                let share = json["share_of_cutover_percent"]
-                    .as_f64()
-                    .map_or("-".to_string(), |s| format!("{s:.1}%"));
+                let (ratio, share) = row.relative(rows);
+                let ratio = ratio.map_or("-".to_string(), |r| format!("{r:.2}"));
+                let share = share.map_or("-".to_string(), |s| format!("{s:.1}%"));
                 let _ = writeln!(
                     text,
                     "| {} | {} | {:.0} | {ratio} | {share} |",

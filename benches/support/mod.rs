@@ -144,6 +144,30 @@ impl Drop for ChildGuard {
     }
 }
 
+/// `command` run by `wrapper` (a program and its arguments, such as
+/// valgrind) with the same arguments, environment and working directory;
+/// `command` itself when `wrapper` is empty.
+pub fn run_under(command: Command, wrapper: &[std::ffi::OsString]) -> Command {
+    let Some((program, args)) = wrapper.split_first() else {
+        return command;
+    };
+    let mut wrapped = Command::new(program);
+    wrapped
+        .args(args)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped
+}
+
 /// CPU time so far, in clock ticks, of `pid` and its direct children
 /// (nginx's workers under a master): `/proc/PID/stat` fields 14 and 15.
 #[derive(Debug, Clone, Copy, Default)]

@@ -24,7 +24,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use super::ChildGuard;
+use super::{run_under, ChildGuard};
 
 /// The environment variable that turns the bench binary into the origin.
 pub const ROLE: &str = "origin";
@@ -67,15 +67,7 @@ impl Origin {
     /// run the origin binary, such as valgrind), or directly when empty.
     pub fn spawn_under(wrapper: &[std::ffi::OsString]) -> Origin {
         let exe = std::env::current_exe().expect("locate the bench executable");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(exe);
-                command
-            }
-            None => Command::new(exe),
-        };
-        let mut child = command
+        let mut child = run_under(Command::new(exe), wrapper)
             .env("BENCH_ROLE", ROLE)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, probe, tail, tool_installed, ChildGuard};
+use super::{free_port, probe, run_under, tail, tool_installed, ChildGuard};
 
 /// Which proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,11 +134,9 @@ pub fn start_under(
         Kind::Nginx => nginx_command(dir, http, https, origin, options)?,
         Kind::Haproxy => haproxy_command(dir, http, https, origin, options)?,
     };
-    let (command, ready_within) = match wrapper.split_first() {
-        None => (command, Duration::from_secs(10)),
-        // valgrind starts a program tens of times slower.
-        Some((program, args)) => (wrap(command, program, args), Duration::from_secs(60)),
-    };
+    // valgrind starts a program tens of times slower.
+    let ready_within = Duration::from_secs(if wrapper.is_empty() { 10 } else { 60 });
+    let command = run_under(command, wrapper);
     let log = dir.join(format!("{}.log", kind.name()));
     let mut child = spawn_logged(kind.name(), command, &log)?;
     wait_ready(http, &mut child, &log, ready_within)?;
@@ -148,26 +146,6 @@ pub fn start_under(
         https,
         child,
     })
-}
-
-/// `command` run by `program args…` instead: same arguments, environment
-/// and working directory.
-fn wrap(command: Command, program: &OsString, args: &[OsString]) -> Command {
-    let mut wrapped = Command::new(program);
-    wrapped
-        .args(args)
-        .arg(command.get_program())
-        .args(command.get_args());
-    for (key, value) in command.get_envs() {
-        match value {
-            Some(value) => wrapped.env(key, value),
-            None => wrapped.env_remove(key),
-        };
-    }
-    if let Some(dir) = command.get_current_dir() {
-        wrapped.current_dir(dir);
-    }
-    wrapped
 }
 
 fn listen_addr() -> SocketAddr {
