@@ -547,7 +547,7 @@ mod targets {
                 force: false,
             };
             let began = Instant::now();
-            let call = cutover::client::call(&self.socket, &command, |_, _| {});
+            let call = cutover::admin::call(&self.socket, &command, |_, _| {});
             let result = self
                 .runtime
                 .block_on(async { tokio::time::timeout(Duration::from_secs(60), call).await })

@@ -340,7 +340,7 @@ fn deploy(
         docker_config: None,
     };
     let began = Instant::now();
-    let call = cutover::client::call(socket, &command, |_, _| {});
+    let call = cutover::admin::call(socket, &command, |_, _| {});
     let result = runtime
         .block_on(async { tokio::time::timeout(Duration::from_secs(120), call).await })
         .map_err(|_| "deploy did not answer within 120 s".to_string())?

@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::admin::group;
 use crate::config::Config;
-use crate::group;
 use crate::tls::CertStore;
 
 /// What a check found: `problems` stop the server from starting,

@@ -1,33 +1,42 @@
 //! cutover: a reverse proxy with an embedded blue/green deploy controller.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests drive
-//! the same public API: bind listeners, build a [`Config`], call [`run`].
+//! the same public API: bind [`Listeners`], build a [`Config`], call [`run`].
+//!
+//! # Layout
+//!
+//! Each folder is one part; a part imports only the parts below it.
+//!
+//! | part | what it owns |
+//! |---|---|
+//! | [`app`] | start-up wiring: [`run`] |
+//! | `check` | `cutover check` |
+//! | `admin/` | the admin protocol, its socket server and client |
+//! | `control/` | the controller (single writer), deploys, health, state file, watcher |
+//! | `proxy/` | the data plane: listeners, connection serving, the request path |
+//! | `routing/` | the snapshot and the one cell that holds it |
+//! | `upstream/` | an upstream, its connection pool and HTTP/1.1 client |
+//! | `docker`, `tls`, `io/` | the Docker engine, certificates, body and socket wrappers |
+//! | `config/`, `errors` | configuration, error chains |
+//!
+//! The data plane (`proxy`) and the control plane (`control`) never import
+//! each other; they meet in `routing` and `upstream`.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod body;
+mod app;
 pub mod check;
-pub mod client;
 pub mod config;
-pub mod controller;
-pub mod deploy;
+mod control;
 pub mod docker;
 pub mod errors;
-pub mod forward;
-pub mod group;
-pub mod health;
-pub mod pool;
-pub mod proxy;
-pub mod routes;
-pub mod server;
-pub mod slowio;
-pub mod snapshot;
-pub mod state;
-pub mod strict;
-pub mod tls;
-pub mod upstream;
-pub mod watch;
+mod io;
+mod proxy;
+mod routing;
+mod tls;
+mod upstream;
 
+pub use app::{run, ServerError};
 pub use config::Config;
-pub use server::{run, Listeners, ServerError};
+pub use proxy::Listeners;

@@ -174,7 +174,7 @@ fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
     };
     let json = args.json;
     let is_status = matches!(command, AdminCommand::Status { .. });
-    let result = runtime.block_on(cutover::client::call(&socket, &command, |step, message| {
+    let result = runtime.block_on(cutover::admin::call(&socket, &command, |step, message| {
         if json {
             println!(
                 "{}",

@@ -539,7 +539,7 @@ async fn h2_cookies_are_joined_for_http1_upstreams() {
 
 /// Two equal `content-length` fields pass the h2 crate; forwarded as they
 /// are, the HTTP/1.1 upstream would get two `Content-Length` lines. cutover
-/// refuses the request instead (src/strict.rs).
+/// refuses the request instead (src/proxy/strict.rs).
 #[tokio::test]
 async fn h2_duplicate_content_length_is_refused() {
     let upstream = start_upstream("app").await;

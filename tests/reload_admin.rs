@@ -93,7 +93,7 @@ fn replace_by_rename(path: &Path, contents: &[u8]) {
 async fn admin(dir: &Path, command: Command) -> Result<serde_json::Value, String> {
     tokio::time::timeout(
         IO_TIMEOUT,
-        cutover::client::call(&dir.join("admin.sock"), &command, |_, _| {}),
+        cutover::admin::call(&dir.join("admin.sock"), &command, |_, _| {}),
     )
     .await
     .expect("admin timed out")

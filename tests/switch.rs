@@ -54,7 +54,7 @@ async fn admin(dir: &Path, command: Command) -> (Result<Value, String>, Vec<Stri
     let mut steps = Vec::new();
     let result = tokio::time::timeout(
         Duration::from_secs(30),
-        cutover::client::call(&socket(dir), &command, |step, message| {
+        cutover::admin::call(&socket(dir), &command, |step, message| {
             steps.push(format!("{step}: {message}"));
         }),
     )

@@ -70,7 +70,7 @@ MALFORMED = [
     ("content_length_duplicate", base(b"POST") + [(b"content-length", b"5"),
                                                   (b"content-length", b"6")], b"hello"),
     # Equal values pass the h2 crate; re-sent as HTTP/1.1 they would be two
-    # Content-Length lines. cutover's own check (src/strict.rs) refuses them.
+    # Content-Length lines. cutover's own check (src/proxy/strict.rs) refuses them.
     ("content_length_duplicate_equal", base(b"POST") + [(b"content-length", b"5"),
                                                         (b"content-length", b"5")], b"hello"),
 ]

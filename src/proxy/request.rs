@@ -13,38 +13,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::body::{self, BodyLimitError, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody};
 use crate::config::{Action, Site};
 use crate::errors;
-use crate::forward::{self, ClientFacts};
-use crate::pool::{SendError, Sender};
-use crate::routes::{self, normalize_host};
-use crate::slowio::Stalled;
-use crate::snapshot::Snapshot;
-use crate::strict::{self, Violation};
+use crate::io::body::{
+    self, BodyLimitError, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody,
+};
+use crate::io::slowio::Stalled;
+use crate::proxy::forward::{self, ClientFacts};
+use crate::proxy::strict::{self, Violation};
+use crate::routing::table::{self as routes, normalize_host};
+use crate::routing::{Shared, Snapshot};
+use crate::upstream::pool::{SendError, Sender};
 use crate::upstream::{InFlight, Upstream};
-
-/// State every connection shares.
-pub struct Shared {
-    /// The current routing snapshot; replaced whole by reloads and switches.
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Port of the HTTPS listener, for building redirect URLs.
-    pub https_port: Option<u16>,
-    /// Cancelled at shutdown; tunnels watch it.
-    pub shutdown: CancellationToken,
-    /// Tracks spawned tunnel tasks so shutdown can wait for them.
-    pub tasks: TaskTracker,
-}
 
 /// Facts about one client connection, prepared once per connection.
 #[derive(Debug, Clone)]

@@ -38,8 +38,8 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::body::{self, ProxyBody};
-use crate::slowio::StallTimeout;
+use crate::io::body::{self, ProxyBody};
+use crate::io::slowio::StallTimeout;
 
 /// Most idle connections kept per upstream; more are closed on release.
 const MAX_IDLE: usize = 1024;
@@ -76,7 +76,7 @@ pub struct Pool {
     addr: SocketAddr,
     connect_timeout: Duration,
     /// Longest an open connection may go without moving a byte while
-    /// waiting to read or write (see [`crate::slowio`]).
+    /// waiting to read or write (see [`crate::io::slowio`]).
     stall_timeout: Duration,
     idle_timeout: Duration,
     /// Oldest at the front, most recently released at the back.

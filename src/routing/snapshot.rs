@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::routes::RouteTable;
+use crate::routing::table::RouteTable;
 use crate::upstream::Upstream;
 
 /// One consistent view of config, routes and active upstreams.

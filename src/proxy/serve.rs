@@ -1,10 +1,9 @@
-//! Listeners and connection serving: the accept loops, TLS handshakes, the
-//! hyper connection builder with its limits, and graceful shutdown.
+//! Connection serving: the accept loops, TLS handshakes, the hyper
+//! connection builder with its limits, idle and shutdown handling.
 //!
-//! [`run`] is the public entry point the binary and the tests share: it
-//! takes already-bound listeners (tests bind port 0), a config, and a
-//! shutdown future, and returns once every connection has finished or the
-//! shutdown deadline has passed.
+//! [`Server`] is the data plane's entry point: [`crate::app`] builds one
+//! and gives it each listener; everything a connection needs after that
+//! (the routing cell, the shutdown token) comes through [`Shared`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,207 +12,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
-use tokio_util::task::TaskTracker;
 
-use crate::admin;
-use crate::config::{Config, Limits};
-use crate::controller::Controller;
-use crate::proxy::{self, ClientConn, Shared};
-use crate::slowio::StallTimeout;
-use crate::snapshot::Snapshot;
-use crate::state::{StateError, StateStore};
-use crate::tls::{self, CertStore, SniResolver};
-use crate::watch;
-
-/// The sockets to serve on, bound by the caller (the binary binds the
-/// config's addresses; tests bind port 0).
-#[derive(Debug, Default)]
-pub struct Listeners {
-    pub http: Option<TcpListener>,
-    pub https: Option<TcpListener>,
-}
-
-impl Listeners {
-    /// Binds the addresses a config names.
-    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let http = match config.server.http {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        let https = match config.server.https {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        Ok(Listeners { http, https })
-    }
-}
-
-/// Length of the listeners' queue of connections not yet accepted. std's
-/// `TcpListener::bind` asks for 128, which a burst of new clients overflows
-/// whenever the accept loop is briefly behind (the external 10,000-idle
-/// suite saw it): the kernel then drops SYNs and clients retry a second
-/// later. nginx asks for 511; the kernel caps this at net.core.somaxconn.
-const LISTEN_BACKLOG: u32 = 4096;
-
-async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listen = || {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        // As std's bind does: a restarted proxy can listen again at once.
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)
-    };
-    listen()
-        .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}")))
-}
-
-/// Why the server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error("an HTTPS listener needs at least one [[tls]] certificate")]
-    NoCertificates,
-    #[error("{0}")]
-    Certificates(String),
-    #[error("TLS setup failed: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("no listener to serve on")]
-    NoListeners,
-    #[error("admin socket: {0}")]
-    Admin(#[from] admin::AdminError),
-    #[error("state: {0}")]
-    State(#[from] StateError),
-}
-
-/// Serves until `shutdown` completes, then drains: stops accepting, lets
-/// in-flight requests finish (bounded by `server.shutdown_timeout`), closes
-/// keep-alive connections, and returns.
-pub async fn run(
-    listeners: Listeners,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
-    if listeners.http.is_none() && listeners.https.is_none() {
-        return Err(ServerError::NoListeners);
-    }
-    let config = Arc::new(config);
-    let (acceptor, resolver) = match &listeners.https {
-        Some(_) => {
-            let (acceptor, resolver) = tls_acceptor(&config)?;
-            (Some(acceptor), Some(resolver))
-        }
-        None => (None, None),
-    };
-    let https_port = listeners
-        .https
-        .as_ref()
-        .and_then(|l| l.local_addr().ok())
-        .map(|a| a.port());
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
-        https_port,
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-    });
-    let state = config.server.state_dir.as_ref().map(StateStore::new);
-    let controller = Controller::new(Arc::clone(&shared), state, resolver);
-    controller.restore().await?;
-    controller.reconcile().await;
-    if let Some(path) = &config.server.admin_socket {
-        let listener = admin::bind(path, config.server.admin_group.as_deref()).await?;
-        shared.tasks.spawn(admin::serve(
-            listener,
-            path.clone(),
-            Arc::clone(&controller),
-            shared.shutdown.clone(),
-            shared.tasks.clone(),
-        ));
-    }
-    if config.source.is_some() {
-        if let Err(err) = watch::spawn(
-            Arc::clone(&controller),
-            &config,
-            shared.shutdown.clone(),
-            &shared.tasks,
-        ) {
-            tracing::warn!(error = %err, "cannot watch config files; use `cutover reload`");
-        }
-    }
-
-    let limits = config.server.limits.clone();
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let server = Server {
-        shared: Arc::clone(&shared),
-        builder: connection_builder(&limits),
-        connections,
-        limits,
-    };
-
-    if let Some(listener) = listeners.http {
-        log_listening("http", &listener);
-        shared
-            .tasks
-            .spawn(server.clone().accept_loop(listener, None));
-    }
-    if let Some(listener) = listeners.https {
-        log_listening("https", &listener);
-        shared
-            .tasks
-            .spawn(server.clone().accept_loop(listener, acceptor));
-    }
-
-    shutdown.await;
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
-    shared.shutdown.cancel();
-    shared.tasks.close();
-    let deadline = config.server.shutdown_timeout;
-    if tokio::time::timeout(deadline, shared.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?deadline,
-            "shutdown deadline passed; closing remaining connections"
-        );
-    }
-    Ok(())
-}
-
-fn log_listening(scheme: &str, listener: &TcpListener) {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(listen.addr = %addr, scheme, "listening");
-    }
-}
-
-fn tls_acceptor(config: &Config) -> Result<(TlsAcceptor, Arc<SniResolver>), ServerError> {
-    let store = CertStore::load(&config.tls).map_err(|errors| {
-        ServerError::Certificates(
-            errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n"),
-        )
-    })?;
-    if store.is_empty() {
-        return Err(ServerError::NoCertificates);
-    }
-    let resolver = SniResolver::new(store);
-    let acceptor = TlsAcceptor::from(tls::server_config(Arc::clone(&resolver))?);
-    Ok((acceptor, resolver))
-}
+use crate::config::Limits;
+use crate::io::slowio::StallTimeout;
+use crate::proxy::request::{self, ClientConn};
+use crate::routing::Shared;
 
 /// hyper's connection builder with our limits applied.
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -252,7 +63,7 @@ fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
 
 /// What each accept loop and connection task needs.
 #[derive(Clone)]
-struct Server {
+pub struct Server {
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
     /// One permit per open client connection: when all are taken, the
@@ -262,6 +73,27 @@ struct Server {
 }
 
 impl Server {
+    pub fn new(shared: Arc<Shared>, limits: Limits) -> Server {
+        Server {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            builder: connection_builder(&limits),
+            shared,
+            limits,
+        }
+    }
+
+    /// Accepts connections on `listener` (TLS ones when `tls` is set) until
+    /// shutdown, on a task the shutdown waits for.
+    pub fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+        if let Ok(addr) = listener.local_addr() {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(listen.addr = %addr, scheme, "listening");
+        }
+        self.shared
+            .tasks
+            .spawn(self.clone().accept_loop(listener, tls));
+    }
+
     async fn accept_loop(self, listener: TcpListener, tls: Option<TlsAcceptor>) {
         let shutdown = self.shared.shutdown.clone();
         loop {
@@ -334,7 +166,7 @@ impl Server {
         let touched = Arc::clone(&idle);
         let service = service_fn(move |req| {
             touched.touch();
-            proxy::handle(Arc::clone(&shared), conn.clone(), req)
+            request::handle(Arc::clone(&shared), conn.clone(), req)
         });
         let watch = Watch {
             shutdown: self.shared.shutdown.clone(),

@@ -1,7 +1,7 @@
 //! The routing table: host → site → longest-prefix route.
 //!
 //! Built once from a [`Config`] and never mutated; a reload builds a new
-//! table and swaps it in with the rest of the [`Snapshot`](crate::snapshot::Snapshot),
+//! table and swaps it in with the rest of the [`Snapshot`](crate::routing::Snapshot),
 //! so a request always sees one consistent table.
 
 use std::borrow::Cow;

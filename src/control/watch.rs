@@ -15,8 +15,8 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::{Controller, Progress};
 use crate::config::Config;
-use crate::controller::{Controller, Progress};
 
 /// Quiet time after the last event before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(300);

@@ -6,6 +6,8 @@
 //! still serves while new requests go to the new one, and draining simply
 //! waits for the old count to reach zero.
 
+pub mod pool;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,15 +16,24 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::Limits;
-use crate::pool::{Pool, PoolTimeouts};
-use crate::state::ContainerState;
+use pool::{Pool, PoolTimeouts};
 
 /// How long an upstream connection may sit idle in the pool before it is
 /// closed rather than reused (below common app servers' own keep-alive
 /// timeouts would be better, but those vary: Node 5 s, Puma 20 s, Tomcat
-/// 60 s; a stale one is retried, see [`crate::pool`]).
+/// 60 s; a stale one is retried, see [`pool`]).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A container the controller started (persisted in the state file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    pub id: String,
+    pub image: String,
+    pub deploy_id: String,
+}
 
 /// One backend address, its pool and its live counters.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LinesCodec};
 
-use crate::admin::{encode_request, Command, Reply};
+use super::{encode_request, Command, Reply};
 
 /// Why a command did not succeed.
 #[derive(Debug, thiserror::Error)]

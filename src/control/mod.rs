@@ -1,4 +1,11 @@
-//! The controller: the one writer of the routing snapshot.
+//! The control plane: the controller, the one writer of the routing
+//! snapshot, with deploys, health probes, the state file and the config
+//! watcher beside it.
+//!
+//! May import: `routing`, `upstream`, `docker`, `tls`, `config`, `errors`.
+//! Never the data plane (`proxy`): the two meet only in `routing`.
+//!
+//! The controller:
 //!
 //! Every change to what traffic goes where (a switch, a pause, a reload,
 //! later a deploy) goes through here. Changes are serialized by one async
@@ -12,6 +19,13 @@
 //! from this instant), then drain the old upstream: wait for its in-flight
 //! requests, give its WebSocket tunnels a grace period, and close them.
 
+mod deploy;
+pub mod health;
+pub mod state;
+pub mod watch;
+
+pub use deploy::ImageChoice;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,14 +37,11 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::{Config, Service};
 use crate::docker::{DockerError, Engine};
-use crate::health::{self, ProbeError};
-use crate::proxy::Shared;
-use crate::snapshot::{PauseGate, ServiceSlot, Snapshot};
-use crate::state::{
-    now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore,
-};
+use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
+use health::ProbeError;
+use state::{now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore};
 
 /// One progress line of a running operation, streamed to the admin client.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -14,6 +14,11 @@
 //! and the connection keeps serving. Operations run in their own task, so a
 //! client that disconnects mid-switch does not abort the switch.
 
+mod client;
+pub mod group;
+
+pub use client::call;
+
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,9 +31,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::controller::{Controller, Progress};
-use crate::deploy::ImageChoice;
-use crate::group;
+use crate::control::{Controller, ImageChoice, Progress};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::health;
+use super::state::{now_unix, ContainerState, DeployRecord, PreviousState};
+use super::{check_health, drain, next_color, ControlError, Controller, Progress};
 use crate::config::{ContainerSettings, Service};
-use crate::controller::{check_health, drain, next_color, ControlError, Controller, Progress};
 use crate::docker::{ContainerInfo, ContainerSpec, Engine};
-use crate::health;
-use crate::state::{now_unix, ContainerState, DeployRecord, PreviousState};
 use crate::upstream::Upstream;
 
 /// How often a starting container is inspected for an early exit.

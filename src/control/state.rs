@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::upstream::ContainerState;
+
 /// The file's name inside `state_dir`.
 pub const STATE_FILE: &str = "state.json";
 
@@ -53,14 +55,6 @@ pub struct ServiceState {
     /// The last deploy's outcome, for status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_deploy: Option<DeployRecord>,
-}
-
-/// A container the controller started.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerState {
-    pub id: String,
-    pub image: String,
-    pub deploy_id: String,
 }
 
 /// The previous colour and when it will be retired.

@@ -1,0 +1,138 @@
+//! Start-up wiring: [`run`] builds the routing cell, restores the state
+//! file, reconciles with Docker, opens the admin socket, starts the file
+//! watcher and the accept loops, and on shutdown waits for everything to
+//! drain.
+//!
+//! It is the one place that knows every part; the parts know only what lies
+//! below them (see `docs/architecture.md`).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::config::Config;
+use crate::control::state::{StateError, StateStore};
+use crate::control::{watch, Controller};
+use crate::proxy::{Listeners, Server};
+use crate::routing::{Shared, Snapshot};
+use crate::tls::{self, CertStore, SniResolver};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("an HTTPS listener needs at least one [[tls]] certificate")]
+    NoCertificates,
+    #[error("{0}")]
+    Certificates(String),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("no listener to serve on")]
+    NoListeners,
+    #[error("admin socket: {0}")]
+    Admin(#[from] admin::AdminError),
+    #[error("state: {0}")]
+    State(#[from] StateError),
+}
+
+/// Serves until `shutdown` completes, then drains: stops accepting, lets
+/// in-flight requests finish (bounded by `server.shutdown_timeout`), closes
+/// keep-alive connections, and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    if listeners.http.is_none() && listeners.https.is_none() {
+        return Err(ServerError::NoListeners);
+    }
+    let config = Arc::new(config);
+    let (acceptor, resolver) = match &listeners.https {
+        Some(_) => {
+            let (acceptor, resolver) = tls_acceptor(&config)?;
+            (Some(acceptor), Some(resolver))
+        }
+        None => (None, None),
+    };
+    let https_port = listeners
+        .https
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port());
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
+        https_port,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let state = config.server.state_dir.as_ref().map(StateStore::new);
+    let controller = Controller::new(Arc::clone(&shared), state, resolver);
+    controller.restore().await?;
+    controller.reconcile().await;
+    if let Some(path) = &config.server.admin_socket {
+        let listener = admin::bind(path, config.server.admin_group.as_deref()).await?;
+        shared.tasks.spawn(admin::serve(
+            listener,
+            path.clone(),
+            Arc::clone(&controller),
+            shared.shutdown.clone(),
+            shared.tasks.clone(),
+        ));
+    }
+    if config.source.is_some() {
+        if let Err(err) = watch::spawn(
+            Arc::clone(&controller),
+            &config,
+            shared.shutdown.clone(),
+            &shared.tasks,
+        ) {
+            tracing::warn!(error = %err, "cannot watch config files; use `cutover reload`");
+        }
+    }
+
+    let server = Server::new(Arc::clone(&shared), config.server.limits.clone());
+    if let Some(listener) = listeners.http {
+        server.spawn_accept_loop(listener, None);
+    }
+    if let Some(listener) = listeners.https {
+        server.spawn_accept_loop(listener, acceptor);
+    }
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    shared.shutdown.cancel();
+    shared.tasks.close();
+    let deadline = config.server.shutdown_timeout;
+    if tokio::time::timeout(deadline, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?deadline,
+            "shutdown deadline passed; closing remaining connections"
+        );
+    }
+    Ok(())
+}
+
+fn tls_acceptor(config: &Config) -> Result<(TlsAcceptor, Arc<SniResolver>), ServerError> {
+    let store = CertStore::load(&config.tls).map_err(|errors| {
+        ServerError::Certificates(
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+    })?;
+    if store.is_empty() {
+        return Err(ServerError::NoCertificates);
+    }
+    let resolver = SniResolver::new(store);
+    let acceptor = TlsAcceptor::from(tls::server_config(Arc::clone(&resolver))?);
+    Ok((acceptor, resolver))
+}
