@@ -48,7 +48,7 @@ use support::origin::Origin;
 use support::proxies::{self, Kind, Options};
 use support::*;
 
-/// Connections of the load (as in the profiles the README cites).
+/// Connections of the load (as in the profiles docs/benchmarks.md cites).
 const CLIENTS: usize = 16;
 
 /// Source groups listed for cutover; the rest are summed as "other".

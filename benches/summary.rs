@@ -4,9 +4,9 @@
 //! Reads the JSON every scenario wrote to `target/bench-results/` and writes
 //! `summary.json` (all of them, plus the machine and the command) and
 //! `summary.md`: the machine (cores and CPU model from `/proc/cpuinfo`), the
-//! date, the exact command, the issue-5 targets with met / missed and the
+//! date, the exact command, the performance targets with met / missed and the
 //! figures behind each verdict, then one table per scenario. `summary.md` is
-//! meant to be pasted into the README as it is.
+//! meant to be pasted into `docs/benchmarks.md` as it is.
 //!
 //! A scenario that did not run (tool missing, no Docker, bench failed) shows
 //! as such; nothing is filled in for it.
@@ -127,7 +127,7 @@ fn machine() -> Value {
 }
 
 // ---------------------------------------------------------------------------
-// Targets of issue 5
+// Performance targets
 // ---------------------------------------------------------------------------
 
 /// One target with its verdict: `Some(true)` met, `Some(false)` missed,
@@ -576,7 +576,7 @@ fn render(machine: &Value, results: &[(&str, &str, Option<Value>)]) -> String {
     if let Some(failed) = machine["failed_benches"].as_str().filter(|f| !f.is_empty()) {
         let _ = writeln!(text, "- benches that exited with an error: {failed}");
     }
-    let _ = writeln!(text, "\n#### Targets (issue 5)\n");
+    let _ = writeln!(text, "\n#### Targets\n");
     let _ = writeln!(text, "| target | measured | verdict |\n|---|---|---|");
     for target in targets(results) {
         let _ = writeln!(

@@ -3,8 +3,8 @@
 //! For every malformed request: the status, that the proxy closes the
 //! connection, that the recording upstream received nothing, and that a
 //! follow-up on a fresh connection gets its own answer. Also: the cases
-//! hyper normalizes instead of refusing (documented in README
-//! "Hardening"), pipelining, `max_uri_bytes`, and HTTP/2 cookie joining.
+//! hyper normalizes instead of refusing (documented in
+//! `docs/hardening.md`), pipelining, `max_uri_bytes`, and HTTP/2 cookie joining.
 
 mod common;
 

@@ -7,7 +7,7 @@ receive nothing, and a follow-up request on a fresh connection must get its
 own answer. A few ambiguities that RFC 9112 lets a server resolve instead
 of refusing (`Normalize`) pass either way, provided the upstream receives
 one unambiguous request. The same cases run against nginx (plain proxy_pass) when it is
-installed, for the README's comparison table.
+installed, for the comparison table in docs/hardening.md.
 """
 
 import os
