@@ -35,6 +35,10 @@ enum Script {
     /// Sends a head promising 100,000 bytes, 1,000 of them, then goes
     /// silent with the connection open.
     StallMidBody,
+    /// Reads a request and never answers it (the connection stays open).
+    HangOnFirstRequest,
+    /// Answers the first request, then reads the next and never answers it.
+    HangOnSecondRequest,
 }
 
 struct ScriptedUpstream {
@@ -93,8 +97,13 @@ async fn serve_scripted(
         recorded.lock().expect("lock").push((number, head));
         served += 1;
         match (script, served) {
-            (Script::KeepAlive, _) | (Script::CloseOnSecondRequest, 1) => {
-                stream.write_all(OK).await?
+            (Script::KeepAlive, _)
+            | (Script::CloseOnSecondRequest, 1)
+            | (Script::HangOnSecondRequest, 1) => stream.write_all(OK).await?,
+            (Script::HangOnFirstRequest, _) | (Script::HangOnSecondRequest, _) => {
+                // Silent, but bounded so the task cannot outlive the run.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return Ok(());
             }
             (Script::CloseOnSecondRequest, _) => return Ok(()),
             (Script::ExtraResponse, _) => {
@@ -191,6 +200,56 @@ async fn sequential_requests_reuse_one_upstream_connection() {
         1,
         "keep-alive connection not reused"
     );
+}
+
+/// How long after it was sent a GET got its 504 for an upstream that read
+/// it and never answered.
+async fn time_to_gateway_timeout(proxy: SocketAddr, path: &str) -> Duration {
+    let started = tokio::time::Instant::now();
+    let resp = http_get(proxy, "app.localhost", path).await;
+    assert_eq!(resp.status, 504, "{path}: {}", resp.text());
+    started.elapsed()
+}
+
+/// A proxy with a 1 s `upstream_timeout` in front of `upstream`.
+async fn proxy_with_upstream_timeout(upstream: SocketAddr) -> TestProxy {
+    let config = config(upstream).replace(
+        "[server]",
+        "[server]\n[server.limits]\nupstream_timeout = \"1s\"",
+    );
+    start_proxy(&config).await
+}
+
+#[tokio::test]
+async fn upstream_timeout_counts_from_the_request_on_fresh_and_pooled_connections() {
+    // A 1 s timeout used to become up to 2 s: the request write stopped the
+    // connection's stall clock, and it restarted only when its old timer
+    // fired. The bounds leave 0.7 s for a loaded machine either way; the
+    // exact bound is proven in `slowio`'s paused-clock tests.
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let hangs = start_scripted(Script::HangOnFirstRequest).await;
+    let proxy = proxy_with_upstream_timeout(hangs.addr).await;
+    let fresh = time_to_gateway_timeout(proxy.http_addr, "/fresh").await;
+
+    let second_hangs = start_scripted(Script::HangOnSecondRequest).await;
+    let proxy = proxy_with_upstream_timeout(second_hangs.addr).await;
+    let first = http_get(proxy.http_addr, "app.localhost", "/answered").await;
+    assert_eq!(first.status, 200);
+    // Straight away, so the pooled connection's read has just started to
+    // wait: the old clock then ran for nearly two timeouts.
+    let pooled = time_to_gateway_timeout(proxy.http_addr, "/pooled").await;
+    assert_eq!(
+        second_hangs.connections(),
+        1,
+        "the connection was not reused"
+    );
+
+    for (case, elapsed) in [("fresh", fresh), ("pooled", pooled)] {
+        assert!(
+            elapsed >= TIMEOUT && elapsed < TIMEOUT + Duration::from_millis(700),
+            "{case} connection: 504 after {elapsed:?}, upstream_timeout is {TIMEOUT:?}"
+        );
+    }
 }
 
 /// A proxy whose pool holds one connection to an upstream that will close
