@@ -14,18 +14,22 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
 use crate::control::{watch, Controller};
 use crate::proxy::{Listeners, Server};
 use crate::routing::{Shared, Snapshot};
+use crate::tls::acme::AcmeCerts;
 use crate::tls::{self, CertStore, SniResolver};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("an HTTPS listener needs at least one [[tls]] certificate")]
+    #[error(
+        "an HTTPS listener needs at least one [[tls]] certificate or a site with tls = \"acme\""
+    )]
     NoCertificates,
     #[error("{0}")]
     Certificates(String),
@@ -37,6 +41,8 @@ pub enum ServerError {
     Admin(#[from] admin::AdminError),
     #[error("state: {0}")]
     State(#[from] StateError),
+    #[error("{0}")]
+    Acme(#[from] acme::SetupError),
 }
 
 /// Serves until `shutdown` completes, then drains: stops accepting, lets
@@ -51,9 +57,10 @@ pub async fn run(
         return Err(ServerError::NoListeners);
     }
     let config = Arc::new(config);
+    let acme_certs = AcmeCerts::new();
     let (acceptor, resolver) = match &listeners.https {
         Some(_) => {
-            let (acceptor, resolver) = tls_acceptor(&config)?;
+            let (acceptor, resolver) = tls_acceptor(&config, &acme_certs)?;
             (Some(acceptor), Some(resolver))
         }
         None => (None, None),
@@ -68,9 +75,21 @@ pub async fn run(
         https_port,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        acme: Arc::clone(&acme_certs),
     });
+    let acme = match &config.acme {
+        Some(_) => Some(acme::Manager::new(
+            &config,
+            acme_certs,
+            listeners.http.is_some(),
+            listeners.https.is_some(),
+            shared.shutdown.clone(),
+            shared.tasks.clone(),
+        )?),
+        None => None,
+    };
     let state = config.server.state_dir.as_ref().map(StateStore::new);
-    let controller = Controller::new(Arc::clone(&shared), state, resolver);
+    let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone());
     controller.restore().await?;
     controller.reconcile().await;
     if let Some(path) = &config.server.admin_socket {
@@ -101,6 +120,9 @@ pub async fn run(
     if let Some(listener) = listeners.https {
         server.spawn_accept_loop(listener, acceptor);
     }
+    if let Some(acme) = &acme {
+        acme.start(&config);
+    }
 
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining in-flight requests");
@@ -119,7 +141,10 @@ pub async fn run(
     Ok(())
 }
 
-fn tls_acceptor(config: &Config) -> Result<(TlsAcceptor, Arc<SniResolver>), ServerError> {
+fn tls_acceptor(
+    config: &Config,
+    acme_certs: &Arc<AcmeCerts>,
+) -> Result<(TlsAcceptor, Arc<SniResolver>), ServerError> {
     let store = CertStore::load(&config.tls).map_err(|errors| {
         ServerError::Certificates(
             errors
@@ -129,10 +154,10 @@ fn tls_acceptor(config: &Config) -> Result<(TlsAcceptor, Arc<SniResolver>), Serv
                 .join("\n"),
         )
     })?;
-    if store.is_empty() {
+    if store.is_empty() && config.acme.is_none() {
         return Err(ServerError::NoCertificates);
     }
-    let resolver = SniResolver::new(store);
+    let resolver = SniResolver::new(store, Arc::clone(acme_certs));
     let acceptor = TlsAcceptor::from(tls::server_config(Arc::clone(&resolver))?);
     Ok((acceptor, resolver))
 }

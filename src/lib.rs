@@ -16,7 +16,8 @@
 //! | `proxy/` | the data plane: listeners, connection serving, the request path |
 //! | `routing/` | the snapshot and the one cell that holds it |
 //! | `upstream/` | an upstream, its connection pool and HTTP/1.1 client |
-//! | `docker`, `tls`, `io/` | the Docker engine, certificates, body and socket wrappers |
+//! | `acme/` | automatic certificates: ACME orders, storage, renewal |
+//! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
 //! | `config/`, `errors` | configuration, error chains |
 //!
 //! The data plane (`proxy`) and the control plane (`control`) never import
@@ -24,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+mod acme;
 pub mod admin;
 mod app;
 pub mod check;

@@ -88,6 +88,14 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Order a new certificate for a `tls = "acme"` name now; the current
+    /// one serves until the new one is in place (and stays if it fails).
+    Renew {
+        /// The host name, as listed in a site's `hosts`.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 /// How a client command finds the server, and how it prints.
@@ -128,6 +136,7 @@ fn main() -> ExitCode {
         Command::Pause { service, admin } => client(&admin, AdminCommand::Pause { service }),
         Command::Resume { service, admin } => client(&admin, AdminCommand::Resume { service }),
         Command::Reload { admin } => client(&admin, AdminCommand::Reload {}),
+        Command::Renew { name, admin } => client(&admin, AdminCommand::Renew { name }),
         Command::Deploy {
             service,
             image,
@@ -311,6 +320,51 @@ fn print_status(result: &Value) {
     }
     if let Some(docker) = result.get("docker").and_then(Value::as_str) {
         println!("docker: {docker}");
+    }
+    print_certificates(result);
+}
+
+/// One line per certificate: name, source, state, issuer, expiry, next
+/// renewal, and the last error while one stands.
+fn print_certificates(result: &Value) {
+    let Some(certificates) = result.get("certificates").and_then(Value::as_array) else {
+        return;
+    };
+    if certificates.is_empty() {
+        return;
+    }
+    let date = |value: &Value| {
+        value
+            .as_u64()
+            .map(|secs| {
+                httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                )
+            })
+            .unwrap_or_else(|| "-".to_string())
+    };
+    println!("certificates:");
+    for cert in certificates {
+        let text = |key: &str| cert[key].as_str().unwrap_or("-").to_string();
+        let renewal = if cert["source"] == "file" {
+            "renewal: not managed by cutover".to_string()
+        } else {
+            format!("next renewal {}", date(&cert["next_renewal"]))
+        };
+        println!(
+            "  {}  [{} {}]  issuer {}  expires {}  {renewal}",
+            text("name"),
+            text("source"),
+            text("state"),
+            text("issuer"),
+            date(&cert["not_after"]),
+        );
+        if let Some(error) = cert["last_error"].as_str() {
+            println!(
+                "    last attempt failed ({} in a row): {error}",
+                cert["failures"]
+            );
+        }
     }
 }
 

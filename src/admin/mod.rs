@@ -79,6 +79,8 @@ pub enum Command {
     /// Re-read the config file and certificates. (A struct variant, so
     /// unknown fields are rejected as for every other command.)
     Reload {},
+    /// Order a new certificate for an automatic (`tls = "acme"`) name now.
+    Renew { name: String },
 }
 
 /// One reply line.
@@ -345,6 +347,7 @@ async fn run_command(
         Command::Pause { service } => controller.pause(&service).await,
         Command::Resume { service } => controller.resume(&service).await,
         Command::Reload {} => controller.reload(progress).await,
+        Command::Renew { name } => controller.renew(&name, progress).await,
         Command::Deploy {
             service,
             image,

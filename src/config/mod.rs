@@ -15,6 +15,10 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod acme;
+
+pub use acme::{AcmeSettings, ChallengeKind, FIRST_RETRY_DELAY, MAX_RETRY_DELAY};
+
 use ipnet::IpNet;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
@@ -31,6 +35,26 @@ pub struct Config {
     pub tls: Vec<TlsFiles>,
     pub sites: Vec<Site>,
     pub services: BTreeMap<String, Service>,
+    /// Automatic certificates: set when some site has `tls = "acme"`.
+    pub acme: Option<AcmeSettings>,
+}
+
+impl Config {
+    /// The names that get automatic certificates, each once, in file order.
+    pub fn acme_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for host in self
+            .sites
+            .iter()
+            .filter(|site| site.acme)
+            .flat_map(|site| &site.hosts)
+        {
+            if !names.contains(host) {
+                names.push(host.clone());
+            }
+        }
+        names
+    }
 }
 
 /// `[server]`: listeners, admin socket, state, limits.
@@ -151,6 +175,9 @@ pub struct Site {
     pub https_redirect: bool,
     /// `Strict-Transport-Security` value to add on HTTPS responses.
     pub hsts: Option<String>,
+    /// `tls = "acme"`: certificates for these hosts are issued and renewed
+    /// automatically.
+    pub acme: bool,
     /// Routes, longest prefix first.
     pub routes: Vec<Route>,
 }
@@ -169,6 +196,9 @@ pub enum Action {
     Service(String),
     /// Serve one static file.
     File(PathBuf),
+    /// Serve files under this directory (GET/HEAD, no listing, nothing
+    /// outside it): `certbot --webroot` answers its challenges this way.
+    Dir(PathBuf),
     /// Redirect to this URL with this status.
     Redirect { to: String, code: u16 },
     /// Answer with this status and an empty body.
@@ -380,6 +410,7 @@ struct RawConfig {
     site: Vec<Spanned<RawSite>>,
     #[serde(default)]
     service: BTreeMap<String, Spanned<RawService>>,
+    acme: Option<Spanned<acme::RawAcme>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -433,6 +464,7 @@ struct RawSite {
     #[serde(default)]
     https_redirect: bool,
     hsts: Option<HstsValue>,
+    tls: Option<Spanned<String>>,
     service: Option<Spanned<String>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
@@ -444,6 +476,7 @@ struct RawRoute {
     path: Spanned<String>,
     service: Option<Spanned<String>>,
     file: Option<PathBuf>,
+    dir: Option<PathBuf>,
     redirect: Option<String>,
     /// With `redirect`: 301 (default), 302, 307 or 308.
     code: Option<u16>,
@@ -681,13 +714,16 @@ impl<'a> Validator<'a> {
             .map(|site| self.site(site, &services))
             .collect::<Vec<_>>();
         self.check_duplicate_hosts(&sites);
+        let sites: Vec<Site> = sites.into_iter().map(|(site, _)| site).collect();
+        let acme = self.acme(raw.acme, &sites, server.state_dir.as_ref());
         if self.problems.is_empty() {
             Ok(Config {
                 source: None,
                 server,
                 tls,
-                sites: sites.into_iter().map(|(site, _)| site).collect(),
+                sites,
                 services,
+                acme,
             })
         } else {
             Err(ConfigError {
@@ -997,10 +1033,12 @@ impl<'a> Validator<'a> {
                 Some(value)
             }
         };
+        let acme = self.site_tls(raw.tls, &hosts);
         let site = Site {
             hosts,
             https_redirect: raw.https_redirect,
             hsts,
+            acme,
             routes,
         };
         (site, host_spans)
@@ -1029,6 +1067,9 @@ impl<'a> Validator<'a> {
         if let Some(file) = raw.file {
             actions.push(Action::File(self.resolve(file)));
         }
+        if let Some(dir) = raw.dir {
+            actions.push(Action::Dir(self.resolve(dir)));
+        }
         if let Some(to) = raw.redirect {
             let code = raw.code.unwrap_or(301);
             if ![301, 302, 303, 307, 308].contains(&code) {
@@ -1053,7 +1094,7 @@ impl<'a> Validator<'a> {
             self.report(
                 span,
                 format!(
-                    "route {path:?} needs exactly one of `service`, `file`, `redirect`, `status` (found {})",
+                    "route {path:?} needs exactly one of `service`, `file`, `dir`, `redirect`, `status` (found {})",
                     actions.len()
                 ),
             );

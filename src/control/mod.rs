@@ -2,7 +2,8 @@
 //! snapshot, with deploys, health probes, the state file and the config
 //! watcher beside it.
 //!
-//! May import: `routing`, `upstream`, `docker`, `tls`, `config`, `errors`.
+//! May import: `routing`, `upstream`, `acme`, `docker`, `tls`, `config`,
+//! `errors`.
 //! Never the data plane (`proxy`): the two meet only in `routing`.
 //!
 //! The controller:
@@ -35,6 +36,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::acme::{self, CertStatus};
 use crate::config::{Config, Service};
 use crate::docker::{DockerError, Engine};
 use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
@@ -145,6 +147,8 @@ pub struct Controller {
     shared: Arc<Shared>,
     state: Option<StateStore>,
     tls: Option<Arc<SniResolver>>,
+    /// Automatic certificates, when some site has `tls = "acme"`.
+    acme: Option<Arc<acme::Manager>>,
     /// Serializes snapshot writes.
     writer: tokio::sync::Mutex<()>,
     /// Services with an operation running.
@@ -187,11 +191,13 @@ impl Controller {
         shared: Arc<Shared>,
         state: Option<StateStore>,
         tls: Option<Arc<SniResolver>>,
+        acme: Option<Arc<acme::Manager>>,
     ) -> Arc<Controller> {
         Arc::new(Controller {
             shared,
             state,
             tls,
+            acme,
             writer: tokio::sync::Mutex::new(()),
             busy: Mutex::new(HashSet::new()),
             records: Mutex::new(HashMap::new()),
@@ -560,6 +566,7 @@ impl Controller {
             None => None,
         };
         warn_on_restart_only_changes(&current.config, &config);
+        self.reconfigure_acme(&config)?;
         let _writer = self.writer.lock().await;
         let latest = self.shared.snapshot.load_full();
         let next = Snapshot::build(Arc::new(config), Some(&latest));
@@ -570,6 +577,51 @@ impl Controller {
         }
         progress.emit("reloaded", format!("reloaded {}", path.display()));
         Ok(json!({ "config": path.display().to_string() }))
+    }
+
+    /// Follows a reloaded config's automatic names and `[acme]` settings.
+    fn reconfigure_acme(&self, config: &Config) -> Result<(), ControlError> {
+        match &self.acme {
+            Some(acme) => acme
+                .reconfigure(config)
+                .map_err(|err| ControlError::Config(err.to_string())),
+            None => {
+                if config.acme.is_some() {
+                    tracing::warn!("tls = \"acme\" was added; automatic certificates start on the next restart");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Orders a new certificate for an automatic name now (`cutover renew`).
+    pub async fn renew(&self, name: &str, progress: &Progress) -> Result<Value, ControlError> {
+        let acme = self.acme.as_ref().ok_or_else(|| {
+            ControlError::Failed("no site has tls = \"acme\": there is nothing to renew".into())
+        })?;
+        progress.emit("renew", format!("ordering a new certificate for {name}"));
+        let status = acme.renew(name).await.map_err(ControlError::Failed)?;
+        progress.emit(
+            "renewed",
+            format!(
+                "{name}: new certificate from {}",
+                status.issuer.as_deref().unwrap_or("-")
+            ),
+        );
+        Ok(json!({ "certificate": status }))
+    }
+
+    /// Every certificate: the automatic ones, then the `[[tls]]` files.
+    fn certificates(&self) -> Vec<CertStatus> {
+        let mut certificates = self
+            .acme
+            .as_ref()
+            .map(|acme| acme.status())
+            .unwrap_or_default();
+        if let Some(resolver) = &self.tls {
+            certificates.extend(resolver.describe_static().iter().map(CertStatus::of_file));
+        }
+        certificates
     }
 
     /// The config currently serving.
@@ -679,7 +731,11 @@ impl Controller {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
-        Ok(json!({ "services": services, "docker": docker }))
+        let mut report = json!({ "services": services, "docker": docker });
+        if only.is_none() {
+            report["certificates"] = json!(self.certificates());
+        }
+        Ok(report)
     }
 }
 

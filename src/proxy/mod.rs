@@ -9,6 +9,7 @@ mod forward;
 mod listen;
 mod request;
 mod serve;
+mod static_dir;
 mod strict;
 
 pub use listen::Listeners;

@@ -27,9 +27,11 @@ use crate::io::body::{
 };
 use crate::io::slowio::Stalled;
 use crate::proxy::forward::{self, ClientFacts};
+use crate::proxy::static_dir;
 use crate::proxy::strict::{self, Violation};
 use crate::routing::table::{self as routes, normalize_host};
 use crate::routing::{Shared, Snapshot};
+use crate::tls::acme::HTTP01_PATH_PREFIX;
 use crate::upstream::pool::{SendError, Sender};
 use crate::upstream::{InFlight, Upstream};
 
@@ -197,6 +199,11 @@ async fn dispatch(
     log: Option<&mut AccessLog>,
 ) -> Result<Produced, ProxyError> {
     strict::check_request(&req, &snapshot.config.server.limits)?;
+    if !conn.tls {
+        if let Some(answer) = acme_http01(shared, &req) {
+            return Ok(Produced::Local(answer));
+        }
+    }
     let authority = request_authority(&req)?;
     let authority_text = authority
         .as_ref()
@@ -227,6 +234,9 @@ async fn dispatch(
         Action::Status(code) => Produced::Local(status_response(*code)),
         Action::Redirect { to, code } => Produced::Local(redirect(to, *code)),
         Action::File(path) => Produced::Local(serve_file(path, req.method()).await?),
+        Action::Dir(root) => Produced::Local(
+            static_dir::serve(root, &route.path, req.uri().path(), req.method()).await?,
+        ),
         Action::Service(name) => {
             let upstream = pick_upstream(shared, snapshot, name).await?;
             if let Some(log) = log {
@@ -341,12 +351,7 @@ async fn serve_file(
         tracing::warn!(file = %path.display(), error = %err, "static file unavailable");
         ProxyError::File(err.to_string())
     })?;
-    let mime = mime_guess::from_path(path).first_or_octet_stream();
-    let content_type = if mime.type_() == mime_guess::mime::TEXT {
-        format!("{mime}; charset=utf-8")
-    } else {
-        mime.to_string()
-    };
+    let content_type = content_type(path);
     let length = contents.len();
     let body = if method == Method::HEAD {
         body::empty()
@@ -360,6 +365,35 @@ async fn serve_file(
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     Ok(response)
+}
+
+/// The `Content-Type` of a served file, by its extension.
+pub(super) fn content_type(path: &std::path::Path) -> String {
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    if mime.type_() == mime_guess::mime::TEXT {
+        format!("{mime}; charset=utf-8")
+    } else {
+        mime.to_string()
+    }
+}
+
+/// The answer to an ACME HTTP-01 validation: the key authorization for a
+/// token of an order in progress, on plain HTTP, before any site rule (an
+/// `https_redirect` included). Unknown tokens fall through to the routes,
+/// so a `dir` route for certbot still answers its own.
+fn acme_http01(shared: &Shared, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let token = req.uri().path().strip_prefix(HTTP01_PATH_PREFIX)?;
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return None;
+    }
+    let key_authorization = shared.acme.http01(token)?;
+    tracing::info!(acme.token = token, "answering an ACME http-01 validation");
+    let mut response = Response::new(body::full(key_authorization));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Some(response)
 }
 
 fn add_site_headers<B>(response: &mut Response<B>, site: &Site, conn: &ClientConn) {

@@ -25,6 +25,7 @@ use crate::config::Limits;
 use crate::io::slowio::StallTimeout;
 use crate::proxy::request::{self, ClientConn};
 use crate::routing::Shared;
+use crate::tls::acme::ACME_TLS_ALPN;
 
 /// hyper's connection builder with our limits applied.
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -140,6 +141,11 @@ impl Server {
                     Box::pin(acceptor.accept(stream)),
                 );
                 match handshake.await {
+                    Ok(Ok(stream)) if is_acme_validation(&stream) => {
+                        // RFC 8737: the validator only looks at the
+                        // certificate; no application data follows.
+                        tracing::info!(client.addr = %addr, "answered an ACME tls-alpn-01 validation");
+                    }
                     Ok(Ok(stream)) => {
                         let conn = ClientConn::new(addr, true);
                         self.serve(stream, conn).await;
@@ -200,6 +206,11 @@ impl Server {
             tracing::debug!(client.addr = %addr, error = %err, "connection ended with an error");
         }
     }
+}
+
+/// Whether the handshake was a TLS-ALPN-01 validation (ALPN `acme-tls/1`).
+fn is_acme_validation<IO>(stream: &tokio_rustls::server::TlsStream<IO>) -> bool {
+    stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN)
 }
 
 /// When a connection last started a request.

@@ -3,14 +3,18 @@
 //!
 //! This is where the data plane and the control plane meet: the proxy
 //! reads the cell once per request, the controller is its only writer.
-//! Neither imports the other. May import: `upstream`, `config`.
+//! Neither imports the other. May import: `upstream`, `tls`, `config`.
 
 pub mod snapshot;
 pub mod table;
 
+use std::sync::Arc;
+
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::tls::acme::AcmeCerts;
 
 pub use snapshot::{PauseGate, ServiceSlot, Snapshot};
 
@@ -24,4 +28,6 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Tracks spawned tunnel tasks so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// ACME challenge answers (HTTP-01 is answered on the request path).
+    pub acme: Arc<AcmeCerts>,
 }

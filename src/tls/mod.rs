@@ -4,7 +4,13 @@
 //!
 //! The certificates sit behind an `ArcSwap` inside the resolver, so a
 //! renewed certificate is swapped in for new handshakes without rebuilding
-//! the `ServerConfig` or touching established connections.
+//! the `ServerConfig` or touching established connections. Certificates
+//! issued automatically (ACME) come from [`acme::AcmeCerts`], beside the
+//! static `[[tls]]` ones; [`info`] reads what a certificate says about
+//! itself.
+
+pub mod acme;
+pub mod info;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +24,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::TlsFiles;
+use acme::{AcmeCerts, Issued, ACME_TLS_ALPN};
+use info::CertInfo;
 
 /// A certificate or key that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +67,10 @@ pub struct CertStore {
 impl CertStore {
     /// Loads every `[[tls]]` entry, returning every problem found.
     pub fn load(files: &[TlsFiles]) -> Result<CertStore, Vec<TlsError>> {
-        let provider = provider();
         let mut keys = Vec::new();
         let mut errors = Vec::new();
         for entry in files {
-            match load_pair(&entry.cert, &entry.key, &provider) {
+            match load_pair(&entry.cert, &entry.key) {
                 Ok(key) => keys.push(Arc::new(key)),
                 Err(err) => errors.push(err),
             }
@@ -94,6 +101,14 @@ impl CertStore {
         })
     }
 
+    /// Each certificate's own description, in config order (for status).
+    pub fn describe(&self) -> Vec<CertInfo> {
+        self.keys
+            .iter()
+            .filter_map(|key| CertInfo::parse(key.end_entity_cert().ok()?).ok())
+            .collect()
+    }
+
     fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         sni.and_then(|host| self.find(host))
             .or_else(|| self.keys.first())
@@ -101,11 +116,7 @@ impl CertStore {
     }
 }
 
-fn load_pair(
-    cert_path: &Path,
-    key_path: &Path,
-    provider: &CryptoProvider,
-) -> Result<CertifiedKey, TlsError> {
+fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsError> {
     let chain = CertificateDer::pem_file_iter(cert_path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|err| TlsError::Certificates {
@@ -125,55 +136,109 @@ fn load_pair(
         path: key_path.to_path_buf(),
         reason: err.to_string(),
     })?;
-    let mismatch = |reason: String| TlsError::Mismatch {
+    certified_key(chain, key).map_err(|reason| TlsError::Mismatch {
         cert: cert_path.to_path_buf(),
         key: key_path.to_path_buf(),
         reason,
-    };
-    let signing_key = provider
+    })
+}
+
+/// A chain (leaf first) and its private key, ready to serve: the key must
+/// load and belong to the leaf.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, String> {
+    let signing_key = provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|err| mismatch(err.to_string()))?;
+        .map_err(|err| err.to_string())?;
     let certified = CertifiedKey::new(chain, signing_key);
-    certified
-        .keys_match()
-        .map_err(|err| mismatch(err.to_string()))?;
+    certified.keys_match().map_err(|err| err.to_string())?;
     Ok(certified)
 }
 
-/// Picks a certificate per handshake from the current [`CertStore`].
+/// Picks a certificate per handshake: the static [`CertStore`] and the
+/// automatically issued certificates in [`AcmeCerts`].
 #[derive(Debug)]
 pub struct SniResolver {
     store: ArcSwap<CertStore>,
+    acme: Arc<AcmeCerts>,
 }
 
 impl SniResolver {
-    pub fn new(store: CertStore) -> Arc<SniResolver> {
+    pub fn new(store: CertStore, acme: Arc<AcmeCerts>) -> Arc<SniResolver> {
         Arc::new(SniResolver {
             store: ArcSwap::from_pointee(store),
+            acme,
         })
     }
 
-    /// Replaces the certificates for all handshakes from now on.
+    /// Replaces the static certificates for all handshakes from now on.
     pub fn replace(&self, store: CertStore) {
         self.store.store(Arc::new(store));
+    }
+
+    /// The static certificates' descriptions (for status).
+    pub fn describe_static(&self) -> Vec<CertInfo> {
+        self.store.load().describe()
+    }
+
+    /// The certificate for a handshake, or `None` to refuse it:
+    /// 1. a TLS-ALPN-01 validation (ALPN `acme-tls/1`) gets the challenge
+    ///    certificate for its name, or nothing;
+    /// 2. an automatic name gets its issued certificate; until there is
+    ///    one, a static certificate that covers the name, or nothing (the
+    ///    client sees an `access_denied` alert, not a certificate for some
+    ///    other name);
+    /// 3. any other name gets the static certificate that covers it, else
+    ///    the first one.
+    ///
+    /// rustls hands over the SNI name already in lower case.
+    fn pick(&self, sni: Option<&str>, validation: bool) -> Option<Arc<CertifiedKey>> {
+        if validation {
+            return sni.and_then(|name| self.acme.tls_alpn01(name));
+        }
+        let store = self.store.load();
+        if let Some(name) = sni {
+            match self.acme.issued(name) {
+                Issued::Ready(key) => return Some(key),
+                Issued::Pending => {
+                    let covering = store.find(name).cloned();
+                    if covering.is_none() {
+                        tracing::debug!(
+                            tls.sni = name,
+                            "handshake refused: no certificate issued for this name yet"
+                        );
+                    }
+                    return covering;
+                }
+                Issued::NotManaged => {}
+            }
+        }
+        store.pick(sni)
     }
 }
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.store.load().pick(hello.server_name())
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        self.pick(hello.server_name(), validation)
     }
 }
 
 /// The rustls server config: TLS 1.2 and 1.3 only, the provider's
 /// forward-secret AEAD suites only, ALPN h2 then http/1.1, and no
-/// renegotiation or compression (rustls supports neither).
+/// renegotiation or compression (rustls supports neither). `acme-tls/1`
+/// comes last: only a TLS-ALPN-01 validator, which offers nothing else,
+/// ever selects it (the connection then closes after the handshake).
 pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
