@@ -26,7 +26,7 @@ mod storage;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
@@ -360,22 +360,14 @@ impl Manager {
         Ok(info)
     }
 
-    /// When the next order for this name is due: at once without a
-    /// certificate, at its renewal time with one, and never before a
-    /// failure's retry time.
+    /// When the next order for this name is due (see
+    /// [`schedule::next_attempt`]).
     fn next_attempt(&self, state: &Mutex<NameState>, jitter: f64) -> SystemTime {
         let Ok(state) = state.lock() else {
             return SystemTime::now() + MAX_SLEEP;
         };
         let ratio = self.setup.load().settings.renewal_window_ratio;
-        let renew_at = state.cert.as_ref().map_or(UNIX_EPOCH, |cert| {
-            schedule::renewal_time(cert, ratio, jitter)
-        });
-        let retry_at = state
-            .record
-            .retry_at
-            .map_or(UNIX_EPOCH, |at| UNIX_EPOCH + Duration::from_secs(at));
-        renew_at.max(retry_at)
+        schedule::next_attempt(state.cert.as_ref(), &state.record, ratio, jitter)
     }
 
     /// One order for `name`, its outcome recorded and logged.

@@ -10,8 +10,9 @@
 //! short. The working certificate keeps serving meanwhile.
 
 use std::hash::{BuildHasher, RandomState};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::storage::RenewalRecord;
 use crate::config::{FIRST_RETRY_DELAY, MAX_RETRY_DELAY};
 use crate::tls::info::CertInfo;
 
@@ -24,6 +25,23 @@ pub fn renewal_time(cert: &CertInfo, ratio: f64, jitter: f64) -> SystemTime {
     let spread = (window / 4).min(MAX_RENEWAL_JITTER);
     let start = cert.not_after - window;
     start - spread.mul_f64(jitter.clamp(0.0, 1.0))
+}
+
+/// When the next order is due: at once without a certificate, at its
+/// renewal time with one, and never before a failure's retry time. (A
+/// failed forced renewal of a certificate that is not due therefore moves
+/// nothing: the next try is the scheduled one.)
+pub fn next_attempt(
+    cert: Option<&CertInfo>,
+    record: &RenewalRecord,
+    ratio: f64,
+    jitter: f64,
+) -> SystemTime {
+    let renew_at = cert.map_or(UNIX_EPOCH, |cert| renewal_time(cert, ratio, jitter));
+    let retry_at = record
+        .retry_at
+        .map_or(UNIX_EPOCH, |at| UNIX_EPOCH + Duration::from_secs(at));
+    renew_at.max(retry_at)
 }
 
 /// How long to wait after the `failures`-th failure in a row (1-based).
@@ -101,6 +119,44 @@ mod tests {
         assert_eq!(
             retry_delay(20, 0.5, Some(asked)),
             Duration::from_secs(86_400)
+        );
+    }
+
+    #[test]
+    fn the_next_attempt_waits_for_renewal_time_and_for_retries() {
+        let cert = cert(90);
+        let unix = |time: SystemTime| time.duration_since(UNIX_EPOCH).expect("after").as_secs();
+        let renew_at = renewal_time(&cert, 1.0 / 3.0, 0.0);
+        let fresh = RenewalRecord::default();
+        assert_eq!(
+            next_attempt(None, &fresh, 1.0 / 3.0, 0.0),
+            UNIX_EPOCH,
+            "at once"
+        );
+        assert_eq!(next_attempt(Some(&cert), &fresh, 1.0 / 3.0, 0.0), renew_at);
+        let failed_early = RenewalRecord {
+            failures: 1,
+            retry_at: Some(unix(cert.not_before) + 60),
+            ..RenewalRecord::default()
+        };
+        assert_eq!(
+            next_attempt(Some(&cert), &failed_early, 1.0 / 3.0, 0.0),
+            renew_at,
+            "a failed forced renewal does not pull the schedule in"
+        );
+        let failed_when_due = RenewalRecord {
+            failures: 3,
+            retry_at: Some(unix(renew_at) + 240),
+            ..RenewalRecord::default()
+        };
+        assert_eq!(
+            next_attempt(Some(&cert), &failed_when_due, 1.0 / 3.0, 0.0),
+            renew_at + Duration::from_secs(240)
+        );
+        assert_eq!(
+            next_attempt(None, &failed_when_due, 1.0 / 3.0, 0.0),
+            renew_at + Duration::from_secs(240),
+            "no certificate: the retry time"
         );
     }
 

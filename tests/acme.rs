@@ -1,0 +1,569 @@
+//! Automatic certificates against a real ACME server (Pebble, one per
+//! test): first issuance by HTTP-01 and by TLS-ALPN-01, the certificate
+//! served to a client that trusts only Pebble's root, a forced renewal that
+//! swaps certificates while a connection stays open, a failed challenge
+//! that leaves the previous certificate serving, a restart that reuses the
+//! stored certificate with the CA gone, a name without a certificate
+//! refused rather than served another's, and static `[[tls]]` certificates
+//! side by side, picked by SNI.
+
+mod common;
+#[path = "common/pebble.rs"]
+mod pebble;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::*;
+use cutover::admin::Command;
+use pebble::{tls_connect_trusting, Pebble};
+use rustls_pki_types::CertificateDer;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// Longest wait for an issuance (Pebble issues in about a second).
+const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The two listeners a cutover serves on, bound before Pebble starts so
+/// Pebble can be told their ports.
+struct Ports {
+    http: TcpListener,
+    https: TcpListener,
+}
+
+impl Ports {
+    async fn bind() -> Ports {
+        Ports {
+            http: TcpListener::bind("127.0.0.1:0").await.expect("bind http"),
+            https: TcpListener::bind("127.0.0.1:0").await.expect("bind https"),
+        }
+    }
+
+    fn http_port(&self) -> u16 {
+        self.http.local_addr().expect("addr").port()
+    }
+
+    fn https_port(&self) -> u16 {
+        self.https.local_addr().expect("addr").port()
+    }
+}
+
+/// `proxy.toml` for a test: admin socket and state under `dir`, `[acme]`
+/// pointing at `pebble`, then `sites` as given.
+fn config_text(dir: &Path, pebble: &Pebble, challenges: &str, sites: &str) -> String {
+    format!(
+        r#"[server]
+admin_socket = "{dir}/admin.sock"
+state_dir = "{dir}/state"
+
+[acme]
+email = "ops@example.org"
+directory = "{directory}"
+ca_root = "{ca_root}"
+challenges = {challenges}
+
+{sites}
+"#,
+        dir = dir.display(),
+        directory = pebble.directory,
+        ca_root = pebble.ca_root.display(),
+    )
+}
+
+/// Writes `config` to `dir/proxy.toml` and serves it on `ports`.
+async fn start(dir: &Path, config: &str, ports: Ports) -> TestProxy {
+    init_tracing();
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, config).expect("write config");
+    let config = cutover::Config::load(&path).unwrap_or_else(|err| panic!("config: {err}"));
+    let http_addr = ports.http.local_addr().expect("addr");
+    let https_addr = Some(ports.https.local_addr().expect("addr"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let listeners = cutover::Listeners {
+        http: Some(ports.http),
+        https: Some(ports.https),
+    };
+    let handle = tokio::spawn(cutover::run(listeners, config, async move {
+        let _ = rx.await;
+    }));
+    let proxy = TestProxy {
+        http_addr,
+        https_addr,
+        shutdown: Some(tx),
+        handle: Some(handle),
+    };
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    while admin(dir, Command::Status { service: None }).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "admin socket never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy
+}
+
+async fn admin(dir: &Path, command: Command) -> Result<Value, String> {
+    tokio::time::timeout(
+        ISSUANCE_TIMEOUT,
+        cutover::admin::call(&dir.join("admin.sock"), &command, |_, _| {}),
+    )
+    .await
+    .expect("admin command timed out")
+    .map_err(|err| err.to_string())
+}
+
+/// The status entry of one certificate.
+async fn certificate(dir: &Path, name: &str) -> Value {
+    let status = admin(dir, Command::Status { service: None })
+        .await
+        .expect("status");
+    status["certificates"]
+        .as_array()
+        .expect("certificates in status")
+        .iter()
+        .find(|cert| cert["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no certificate {name} in {status:#}"))
+}
+
+/// Polls status until `name`'s certificate satisfies `done`.
+async fn wait_for(dir: &Path, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + ISSUANCE_TIMEOUT;
+    loop {
+        let cert = certificate(dir, name).await;
+        if done(&cert) {
+            return cert;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: never {what}; last status {cert:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_valid(dir: &Path, name: &str) -> Value {
+    wait_for(dir, name, "valid", |cert| cert["state"] == "valid").await
+}
+
+/// The leaf certificate cutover serves for `sni`, verified against `root`.
+async fn served_leaf(
+    https: std::net::SocketAddr,
+    sni: &str,
+    root: &CertificateDer<'static>,
+) -> std::io::Result<Vec<u8>> {
+    let tls = tls_connect_trusting(std::slice::from_ref(root), https, sni, &[b"http/1.1"]).await?;
+    let peer = tls.get_ref().1.peer_certificates().expect("certificates");
+    Ok(peer[0].as_ref().to_vec())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// The one CA directory under `state/acme/`.
+fn ca_dir(dir: &Path) -> PathBuf {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir.join("state/acme"))
+        .expect("acme dir")
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.remove(0)
+}
+
+const SITE_A: &str = r#"
+[[site]]
+hosts = ["a.test"]
+tls = "acme"
+https_redirect = true
+[[site.route]]
+path = "/"
+status = 204
+"#;
+
+/// HTTP-01: the token is answered on plain HTTP although the site
+/// redirects everything else to HTTPS; the certificate is then served to a
+/// client that trusts only Pebble's root, and stored 0600.
+#[tokio::test]
+async fn http01_issues_a_certificate_that_is_served_and_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports::bind().await;
+    let pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
+    let config = config_text(dir.path(), &pebble, r#"["http-01"]"#, SITE_A);
+    let proxy = start(dir.path(), &config, ports).await;
+
+    let cert = wait_valid(dir.path(), "a.test").await;
+    assert_eq!(cert["source"], "acme");
+    assert!(
+        cert["issuer"]
+            .as_str()
+            .is_some_and(|issuer| issuer.starts_with("Pebble")),
+        "{cert:#}"
+    );
+    let not_after = cert["not_after"].as_u64().expect("expiry");
+    let next_renewal = cert["next_renewal"].as_u64().expect("next renewal");
+    assert!(
+        unix_now() < next_renewal && next_renewal < not_after,
+        "{cert:#}"
+    );
+    assert_eq!(cert["failures"], 0);
+
+    let root = pebble.issuing_root().await;
+    let tls = tls_connect_trusting(&[root], proxy.https(), "a.test", &[b"http/1.1"])
+        .await
+        .expect("handshake with Pebble's certificate");
+    let resp = send_h1(tls, request("GET", "/", "a.test", Bytes::new()))
+        .await
+        .expect("request over the issued certificate");
+    assert_eq!(resp.status, 204);
+
+    // Other plain-HTTP requests still get the site's redirect.
+    let resp = http_get(
+        proxy.http_addr,
+        "a.test",
+        "/.well-known/acme-challenge/unknown",
+    )
+    .await;
+    assert_eq!(resp.status, 301);
+
+    let ca = ca_dir(dir.path());
+    assert_eq!(mode(&ca.join("account.json")), 0o600);
+    assert_eq!(mode(&ca.join("certificates/a.test.pem")), 0o600);
+    let bundle = std::fs::read_to_string(ca.join("certificates/a.test.pem")).expect("bundle");
+    assert!(
+        bundle.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "key first"
+    );
+    assert!(
+        bundle.matches("BEGIN CERTIFICATE").count() >= 2,
+        "leaf and intermediate"
+    );
+    proxy.stop().await.expect("clean stop");
+}
+
+/// TLS-ALPN-01 alone (Pebble's HTTP-01 port points nowhere useful), with
+/// static `[[tls]]` certificates beside it: SNI picks Pebble's certificate
+/// for the automatic name and the dev certificates for theirs.
+#[tokio::test]
+async fn tls_alpn01_issues_and_static_certificates_keep_serving_by_sni() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports::bind().await;
+    let unused_http_port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let pebble = Pebble::start(unused_http_port, ports.https_port()).await;
+    let sites = format!(
+        r#"
+[[tls]]
+cert = "{root}/certs-dev/localhost.pem"
+key = "{root}/certs-dev/localhost-key.pem"
+
+[[tls]]
+cert = "{root}/certs-dev/example.pem"
+key = "{root}/certs-dev/example-key.pem"
+
+[[site]]
+hosts = ["b.test"]
+tls = "acme"
+[[site.route]]
+path = "/"
+status = 202
+
+[[site]]
+hosts = ["localhost", "example.test"]
+[[site.route]]
+path = "/"
+status = 203
+"#,
+        root = root().display()
+    );
+    let config = config_text(dir.path(), &pebble, r#"["tls-alpn-01"]"#, &sites);
+    let proxy = start(dir.path(), &config, ports).await;
+
+    wait_valid(dir.path(), "b.test").await;
+    let pebble_root = pebble.issuing_root().await;
+    let tls = tls_connect_trusting(
+        &[pebble_root.clone()],
+        proxy.https(),
+        "b.test",
+        &[b"h2", b"http/1.1"],
+    )
+    .await
+    .expect("handshake with Pebble's certificate");
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "ordinary clients still get h2, never acme-tls/1"
+    );
+
+    let dev_leaf = |file: &str| load_certs(&cert_file(file))[0].as_ref().to_vec();
+    let tls = tls_connect(proxy.https(), "localhost", &[b"http/1.1"]).await;
+    let peer = tls.get_ref().1.peer_certificates().expect("certificates");
+    assert_eq!(peer[0].as_ref(), &dev_leaf("localhost.pem")[..]);
+    let tls = tls_connect(proxy.https(), "example.test", &[b"http/1.1"]).await;
+    let peer = tls.get_ref().1.peer_certificates().expect("certificates");
+    assert_eq!(peer[0].as_ref(), &dev_leaf("example.pem")[..]);
+    let resp = https_h1(
+        proxy.https(),
+        "localhost",
+        request("GET", "/", "localhost", Bytes::new()),
+    )
+    .await;
+    assert_eq!(resp.status, 203);
+
+    // Status lists the automatic certificate and both files.
+    let status = admin(dir.path(), Command::Status { service: None })
+        .await
+        .expect("status");
+    let sources: Vec<(&str, &str)> = status["certificates"]
+        .as_array()
+        .expect("certificates")
+        .iter()
+        .map(|cert| {
+            (
+                cert["name"].as_str().expect("name"),
+                cert["source"].as_str().expect("source"),
+            )
+        })
+        .collect();
+    assert_eq!(sources[0], ("b.test", "acme"), "{status:#}");
+    assert_eq!(
+        sources
+            .iter()
+            .filter(|(_, source)| *source == "file")
+            .count(),
+        2
+    );
+    proxy.stop().await.expect("clean stop");
+}
+
+/// `cutover renew` replaces the certificate for new handshakes while a
+/// connection made with the old one keeps serving requests; then a restart
+/// with the CA gone serves the stored (renewed) certificate and never
+/// tries the CA.
+#[tokio::test]
+async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuses_the_stored_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports::bind().await;
+    let mut pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
+    let config = config_text(dir.path(), &pebble, r#"["http-01"]"#, SITE_A);
+    let proxy = start(dir.path(), &config, ports).await;
+    let first = wait_valid(dir.path(), "a.test").await;
+    let root = pebble.issuing_root().await;
+    let first_leaf = served_leaf(proxy.https(), "a.test", &root)
+        .await
+        .expect("first certificate");
+
+    // A keep-alive connection made with the first certificate.
+    let tls = tls_connect_trusting(&[root.clone()], proxy.https(), "a.test", &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("h1 handshake");
+    let connection = tokio::spawn(conn);
+    let resp = sender
+        .send_request(request("GET", "/", "a.test", Bytes::new()))
+        .await
+        .expect("first request");
+    assert_eq!(resp.status(), 204);
+
+    let renewed = admin(
+        dir.path(),
+        Command::Renew {
+            name: "a.test".into(),
+        },
+    )
+    .await
+    .expect("renew");
+    assert_eq!(renewed["certificate"]["state"], "valid", "{renewed:#}");
+    let second_leaf = served_leaf(proxy.https(), "a.test", &root)
+        .await
+        .expect("renewed certificate");
+    assert_ne!(
+        first_leaf, second_leaf,
+        "new handshakes get the new certificate"
+    );
+    let second = certificate(dir.path(), "a.test").await;
+    assert!(second["not_after"].as_u64() >= first["not_after"].as_u64());
+
+    sender.ready().await.expect("old connection still open");
+    let resp = sender
+        .send_request(request("GET", "/", "a.test", Bytes::new()))
+        .await
+        .expect("request on the connection made before the renewal");
+    assert_eq!(resp.status(), 204);
+    assert!(!connection.is_finished());
+    drop(sender);
+
+    proxy.stop().await.expect("clean stop");
+    pebble.kill();
+
+    // Restart: the CA is gone, the stored certificate serves at once.
+    let ports = Ports::bind().await;
+    let proxy = start(dir.path(), &config, ports).await;
+    let restored = wait_for(dir.path(), "a.test", "restored", |cert| {
+        cert["state"] == "valid" && cert["next_renewal"].as_u64().is_some()
+    })
+    .await;
+    assert_eq!(
+        served_leaf(proxy.https(), "a.test", &root)
+            .await
+            .expect("stored certificate"),
+        second_leaf
+    );
+    assert_eq!(restored["failures"], 0, "no order was tried: {restored:#}");
+    assert!(restored["last_error"].is_null(), "{restored:#}");
+    assert!(
+        restored["next_renewal"].as_u64().expect("next") > unix_now() + 86_400,
+        "renewal is not due for a long time: {restored:#}"
+    );
+    proxy.stop().await.expect("clean stop");
+}
+
+/// A renewal whose challenge fails (the name's DNS now points elsewhere)
+/// changes nothing that serves: the previous certificate and its file
+/// stay, status reports the failure, and the scheduled renewal keeps its
+/// time (the certificate is still good for years).
+#[tokio::test]
+async fn a_failed_challenge_leaves_the_previous_certificate_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports::bind().await;
+    let pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
+    let config = config_text(dir.path(), &pebble, r#"["http-01"]"#, SITE_A);
+    let proxy = start(dir.path(), &config, ports).await;
+    let before = wait_valid(dir.path(), "a.test").await;
+    let root = pebble.issuing_root().await;
+    let leaf = served_leaf(proxy.https(), "a.test", &root)
+        .await
+        .expect("certificate");
+    let stored = ca_dir(dir.path()).join("certificates/a.test.pem");
+    let stored_before = std::fs::read(&stored).expect("stored");
+
+    pebble.point_dns_at("127.0.0.2").await;
+    let err = admin(
+        dir.path(),
+        Command::Renew {
+            name: "a.test".into(),
+        },
+    )
+    .await
+    .expect_err("the renewal must fail");
+    assert!(
+        err.contains("could not validate a.test by http-01"),
+        "{err}\n{}",
+        pebble.logs()
+    );
+
+    assert_eq!(
+        served_leaf(proxy.https(), "a.test", &root)
+            .await
+            .expect("previous certificate"),
+        leaf
+    );
+    assert_eq!(std::fs::read(&stored).expect("stored"), stored_before);
+    let cert = certificate(dir.path(), "a.test").await;
+    assert_eq!(cert["state"], "valid", "{cert:#}");
+    assert_eq!(cert["failures"], 1, "{cert:#}");
+    assert!(
+        cert["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not validate")),
+        "{cert:#}"
+    );
+    assert_eq!(cert["next_renewal"], before["next_renewal"], "{cert:#}");
+    assert_eq!(cert["not_after"], before["not_after"], "{cert:#}");
+    proxy.stop().await.expect("clean stop");
+}
+
+/// Until a name has a certificate its handshakes are refused (never
+/// answered with another name's certificate), status says why and when the
+/// next try is (about a minute after the first failure), and other names
+/// keep working.
+#[tokio::test]
+async fn a_name_without_a_certificate_is_refused_not_served_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports::bind().await;
+    let pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
+    pebble.point_dns_at("127.0.0.2").await;
+    let sites = format!(
+        r#"
+[[tls]]
+cert = "{root}/certs-dev/localhost.pem"
+key = "{root}/certs-dev/localhost-key.pem"
+
+[[site]]
+hosts = ["c.test"]
+tls = "acme"
+[[site.route]]
+path = "/"
+status = 204
+
+[[site]]
+hosts = ["localhost"]
+[[site.route]]
+path = "/"
+status = 203
+"#,
+        root = root().display()
+    );
+    let config = config_text(dir.path(), &pebble, r#"["http-01", "tls-alpn-01"]"#, &sites);
+    let proxy = start(dir.path(), &config, ports).await;
+
+    let cert = wait_for(dir.path(), "c.test", "failed", |cert| {
+        cert["failures"].as_u64() >= Some(1)
+    })
+    .await;
+    assert_eq!(cert["state"], "pending", "{cert:#}");
+    assert!(
+        cert["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not validate c.test by http-01")),
+        "{cert:#}"
+    );
+    let retry = cert["next_renewal"].as_u64().expect("retry time");
+    let now = unix_now();
+    assert!(
+        retry + 5 >= now + 54 && retry <= now + 66,
+        "first retry 54-66 s after the failure, got {}s: {cert:#}",
+        retry.saturating_sub(now)
+    );
+
+    // Whatever roots the client trusts, there is no certificate to see.
+    let mut roots = load_certs(&cert_file("ca.pem"));
+    roots.push(pebble.issuing_root().await);
+    let err = tls_connect_trusting(&roots, proxy.https(), "c.test", &[b"http/1.1"])
+        .await
+        .expect_err("no certificate for c.test yet");
+    assert!(
+        err.to_string().contains("AccessDenied") || err.to_string().contains("access"),
+        "{err}"
+    );
+    let resp = https_h1(
+        proxy.https(),
+        "localhost",
+        request("GET", "/", "localhost", Bytes::new()),
+    )
+    .await;
+    assert_eq!(resp.status, 203);
+    proxy.stop().await.expect("clean stop");
+}
