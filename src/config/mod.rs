@@ -196,7 +196,8 @@ pub enum Action {
     Service(String),
     /// Serve one static file.
     File(PathBuf),
-    /// Serve files under this directory (GET/HEAD, no listing, nothing
+    /// Serve files under this directory, the whole request path looked up
+    /// under it as nginx's `root` does (GET/HEAD, no listing, nothing
     /// outside it): `certbot --webroot` answers its challenges this way.
     Dir(PathBuf),
     /// Redirect to this URL with this status.

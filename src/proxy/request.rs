@@ -225,7 +225,10 @@ async fn dispatch(
     if let Some(log) = log.as_deref_mut() {
         log.host = host.to_string();
     }
-    if !conn.tls && site.https_redirect {
+    // ACME challenges (certbot's `dir` route included) are validated on
+    // port 80: they are routed, not redirected.
+    let challenge = req.uri().path().starts_with(HTTP01_PATH_PREFIX);
+    if !conn.tls && site.https_redirect && !challenge {
         let response = https_redirect(&host, shared.https_port, req.uri());
         return Ok(Produced::Local(response));
     }
@@ -234,9 +237,9 @@ async fn dispatch(
         Action::Status(code) => Produced::Local(status_response(*code)),
         Action::Redirect { to, code } => Produced::Local(redirect(to, *code)),
         Action::File(path) => Produced::Local(serve_file(path, req.method()).await?),
-        Action::Dir(root) => Produced::Local(
-            static_dir::serve(root, &route.path, req.uri().path(), req.method()).await?,
-        ),
+        Action::Dir(root) => {
+            Produced::Local(static_dir::serve(root, req.uri().path(), req.method()).await?)
+        }
         Action::Service(name) => {
             let upstream = pick_upstream(shared, snapshot, name).await?;
             if let Some(log) = log {

@@ -1,7 +1,10 @@
 //! The `dir` route: files under one directory, served as they are. It is
 //! there for `certbot --webroot -w DIR`, which writes its challenge tokens
 //! into `DIR/.well-known/acme-challenge/` and expects port 80 to serve them,
-//! but it serves any small static tree.
+//! but it serves any static tree. As with nginx's `root`, the whole request
+//! path is looked up under the directory: a route `path =
+//! "/.well-known/acme-challenge/"` with `dir = "/var/www/certbot"` serves
+//! `/var/www/certbot/.well-known/acme-challenge/TOKEN`.
 //!
 //! What a request can reach is exactly the regular files below the root:
 //! GET and HEAD only; no directory listings (nor index files); the path is
@@ -24,17 +27,16 @@ use crate::io::body::{self, ProxyBody};
 use crate::proxy::request::{content_type, ProxyError};
 
 /// Serves the file that `path` (the request path, still percent-encoded)
-/// names below `root`, where `prefix` is the route's path.
+/// names below `root`.
 pub async fn serve(
     root: &Path,
-    prefix: &str,
     path: &str,
     method: &Method,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if method != Method::GET && method != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed);
     }
-    let relative = relative_path(prefix, path)?;
+    let relative = relative_path(path)?;
     let file = resolve_below(root, &relative).await?;
     let opened = tokio::fs::File::open(&file).await.map_err(not_found)?;
     let metadata = opened.metadata().await.map_err(not_found)?;
@@ -58,10 +60,9 @@ pub async fn serve(
     Ok(response)
 }
 
-/// The request path below the route's prefix, as decoded segments.
-fn relative_path(prefix: &str, path: &str) -> Result<PathBuf, ProxyError> {
-    let rest = path.strip_prefix(prefix).unwrap_or_default();
-    let rest = rest.strip_prefix('/').unwrap_or(rest);
+/// The request path as a relative path of decoded segments.
+fn relative_path(path: &str) -> Result<PathBuf, ProxyError> {
+    let rest = path.strip_prefix('/').unwrap_or(path);
     if rest.is_empty() || rest.ends_with('/') {
         return Err(ProxyError::File("directory listing is not served".into()));
     }
@@ -136,14 +137,14 @@ mod tests {
 
     #[test]
     fn decoding_and_refused_segments() {
-        let ok = |path: &str| relative_path("/.well-known/acme-challenge/", path);
+        let ok = relative_path;
         assert_eq!(
             ok("/.well-known/acme-challenge/tok%2Den").expect("plain token"),
-            PathBuf::from("tok-en")
+            PathBuf::from(".well-known/acme-challenge/tok-en")
         );
         assert_eq!(
-            ok("/.well-known/acme-challenge/a/b.txt").expect("nested"),
-            PathBuf::from("a/b.txt")
+            ok("/static/a/b.txt").expect("nested"),
+            PathBuf::from("static/a/b.txt")
         );
         for refused in [
             "/.well-known/acme-challenge/",
