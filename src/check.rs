@@ -41,13 +41,13 @@ pub fn findings(path: &Path) -> Findings {
             .problems
             .extend(errors.iter().map(ToString::to_string)),
         Ok(store) => {
-            if config.server.https.is_some() && store.is_empty() {
+            if config.server.https.is_some() && store.is_empty() && config.acme.is_none() {
                 found.problems.push(format!(
                     "{}: [server] https is set but there is no [[tls]] certificate",
                     path.display()
                 ));
             }
-            if !store.is_empty() {
+            if !store.is_empty() || config.acme.is_some() {
                 found
                     .warnings
                     .extend(uncovered_hosts(&config, &store, path));
@@ -67,11 +67,13 @@ pub fn findings(path: &Path) -> Findings {
 /// Site hosts that no certificate covers: an HTTPS client for them would
 /// get the default certificate and a name-mismatch error. A `*.suffix`
 /// pattern is checked with one name under the suffix (a wildcard
-/// certificate covers it); the catch-all `*` cannot be checked.
+/// certificate covers it); the catch-all `*` cannot be checked. Hosts of
+/// `tls = "acme"` sites get their certificates automatically.
 fn uncovered_hosts(config: &Config, store: &CertStore, path: &Path) -> Vec<String> {
     config
         .sites
         .iter()
+        .filter(|site| !site.acme)
         .flat_map(|site| &site.hosts)
         .filter(|host| host.as_str() != "*")
         .filter(|host| {

@@ -303,7 +303,7 @@ status = 203
     wait_valid(dir.path(), "b.test").await;
     let pebble_root = pebble.issuing_root().await;
     let tls = tls_connect_trusting(
-        &[pebble_root.clone()],
+        std::slice::from_ref(&pebble_root),
         proxy.https(),
         "b.test",
         &[b"h2", b"http/1.1"],
@@ -375,9 +375,14 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
         .expect("first certificate");
 
     // A keep-alive connection made with the first certificate.
-    let tls = tls_connect_trusting(&[root.clone()], proxy.https(), "a.test", &[b"http/1.1"])
-        .await
-        .expect("handshake");
+    let tls = tls_connect_trusting(
+        std::slice::from_ref(&root),
+        proxy.https(),
+        "a.test",
+        &[b"http/1.1"],
+    )
+    .await
+    .expect("handshake");
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await

@@ -89,13 +89,13 @@ impl CertStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("tls = \"acme\" needs [server] state_dir")]
-    NoStateDir,
+    MissingStateDir,
     #[error(
         "tls = \"acme\" needs an HTTPS listener ([server] https): certificates are served there"
     )]
-    NoHttps,
+    MissingHttpsListener,
     #[error("[acme] challenges = [\"http-01\"] needs a plain-HTTP listener ([server] http); add \"tls-alpn-01\" or an http listener")]
-    NoChallenge,
+    UnanswerableChallenges,
 }
 
 /// The settings in force and what follows from them.
@@ -151,7 +151,7 @@ impl Manager {
         tasks: TaskTracker,
     ) -> Result<Arc<Manager>, SetupError> {
         if !has_https {
-            return Err(SetupError::NoHttps);
+            return Err(SetupError::MissingHttpsListener);
         }
         let setup = setup(config, has_http)?;
         let manager = Arc::new(Manager {
@@ -489,7 +489,7 @@ fn setup(config: &Config, has_http: bool) -> Result<Setup, SetupError> {
         .server
         .state_dir
         .clone()
-        .ok_or(SetupError::NoStateDir)?;
+        .ok_or(SetupError::MissingStateDir)?;
     let challenges: Vec<ChallengeKind> = settings
         .challenges
         .iter()
@@ -497,7 +497,7 @@ fn setup(config: &Config, has_http: bool) -> Result<Setup, SetupError> {
         .filter(|kind| has_http || *kind != ChallengeKind::Http01)
         .collect();
     if challenges.is_empty() {
-        return Err(SetupError::NoChallenge);
+        return Err(SetupError::UnanswerableChallenges);
     }
     Ok(Setup {
         storage: Storage::new(&state_dir, &settings.directory),
