@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use crate::acme;
 use crate::admin::group;
 use crate::config::Config;
 use crate::tls::CertStore;
@@ -52,6 +53,12 @@ pub fn findings(path: &Path) -> Findings {
                     .warnings
                     .extend(uncovered_hosts(&config, &store, path));
             }
+        }
+    }
+    if config.acme.is_some() {
+        let (http, https) = (config.server.http.is_some(), config.server.https.is_some());
+        if let Err(err) = acme::check_listeners(&config, http, https) {
+            found.problems.push(format!("{}: {err}", path.display()));
         }
     }
     if let Some(name) = &config.server.admin_group {

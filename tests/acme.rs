@@ -22,7 +22,6 @@ use pebble::{tls_connect_trusting, Pebble};
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
 /// Longest wait for an issuance (Pebble issues in about a second).
 const ISSUANCE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -79,41 +78,19 @@ async fn start(dir: &Path, config: &str, ports: Ports) -> TestProxy {
     let path = dir.join("proxy.toml");
     std::fs::write(&path, config).expect("write config");
     let config = cutover::Config::load(&path).unwrap_or_else(|err| panic!("config: {err}"));
-    let http_addr = ports.http.local_addr().expect("addr");
-    let https_addr = Some(ports.https.local_addr().expect("addr"));
-    let (tx, rx) = oneshot::channel::<()>();
-    let listeners = cutover::Listeners {
-        http: Some(ports.http),
-        https: Some(ports.https),
-    };
-    let handle = tokio::spawn(cutover::run(listeners, config, async move {
-        let _ = rx.await;
-    }));
-    let proxy = TestProxy {
-        http_addr,
-        https_addr,
-        shutdown: Some(tx),
-        handle: Some(handle),
-    };
-    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-    while admin(dir, Command::Status { service: None }).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "admin socket never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let proxy = run_proxy(ports.http, Some(ports.https), config);
+    wait_for_admin(&dir.join("admin.sock")).await;
     proxy
 }
 
 async fn admin(dir: &Path, command: Command) -> Result<Value, String> {
-    tokio::time::timeout(
-        ISSUANCE_TIMEOUT,
-        cutover::admin::call(&dir.join("admin.sock"), &command, |_, _| {}),
-    )
-    .await
-    .expect("admin command timed out")
-    .map_err(|err| err.to_string())
+    admin_call(&dir.join("admin.sock"), command, ISSUANCE_TIMEOUT).await
+}
+
+/// `cutover renew NAME`.
+async fn renew(dir: &Path, name: &str) -> Result<Value, String> {
+    let name = name.to_string();
+    admin(dir, Command::Renew { name }).await
 }
 
 /// The status entry of one certificate.
@@ -186,6 +163,36 @@ fn ca_dir(dir: &Path) -> PathBuf {
     entries.remove(0)
 }
 
+/// A `tls = "acme"` site for `acme_name` (its `/` answers 204) beside a
+/// site for `static_hosts` (203) served by the dev `[[tls]]` certificates.
+fn beside_static_sites(acme_name: &str, static_hosts: &[&str]) -> String {
+    format!(
+        r#"
+[[tls]]
+cert = "{root}/certs-dev/localhost.pem"
+key = "{root}/certs-dev/localhost-key.pem"
+
+[[tls]]
+cert = "{root}/certs-dev/example.pem"
+key = "{root}/certs-dev/example-key.pem"
+
+[[site]]
+hosts = ["{acme_name}"]
+tls = "acme"
+[[site.route]]
+path = "/"
+status = 204
+
+[[site]]
+hosts = {static_hosts:?}
+[[site.route]]
+path = "/"
+status = 203
+"#,
+        root = root().display()
+    )
+}
+
 const SITE_A: &str = r#"
 [[site]]
 hosts = ["a.test"]
@@ -196,18 +203,45 @@ path = "/"
 status = 204
 "#;
 
-/// HTTP-01: the token is answered on plain HTTP although the site
-/// redirects everything else to HTTPS; the certificate is then served to a
-/// client that trusts only Pebble's root, and stored 0600.
-#[tokio::test]
-async fn http01_issues_a_certificate_that_is_served_and_stored() {
+/// A cutover serving [`SITE_A`] with HTTP-01 against its own Pebble,
+/// once `a.test` has its first certificate.
+struct SiteA {
+    dir: tempfile::TempDir,
+    pebble: Pebble,
+    proxy: TestProxy,
+    config: String,
+    /// The status entry of the first certificate.
+    first: Value,
+}
+
+async fn serve_site_a() -> SiteA {
     let dir = tempfile::tempdir().expect("tempdir");
     let ports = Ports::bind().await;
     let pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
     let config = config_text(dir.path(), &pebble, r#"["http-01"]"#, SITE_A);
     let proxy = start(dir.path(), &config, ports).await;
+    let first = wait_valid(dir.path(), "a.test").await;
+    SiteA {
+        dir,
+        pebble,
+        proxy,
+        config,
+        first,
+    }
+}
 
-    let cert = wait_valid(dir.path(), "a.test").await;
+/// HTTP-01: the token is answered on plain HTTP although the site
+/// redirects everything else to HTTPS; the certificate is then served to a
+/// client that trusts only Pebble's root, and stored 0600.
+#[tokio::test]
+async fn http01_issues_a_certificate_that_is_served_and_stored() {
+    let SiteA {
+        dir,
+        pebble,
+        proxy,
+        first: cert,
+        ..
+    } = serve_site_a().await;
     assert_eq!(cert["source"], "acme");
     assert!(
         cert["issuer"]
@@ -272,31 +306,7 @@ async fn tls_alpn01_issues_and_static_certificates_keep_serving_by_sni() {
         .expect("addr")
         .port();
     let pebble = Pebble::start(unused_http_port, ports.https_port()).await;
-    let sites = format!(
-        r#"
-[[tls]]
-cert = "{root}/certs-dev/localhost.pem"
-key = "{root}/certs-dev/localhost-key.pem"
-
-[[tls]]
-cert = "{root}/certs-dev/example.pem"
-key = "{root}/certs-dev/example-key.pem"
-
-[[site]]
-hosts = ["b.test"]
-tls = "acme"
-[[site.route]]
-path = "/"
-status = 202
-
-[[site]]
-hosts = ["localhost", "example.test"]
-[[site.route]]
-path = "/"
-status = 203
-"#,
-        root = root().display()
-    );
+    let sites = beside_static_sites("b.test", &["localhost", "example.test"]);
     let config = config_text(dir.path(), &pebble, r#"["tls-alpn-01"]"#, &sites);
     let proxy = start(dir.path(), &config, ports).await;
 
@@ -363,12 +373,13 @@ status = 203
 /// tries the CA.
 #[tokio::test]
 async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuses_the_stored_one() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ports = Ports::bind().await;
-    let mut pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
-    let config = config_text(dir.path(), &pebble, r#"["http-01"]"#, SITE_A);
-    let proxy = start(dir.path(), &config, ports).await;
-    let first = wait_valid(dir.path(), "a.test").await;
+    let SiteA {
+        dir,
+        mut pebble,
+        proxy,
+        config,
+        first,
+    } = serve_site_a().await;
     let root = pebble.issuing_root().await;
     let first_leaf = served_leaf(proxy.https(), "a.test", &root)
         .await
@@ -394,14 +405,7 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
         .expect("first request");
     assert_eq!(resp.status(), 204);
 
-    let renewed = admin(
-        dir.path(),
-        Command::Renew {
-            name: "a.test".into(),
-        },
-    )
-    .await
-    .expect("renew");
+    let renewed = renew(dir.path(), "a.test").await.expect("renew");
     assert_eq!(renewed["certificate"]["state"], "valid", "{renewed:#}");
     let second_leaf = served_leaf(proxy.https(), "a.test", &root)
         .await
@@ -453,12 +457,13 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
 /// time (the certificate is still good for years).
 #[tokio::test]
 async fn a_failed_challenge_leaves_the_previous_certificate_serving() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ports = Ports::bind().await;
-    let pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
-    let config = config_text(dir.path(), &pebble, r#"["http-01"]"#, SITE_A);
-    let proxy = start(dir.path(), &config, ports).await;
-    let before = wait_valid(dir.path(), "a.test").await;
+    let SiteA {
+        dir,
+        pebble,
+        proxy,
+        first: before,
+        ..
+    } = serve_site_a().await;
     let root = pebble.issuing_root().await;
     let leaf = served_leaf(proxy.https(), "a.test", &root)
         .await
@@ -467,14 +472,9 @@ async fn a_failed_challenge_leaves_the_previous_certificate_serving() {
     let stored_before = std::fs::read(&stored).expect("stored");
 
     pebble.point_dns_at("127.0.0.2").await;
-    let err = admin(
-        dir.path(),
-        Command::Renew {
-            name: "a.test".into(),
-        },
-    )
-    .await
-    .expect_err("the renewal must fail");
+    let err = renew(dir.path(), "a.test")
+        .await
+        .expect_err("the renewal must fail");
     assert!(
         err.contains("could not validate a.test by http-01"),
         "{err}\n{}",
@@ -512,27 +512,7 @@ async fn a_name_without_a_certificate_is_refused_not_served_another() {
     let ports = Ports::bind().await;
     let pebble = Pebble::start(ports.http_port(), ports.https_port()).await;
     pebble.point_dns_at("127.0.0.2").await;
-    let sites = format!(
-        r#"
-[[tls]]
-cert = "{root}/certs-dev/localhost.pem"
-key = "{root}/certs-dev/localhost-key.pem"
-
-[[site]]
-hosts = ["c.test"]
-tls = "acme"
-[[site.route]]
-path = "/"
-status = 204
-
-[[site]]
-hosts = ["localhost"]
-[[site.route]]
-path = "/"
-status = 203
-"#,
-        root = root().display()
-    );
+    let sites = beside_static_sites("c.test", &["localhost"]);
     let config = config_text(dir.path(), &pebble, r#"["http-01", "tls-alpn-01"]"#, &sites);
     let proxy = start(dir.path(), &config, ports).await;
 
@@ -573,4 +553,43 @@ status = 203
     .await;
     assert_eq!(resp.status, 203);
     proxy.stop().await.expect("clean stop");
+}
+
+/// `cutover check` says what automatic certificates need before `serve`
+/// finds out: an HTTPS listener, a listener for some configured challenge;
+/// and it does not call an automatic name "not covered by any [[tls]]".
+#[test]
+fn check_reports_what_automatic_certificates_need() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |server: &str, challenges: &str| {
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nstate_dir = \"state\"\n{server}\n[acme]\nchallenges = {challenges}\n\
+                 [[site]]\nhosts = [\"a.test\"]\ntls = \"acme\"\n"
+            ),
+        )
+        .expect("write");
+        cutover::check::findings(&path)
+    };
+    let found = check("http = \"127.0.0.1:80\"", r#"["http-01"]"#);
+    assert!(
+        found
+            .problems
+            .iter()
+            .any(|p| p.contains("needs an HTTPS listener")),
+        "{found:?}"
+    );
+    let found = check("https = \"127.0.0.1:443\"", r#"["http-01"]"#);
+    assert!(
+        found
+            .problems
+            .iter()
+            .any(|p| p.contains("needs a plain-HTTP listener")),
+        "{found:?}"
+    );
+    let found = check("https = \"127.0.0.1:443\"", r#"["tls-alpn-01"]"#);
+    assert!(found.problems.is_empty(), "{found:?}");
+    assert!(found.warnings.is_empty(), "{found:?}");
 }

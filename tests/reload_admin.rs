@@ -14,7 +14,6 @@ use common::*;
 use cutover::admin::Command;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixStream};
-use tokio::sync::oneshot;
 
 /// Starts the proxy from a config *file*, as `cutover serve` does, so hot
 /// reload has a file to watch.
@@ -23,31 +22,9 @@ async fn start_from_file(path: &Path) -> TestProxy {
     let config = cutover::Config::load(path).unwrap_or_else(|e| panic!("config: {e}"));
     let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let https = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let http_addr = http.local_addr().expect("addr");
-    let https_addr = Some(https.local_addr().expect("addr"));
-    let (tx, rx) = oneshot::channel::<()>();
-    let listeners = cutover::Listeners {
-        http: Some(http),
-        https: Some(https),
-    };
-    let handle = tokio::spawn(cutover::run(listeners, config, async move {
-        let _ = rx.await;
-    }));
-    let proxy = TestProxy {
-        http_addr,
-        https_addr,
-        shutdown: Some(tx),
-        handle: Some(handle),
-    };
+    let proxy = run_proxy(http, Some(https), config);
     let dir = path.parent().expect("config dir");
-    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-    while admin(dir, Command::Status { service: None }).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "admin socket never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_admin(&dir.join("admin.sock")).await;
     proxy
 }
 
@@ -91,13 +68,7 @@ fn replace_by_rename(path: &Path, contents: &[u8]) {
 }
 
 async fn admin(dir: &Path, command: Command) -> Result<serde_json::Value, String> {
-    tokio::time::timeout(
-        IO_TIMEOUT,
-        cutover::admin::call(&dir.join("admin.sock"), &command, |_, _| {}),
-    )
-    .await
-    .expect("admin timed out")
-    .map_err(|e| e.to_string())
+    admin_call(&dir.join("admin.sock"), command, IO_TIMEOUT).await
 }
 
 #[tokio::test]

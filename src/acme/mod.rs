@@ -150,9 +150,7 @@ impl Manager {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<Arc<Manager>, SetupError> {
-        if !has_https {
-            return Err(SetupError::MissingHttpsListener);
-        }
+        check_listeners(config, has_http, has_https)?;
         let setup = setup(config, has_http)?;
         let manager = Arc::new(Manager {
             setup: ArcSwap::from_pointee(setup),
@@ -480,6 +478,17 @@ impl Manager {
             .take()
             .and_then(|(_, issuer)| issuer.take_retry_after())
     }
+}
+
+/// Whether listeners like these can serve `config`'s automatic names:
+/// certificates are served on HTTPS, and some configured challenge must be
+/// answerable (HTTP-01 needs the plain listener). `cutover check` asks the
+/// same of the configured addresses.
+pub fn check_listeners(config: &Config, has_http: bool, has_https: bool) -> Result<(), SetupError> {
+    if !has_https {
+        return Err(SetupError::MissingHttpsListener);
+    }
+    setup(config, has_http).map(|_| ())
 }
 
 /// The settings of `config` and the challenges its listeners can answer.

@@ -90,6 +90,16 @@ pub async fn start_proxy(config_text: &str) -> TestProxy {
     } else {
         Some(TcpListener::bind("127.0.0.1:0").await.expect("bind https"))
     };
+    run_proxy(http, https, config)
+}
+
+/// Runs `config` on listeners the caller bound (when the test needs their
+/// ports first, or a config file).
+pub fn run_proxy(
+    http: TcpListener,
+    https: Option<TcpListener>,
+    config: cutover::Config,
+) -> TestProxy {
     let http_addr = http.local_addr().expect("addr");
     let https_addr = https.as_ref().map(|l| l.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
@@ -105,6 +115,33 @@ pub async fn start_proxy(config_text: &str) -> TestProxy {
         https_addr,
         shutdown: Some(tx),
         handle: Some(handle),
+    }
+}
+
+/// One command on the admin socket at `socket`, bounded by `limit`.
+pub async fn admin_call(
+    socket: &Path,
+    command: cutover::admin::Command,
+    limit: Duration,
+) -> Result<serde_json::Value, String> {
+    tokio::time::timeout(limit, cutover::admin::call(socket, &command, |_, _| {}))
+        .await
+        .expect("admin command timed out")
+        .map_err(|err| err.to_string())
+}
+
+/// Waits (up to [`IO_TIMEOUT`]) until the admin socket answers `status`:
+/// `run` binds it after the TCP listeners.
+pub async fn wait_for_admin(socket: &Path) {
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    let status = || cutover::admin::Command::Status { service: None };
+    while admin_call(socket, status(), IO_TIMEOUT).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "admin socket {} never answered",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
