@@ -222,11 +222,18 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let validation = hello
-            .alpn()
-            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
-        self.pick(hello.server_name(), validation)
+        self.pick(hello.server_name(), is_validation(hello.alpn()))
     }
+}
+
+/// A TLS-ALPN-01 validator offers `acme-tls/1` and nothing else (RFC 8737
+/// section 3); a client that also offers `h2` or `http/1.1` is an ordinary
+/// one and negotiates those.
+fn is_validation<'a>(alpn: Option<impl Iterator<Item = &'a [u8]>>) -> bool {
+    let Some(mut protocols) = alpn else {
+        return false;
+    };
+    protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
 }
 
 /// The rustls server config: TLS 1.2 and 1.3 only, the provider's
@@ -241,4 +248,75 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<Arc<ServerConfig>, ru
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TlsFiles;
+
+    fn dev_store() -> CertStore {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs-dev");
+        CertStore::load(&[TlsFiles {
+            cert: dir.join("localhost.pem"),
+            key: dir.join("localhost-key.pem"),
+        }])
+        .expect("dev certificate")
+    }
+
+    fn self_signed(name: &str) -> Arc<CertifiedKey> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Arc::new(certified_key(vec![cert.der().clone()], der).expect("certified"))
+    }
+
+    fn names(key: &Option<Arc<CertifiedKey>>) -> Vec<String> {
+        let key = key.as_ref().expect("a certificate");
+        CertInfo::parse(key.end_entity_cert().expect("leaf"))
+            .expect("parses")
+            .names
+    }
+
+    #[test]
+    fn only_a_lone_acme_tls_offer_is_a_validation() {
+        let offer = |protocols: &[&'static [u8]]| is_validation(Some(protocols.iter().copied()));
+        assert!(offer(&[ACME_TLS_ALPN]));
+        assert!(!offer(&[b"h2", ACME_TLS_ALPN]));
+        assert!(!offer(&[b"http/1.1"]));
+        assert!(!offer(&[]));
+        assert!(!is_validation(None::<std::iter::Empty<&[u8]>>));
+    }
+
+    #[test]
+    fn automatic_names_get_their_own_certificate_or_none() {
+        let acme = AcmeCerts::new();
+        acme.manage(&["a.test".into(), "localhost".into()]);
+        let resolver = SniResolver::new(dev_store(), Arc::clone(&acme));
+
+        // Pending without a covering static certificate: refused.
+        assert!(resolver.pick(Some("a.test"), false).is_none());
+        // Pending, but a [[tls]] certificate covers it: that one meanwhile.
+        assert!(names(&resolver.pick(Some("localhost"), false)).contains(&"localhost".into()));
+        // Issued: the automatic certificate.
+        acme.install("a.test", self_signed("a.test"));
+        assert_eq!(names(&resolver.pick(Some("a.test"), false)), vec!["a.test"]);
+        // Other names: static certificates as before (the first by default).
+        assert!(names(&resolver.pick(Some("other.test"), false)).contains(&"localhost".into()));
+        assert!(resolver.pick(None, false).is_some());
+
+        // Validations get the challenge certificate, or nothing.
+        assert!(resolver.pick(Some("a.test"), true).is_none());
+        let answer = acme.answer_tls_alpn01("a.test", self_signed("challenge.a.test"));
+        assert_eq!(
+            names(&resolver.pick(Some("a.test"), true)),
+            vec!["challenge.a.test"]
+        );
+        drop(answer);
+        assert!(resolver.pick(Some("a.test"), true).is_none());
+        assert!(resolver.pick(Some("localhost"), true).is_none());
+    }
 }
