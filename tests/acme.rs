@@ -593,3 +593,58 @@ fn check_reports_what_automatic_certificates_need() {
     assert!(found.problems.is_empty(), "{found:?}");
     assert!(found.warnings.is_empty(), "{found:?}");
 }
+
+/// A reload that adds a name orders its certificate; one that changes
+/// `[acme]` (here the email) restarts every name from its stored
+/// certificate without ordering again; one that drops a name stops
+/// managing it (its handshakes are refused here: no `[[tls]]` covers it).
+#[tokio::test]
+async fn reload_follows_added_and_removed_names_and_changed_settings() {
+    let site = serve_site_a().await;
+    let (dir, root) = (site.dir.path(), site.pebble.issuing_root().await);
+    let leaf_a = served_leaf(site.proxy.https(), "a.test", &root)
+        .await
+        .expect("a.test certificate");
+    let site_d = SITE_A.replace("a.test", "d.test");
+
+    std::fs::write(dir.join("proxy.toml"), format!("{}{site_d}", site.config)).expect("write");
+    admin(dir, Command::Reload {}).await.expect("reload");
+    wait_valid(dir, "d.test").await;
+    served_leaf(site.proxy.https(), "d.test", &root)
+        .await
+        .expect("d.test certificate");
+
+    let new_email = site.config.replace("ops@example.org", "certs@example.org");
+    std::fs::write(dir.join("proxy.toml"), format!("{new_email}{site_d}")).expect("write");
+    admin(dir, Command::Reload {}).await.expect("reload");
+    let a = wait_for(dir, "a.test", "restored", |cert| {
+        cert["state"] == "valid" && cert["next_renewal"].as_u64().is_some()
+    })
+    .await;
+    assert_eq!(a["not_after"], site.first["not_after"], "{a:#}");
+    assert_eq!(
+        served_leaf(site.proxy.https(), "a.test", &root)
+            .await
+            .expect("a.test certificate"),
+        leaf_a,
+        "no new order for a settings change"
+    );
+
+    let without_a = new_email.replace(SITE_A, "");
+    std::fs::write(dir.join("proxy.toml"), format!("{without_a}{site_d}")).expect("write");
+    admin(dir, Command::Reload {}).await.expect("reload");
+    let status = admin(dir, Command::Status { service: None })
+        .await
+        .expect("status");
+    let names: Vec<&str> = status["certificates"]
+        .as_array()
+        .expect("certificates")
+        .iter()
+        .filter_map(|cert| cert["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["d.test"], "{status:#}");
+    assert!(served_leaf(site.proxy.https(), "a.test", &root)
+        .await
+        .is_err());
+    site.proxy.stop().await.expect("clean stop");
+}
