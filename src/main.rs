@@ -348,6 +348,8 @@ fn print_certificates(result: &Value) {
         let text = |key: &str| cert[key].as_str().unwrap_or("-").to_string();
         let renewal = if cert["source"] == "file" {
             "renewal: not managed by cutover".to_string()
+        } else if cert["not_after"].is_null() {
+            format!("next attempt {}", date(&cert["next_renewal"]))
         } else {
             format!("next renewal {}", date(&cert["next_renewal"]))
         };

@@ -207,7 +207,8 @@ impl Manager {
     /// Orders a new certificate for `name` now, whatever its schedule, and
     /// waits for the outcome. The working certificate serves until the new
     /// one is in place, and stays if the order fails.
-    pub async fn renew(&self, name: &str) -> Result<CertStatus, String> {
+    /// `started` is called once the name is known to be automatic.
+    pub async fn renew(&self, name: &str, started: impl FnOnce()) -> Result<CertStatus, String> {
         let (renew, state) = {
             let names = self.names.lock().map_err(|_| "poisoned".to_string())?;
             let handle = names.get(name).ok_or_else(|| {
@@ -223,6 +224,7 @@ impl Manager {
             })?;
             (handle.renew.clone(), Arc::clone(&handle.state))
         };
+        started();
         let (reply, outcome) = oneshot::channel();
         renew
             .send(reply)

@@ -599,8 +599,12 @@ impl Controller {
         let acme = self.acme.as_ref().ok_or_else(|| {
             ControlError::Failed("no site has tls = \"acme\": there is nothing to renew".into())
         })?;
-        progress.emit("renew", format!("ordering a new certificate for {name}"));
-        let status = acme.renew(name).await.map_err(ControlError::Failed)?;
+        let status = acme
+            .renew(name, || {
+                progress.emit("renew", format!("ordering a new certificate for {name}"))
+            })
+            .await
+            .map_err(ControlError::Failed)?;
         progress.emit(
             "renewed",
             format!(
