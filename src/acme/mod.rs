@@ -113,12 +113,40 @@ struct NameHandle {
     stop: CancellationToken,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct NameState {
     cert: Option<CertInfo>,
     record: RenewalRecord,
     next_attempt: Option<SystemTime>,
     issuing: bool,
+    /// Fixed per name, so status shows a stable next renewal.
+    jitter: f64,
+}
+
+impl NameState {
+    fn new() -> NameState {
+        NameState {
+            cert: None,
+            record: RenewalRecord::default(),
+            next_attempt: None,
+            issuing: false,
+            jitter: schedule::jitter(),
+        }
+    }
+
+    /// Sets the certificate and the record, and the next attempt that
+    /// follows from them, in one go: status never sees one without the
+    /// other.
+    fn update(&mut self, cert: Option<CertInfo>, record: RenewalRecord, ratio: f64) {
+        self.next_attempt = Some(schedule::next_attempt(
+            cert.as_ref(),
+            &record,
+            ratio,
+            self.jitter,
+        ));
+        self.cert = cert;
+        self.record = record;
+    }
 }
 
 /// Issues and renews the certificates of every automatic name.
@@ -257,7 +285,7 @@ impl Manager {
             }
             let (renew, requests) = mpsc::channel(1);
             let handle = NameHandle {
-                state: Arc::default(),
+                state: Arc::new(Mutex::new(NameState::new())),
                 renew,
                 stop: self.shutdown.child_token(),
             };
@@ -281,13 +309,12 @@ impl Manager {
         stop: CancellationToken,
     ) {
         self.restore(&name, &state).await;
-        // Fixed per task, so status shows a stable next renewal.
-        let jitter = schedule::jitter();
         loop {
-            let due = self.next_attempt(&state, jitter);
-            if let Ok(mut state) = state.lock() {
-                state.next_attempt = Some(due);
-            }
+            let due = state
+                .lock()
+                .ok()
+                .and_then(|state| state.next_attempt)
+                .unwrap_or_else(|| SystemTime::now() + MAX_SLEEP);
             let wait = due
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
@@ -344,9 +371,9 @@ impl Manager {
                 None
             }
         };
+        let ratio = self.setup.load().settings.renewal_window_ratio;
         if let Ok(mut state) = state.lock() {
-            state.cert = cert;
-            state.record = record;
+            state.update(cert, record, ratio);
         }
     }
 
@@ -360,16 +387,6 @@ impl Manager {
         Ok(info)
     }
 
-    /// When the next order for this name is due (see
-    /// [`schedule::next_attempt`]).
-    fn next_attempt(&self, state: &Mutex<NameState>, jitter: f64) -> SystemTime {
-        let Ok(state) = state.lock() else {
-            return SystemTime::now() + MAX_SLEEP;
-        };
-        let ratio = self.setup.load().settings.renewal_window_ratio;
-        schedule::next_attempt(state.cert.as_ref(), &state.record, ratio, jitter)
-    }
-
     /// One order for `name`, its outcome recorded and logged.
     async fn attempt(&self, name: &str, state: &Mutex<NameState>) -> Result<(), String> {
         let _turn = self
@@ -378,7 +395,10 @@ impl Manager {
             .await
             .map_err(|_| "shutting down".to_string())?;
         let setup = self.setup.load_full();
-        let mut record = state.lock().map(|s| s.record.clone()).unwrap_or_default();
+        let (mut record, mut cert) = state
+            .lock()
+            .map(|s| (s.record.clone(), s.cert.clone()))
+            .unwrap_or_default();
         let kind = setup.challenges[record.failures as usize % setup.challenges.len()];
         if let Ok(mut state) = state.lock() {
             state.issuing = true;
@@ -395,9 +415,7 @@ impl Manager {
                     last_attempt: Some(unix_now()),
                     ..RenewalRecord::default()
                 };
-                if let Ok(mut state) = state.lock() {
-                    state.cert = Some(info);
-                }
+                cert = Some(info);
                 Ok(())
             }
             Err(err) => {
@@ -413,7 +431,7 @@ impl Manager {
         };
         if let Ok(mut state) = state.lock() {
             state.issuing = false;
-            state.record = record.clone();
+            state.update(cert, record.clone(), setup.settings.renewal_window_ratio);
         }
         let storage = setup.storage.clone();
         let owned = name.to_string();
