@@ -66,6 +66,8 @@ pub struct CertStatus {
     /// Failed attempts in a row.
     pub failures: u32,
     pub last_error: Option<String>,
+    /// Unix seconds when the last order ended (automatic names only).
+    pub last_attempt: Option<u64>,
 }
 
 impl CertStatus {
@@ -81,6 +83,7 @@ impl CertStatus {
             next_renewal: None,
             failures: 0,
             last_error: None,
+            last_attempt: None,
         }
     }
 }
@@ -422,9 +425,10 @@ impl Manager {
                 let retry_after = self.drop_issuer().await;
                 record.failures += 1;
                 let delay = schedule::retry_delay(record.failures, schedule::jitter(), retry_after);
-                record.retry_at = Some(unix_now() + delay.as_secs());
+                let now = unix_now();
+                record.retry_at = Some(now + delay.as_secs());
                 record.last_error = Some(err.to_string());
-                record.last_attempt = Some(unix_now());
+                record.last_attempt = Some(now);
                 tracing::warn!(tls.name = name, challenge = kind.name(), failures = record.failures, retry_in_s = delay.as_secs(), error = %err, "certificate order failed; the current certificate (if any) keeps serving");
                 Err(err.to_string())
             }
@@ -575,5 +579,6 @@ fn name_status(name: &str, state: &NameState) -> CertStatus {
         next_renewal: state.next_attempt.map(unix_seconds),
         failures: state.record.failures,
         last_error: state.record.last_error.clone(),
+        last_attempt: state.record.last_attempt,
     }
 }
