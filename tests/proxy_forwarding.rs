@@ -73,6 +73,8 @@ async fn forwarding_headers_for_untrusted_client_over_http() {
     h.insert("x-real-ip", "6.6.6.6".parse().unwrap());
     h.insert("x-forwarded-proto", "https".parse().unwrap());
     h.insert("x-forwarded-host", "evil.example".parse().unwrap());
+    h.insert("forwarded", "for=203.0.113.7;proto=https".parse().unwrap());
+    h.append("forwarded", "for=6.6.6.6".parse().unwrap());
     let resp = http_request(proxy.http_addr, req).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.header("via"), Some("1.1 cutover"), "Via on response");
@@ -99,7 +101,32 @@ async fn forwarding_headers_for_untrusted_client_over_http() {
         hdr("x-forwarded-host").as_deref(),
         Some("App.Localhost:1234")
     );
+    assert_eq!(
+        hdr("forwarded").as_deref(),
+        Some("for=127.0.0.1;proto=http;host=\"App.Localhost:1234\""),
+        "forged Forwarded (RFC 7239) replaced"
+    );
     assert_eq!(hdr("via").as_deref(), Some("1.1 cutover"));
+    proxy.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn forwarded_names_an_ipv6_client_in_quotes() {
+    let upstream = start_upstream("app").await;
+    let proxy = start_proxy_on(&app_config(upstream.addr, ""), "::1").await;
+    let mut req = request("GET", "/v6", "app.localhost", Bytes::new());
+    req.headers_mut()
+        .insert("forwarded", "for=203.0.113.7".parse().unwrap());
+    let resp = https_h1(proxy.https(), "app.localhost", req).await;
+    assert_eq!(resp.status, 200);
+    let seen = upstream.single();
+    let forwarded: Vec<_> = seen.headers.get_all("forwarded").iter().collect();
+    assert_eq!(
+        forwarded,
+        ["for=\"[::1]\";proto=https;host=app.localhost"],
+        "RFC 7239 §6: an IPv6 node is bracketed and quoted"
+    );
+    assert_eq!(seen.headers["x-forwarded-for"], "::1");
     proxy.stop().await.expect("clean stop");
 }
 
@@ -131,10 +158,22 @@ async fn trusted_proxy_forwarding_headers_are_extended() {
     let h = req.headers_mut();
     h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
     h.insert("via", "1.1 lb".parse().unwrap());
+    h.insert(
+        "forwarded",
+        "for=1.2.3.4;proto=https;host=app.localhost"
+            .parse()
+            .unwrap(),
+    );
     let resp = http_request(proxy.http_addr, req).await;
     assert_eq!(resp.status, 200);
     let seen = upstream.single();
     assert_eq!(seen.headers["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
+    let forwarded: Vec<_> = seen.headers.get_all("forwarded").iter().collect();
+    assert_eq!(
+        forwarded,
+        ["for=1.2.3.4;proto=https;host=app.localhost, for=127.0.0.1;proto=http;host=app.localhost"],
+        "a trusted proxy's Forwarded is kept and ours appended"
+    );
     assert_eq!(seen.headers["via"], "1.1 lb, 1.1 cutover");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     proxy.stop().await.expect("clean stop");

@@ -1,6 +1,7 @@
 //! Header rules for forwarding a request to an upstream and its response
-//! back: hop-by-hop removal in both directions, the `X-Forwarded-*` family,
-//! `Via`, and detection of response framing we refuse to relay.
+//! back: hop-by-hop removal in both directions, the `X-Forwarded-*` family
+//! and `Forwarded` (RFC 7239), `Via`, and detection of response framing we
+//! refuse to relay.
 //!
 //! Kept free of I/O so every rule is unit-tested on plain header maps.
 
@@ -28,6 +29,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// `Via` token this proxy adds.
 pub const VIA: &str = "1.1 cutover";
@@ -98,6 +100,9 @@ pub struct ClientFacts<'a> {
     pub proto: &'static str,
     /// The host the client asked for (Host or :authority), verbatim.
     pub host: &'a HeaderValue,
+    /// This hop's `for=...;proto=...` pairs for `Forwarded`, made once per
+    /// connection by [`forwarded_for_proto`].
+    pub forwarded_for_proto: &'a HeaderValue,
     /// Peers whose forwarding headers are trusted and extended.
     pub trusted_proxies: &'a [IpNet],
 }
@@ -111,24 +116,92 @@ impl ClientFacts<'_> {
 }
 
 /// Sets `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` and `Via` on a request about to be forwarded.
+/// `X-Forwarded-Host`, `Forwarded` and `Via` on a request about to be
+/// forwarded.
 ///
-/// A client's own `X-Forwarded-*` values are kept (and extended) only when
-/// the client is a trusted proxy; otherwise they are replaced, so a client
-/// cannot forge the address the upstream sees. The untrusted case (almost
-/// every request at an edge proxy) only clones prepared header values.
+/// A client's own `X-Forwarded-*` and `Forwarded` values are kept (and
+/// extended) only when the client is a trusted proxy; otherwise they are
+/// replaced, so a client cannot forge the address or scheme the upstream
+/// sees. The untrusted case (almost every request at an edge proxy) clones
+/// prepared header values and builds one `Forwarded` value.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, facts: &ClientFacts<'_>) {
-    // Room for the five headers below without regrowing the map.
-    headers.reserve(5);
+    // Room for the six headers below without regrowing the map.
+    headers.reserve(6);
+    let element = forwarded_element(facts);
     if facts.trusted() {
         extend_trusted(headers, facts);
+        append_forwarded(headers, element);
     } else {
         headers.insert(X_FORWARDED_FOR, facts.addr_value.clone());
         headers.insert(X_REAL_IP, facts.addr_value.clone());
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(facts.proto));
+        headers.insert(FORWARDED, element);
     }
     headers.insert(X_FORWARDED_HOST, facts.host.clone());
     append_via(headers);
+}
+
+/// The `for=` and `proto=` pairs of this hop's `Forwarded` element (RFC
+/// 7239 §4): an IPv6 address is bracketed and quoted, as §6 requires
+/// (`for="[2001:db8::1]"`).
+pub fn forwarded_for_proto(addr: IpAddr, proto: &str) -> HeaderValue {
+    let value = match addr {
+        IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+    };
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("for=unknown"))
+}
+
+/// This hop's whole `Forwarded` element: `for=`, `proto=` and, when the
+/// client named one, `host=` (a token, or a quoted string when it holds a
+/// port or other characters a token cannot).
+fn forwarded_element(facts: &ClientFacts<'_>) -> HeaderValue {
+    let host = facts.host.as_bytes();
+    if host.is_empty() {
+        return facts.forwarded_for_proto.clone();
+    }
+    let prefix = facts.forwarded_for_proto.as_bytes();
+    let mut value = Vec::with_capacity(prefix.len() + host.len() + 8);
+    value.extend_from_slice(prefix);
+    value.extend_from_slice(b";host=");
+    if host.iter().all(|&b| is_tchar(b)) {
+        value.extend_from_slice(host);
+    } else {
+        value.push(b'"');
+        for &b in host {
+            if b == b'"' || b == b'\\' {
+                value.push(b'\\');
+            }
+            value.push(b);
+        }
+        value.push(b'"');
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+        .unwrap_or_else(|_| facts.forwarded_for_proto.clone())
+}
+
+/// RFC 9110 §5.6.2 token characters.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A trusted proxy's `Forwarded` elements are kept, one field, ours last.
+fn append_forwarded(headers: &mut HeaderMap, element: HeaderValue) {
+    let previous: Vec<&[u8]> = headers
+        .get_all(&FORWARDED)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .filter(|value| !value.is_empty())
+        .collect();
+    if previous.is_empty() {
+        headers.insert(FORWARDED, element);
+        return;
+    }
+    let mut joined = previous.join(&b", "[..]);
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(element.as_bytes());
+    let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).unwrap_or(element);
+    headers.insert(FORWARDED, value);
 }
 
 /// A trusted proxy's values are extended (`X-Forwarded-For`) or kept.
@@ -269,14 +342,29 @@ mod tests {
 
     static HOST: HeaderValue = HeaderValue::from_static("example.org");
 
-    fn facts<'a>(addr: &str, value: &'a HeaderValue, trusted: &'a [IpNet]) -> ClientFacts<'a> {
+    fn facts<'a>(
+        addr: &str,
+        value: &'a HeaderValue,
+        forwarded: &'a HeaderValue,
+        trusted: &'a [IpNet],
+    ) -> ClientFacts<'a> {
         ClientFacts {
             addr: addr.parse().expect("ip"),
             addr_value: value,
             proto: "https",
             host: &HOST,
+            forwarded_for_proto: forwarded,
             trusted_proxies: trusted,
         }
+    }
+
+    /// The header values a connection from `addr` prepares.
+    fn prepared(addr: &str) -> (HeaderValue, HeaderValue) {
+        let ip: IpAddr = addr.parse().expect("ip");
+        (
+            HeaderValue::from_str(addr).expect("value"),
+            forwarded_for_proto(ip, "https"),
+        )
     }
 
     #[test]
@@ -285,14 +373,22 @@ mod tests {
             ("x-forwarded-for", "6.6.6.6"),
             ("x-real-ip", "6.6.6.6"),
             ("x-forwarded-proto", "gopher"),
+            ("forwarded", "for=203.0.113.7;proto=https"),
+            ("forwarded", "for=6.6.6.6"),
         ]);
-        let addr = HeaderValue::from_static("10.0.0.7");
-        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &addr, &[]));
+        let (addr, forwarded) = prepared("10.0.0.7");
+        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &addr, &forwarded, &[]));
         assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
         assert_eq!(headers["x-real-ip"], "10.0.0.7");
         assert_eq!(headers["x-forwarded-proto"], "https");
         assert_eq!(headers["x-forwarded-host"], "example.org");
         assert_eq!(headers["via"], VIA);
+        let forwarded: Vec<_> = headers.get_all("forwarded").iter().collect();
+        assert_eq!(
+            forwarded,
+            ["for=10.0.0.7;proto=https;host=example.org"],
+            "the client's Forwarded fields are replaced by ours"
+        );
     }
 
     #[test]
@@ -302,11 +398,53 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-for", "5.6.7.8"),
             ("via", "1.1 lb"),
+            ("forwarded", "for=1.2.3.4"),
+            ("forwarded", "for=5.6.7.8;proto=http"),
         ]);
-        let addr = HeaderValue::from_static("10.0.0.7");
-        set_forwarding_headers(&mut headers, &facts("10.0.0.7", &addr, &trusted));
+        let (addr, forwarded) = prepared("10.0.0.7");
+        set_forwarding_headers(
+            &mut headers,
+            &facts("10.0.0.7", &addr, &forwarded, &trusted),
+        );
         assert_eq!(headers["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 10.0.0.7");
         assert_eq!(headers["via"], "1.1 lb, 1.1 cutover");
+        let forwarded: Vec<_> = headers.get_all("forwarded").iter().collect();
+        assert_eq!(
+            forwarded,
+            ["for=1.2.3.4, for=5.6.7.8;proto=http, for=10.0.0.7;proto=https;host=example.org"]
+        );
+    }
+
+    #[test]
+    fn forwarded_quotes_ipv6_and_hosts_with_ports() {
+        let (addr, forwarded) = prepared("2001:db8::1");
+        assert_eq!(forwarded, "for=\"[2001:db8::1]\";proto=https");
+        let host = HeaderValue::from_static("example.org:8443");
+        let facts = ClientFacts {
+            host: &host,
+            ..facts("2001:db8::1", &addr, &forwarded, &[])
+        };
+        let mut headers = HeaderMap::new();
+        set_forwarding_headers(&mut headers, &facts);
+        assert_eq!(
+            headers["forwarded"],
+            "for=\"[2001:db8::1]\";proto=https;host=\"example.org:8443\""
+        );
+        let odd = HeaderValue::from_static("a\"b\\c");
+        let element = forwarded_element(&ClientFacts {
+            host: &odd,
+            ..facts.clone()
+        });
+        assert_eq!(
+            element,
+            "for=\"[2001:db8::1]\";proto=https;host=\"a\\\"b\\\\c\""
+        );
+        let none = HeaderValue::from_static("");
+        let element = forwarded_element(&ClientFacts {
+            host: &none,
+            ..facts
+        });
+        assert_eq!(element, "for=\"[2001:db8::1]\";proto=https");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct ClientConn {
     pub tls: bool,
     /// The client IP as a header value (`X-Forwarded-For`, `X-Real-IP`).
     addr_value: HeaderValue,
+    /// This hop's `for=...;proto=...` for `Forwarded`.
+    forwarded_for_proto: HeaderValue,
 }
 
 impl ClientConn {
@@ -52,15 +54,20 @@ impl ClientConn {
             addr,
             tls,
             addr_value,
+            forwarded_for_proto: forward::forwarded_for_proto(addr.ip(), proto(tls)),
         }
     }
 
     fn proto(&self) -> &'static str {
-        if self.tls {
-            "https"
-        } else {
-            "http"
-        }
+        proto(self.tls)
+    }
+}
+
+fn proto(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -442,6 +449,7 @@ async fn forward(
             addr_value: &conn.addr_value,
             proto: conn.proto(),
             host: authority,
+            forwarded_for_proto: &conn.forwarded_for_proto,
             trusted_proxies: &snapshot.config.server.trusted_proxies,
         },
     );

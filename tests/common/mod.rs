@@ -82,13 +82,19 @@ pub fn parse_config(text: &str) -> cutover::Config {
 /// Starts the proxy on 127.0.0.1:0 (http always, https when the config has
 /// certificates).
 pub async fn start_proxy(config_text: &str) -> TestProxy {
+    start_proxy_on(config_text, "127.0.0.1").await
+}
+
+/// [`start_proxy`] on another loopback address (`"::1"` for IPv6 clients).
+pub async fn start_proxy_on(config_text: &str, ip: &str) -> TestProxy {
     init_tracing();
     let config = parse_config(config_text);
-    let http = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
+    let ip: std::net::IpAddr = ip.parse().expect("loopback address");
+    let http = TcpListener::bind((ip, 0)).await.expect("bind http");
     let https = if config.tls.is_empty() {
         None
     } else {
-        Some(TcpListener::bind("127.0.0.1:0").await.expect("bind https"))
+        Some(TcpListener::bind((ip, 0)).await.expect("bind https"))
     };
     run_proxy(http, https, config)
 }
