@@ -1,7 +1,8 @@
 //! Body types shared by the proxy: the boxed body every response uses, the
-//! request-body wrapper that enforces size and time limits while streaming,
-//! and the response-body wrapper that keeps an upstream's in-flight count
-//! and writes the access log line when the body really ends.
+//! request-body wrappers that enforce size and time limits while streaming
+//! and hold an HTTP/2 body's last byte until its length is confirmed, and
+//! the response-body wrapper that keeps an upstream's in-flight count and
+//! writes the access log line when the body really ends.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -198,6 +199,149 @@ impl<B> LimitedBody<B> {
                 BodyLimitError::TooSlow(rate.bytes_per_sec)
             }
             _ => BodyLimitError::Stalled(self.stall_timeout),
+        }
+    }
+}
+
+pin_project! {
+    /// An HTTP/2 request body that declares its length (`content-length`)
+    /// and is forwarded to an HTTP/1.1 upstream with that length.
+    ///
+    /// HTTP/2 frames the body by END_STREAM, not by the length: a stream
+    /// can carry more DATA than it declared, or end short, and is then
+    /// malformed (RFC 9113 §8.1.1), which may become known only after the
+    /// declared bytes have arrived. The upstream's HTTP/1.1 framing ends
+    /// the request at the declared length, so relaying those bytes as they
+    /// come would hand the app a complete request that an intermediary must
+    /// not forward. This wrapper therefore holds back the last byte until
+    /// the stream's end confirms the length, and fails the body when it
+    /// does not: the upstream request is then aborted one byte short, so
+    /// the app sees an incomplete message and the connection is not reused.
+    ///
+    /// A final DATA frame that carries END_STREAM (what clients send)
+    /// confirms the length at once, so nothing is held back then.
+    pub struct ExactLength<B> {
+        #[pin]
+        inner: B,
+        // Declared bytes not yet received.
+        remaining: u64,
+        // The last declared byte, held until the stream's end confirms it.
+        held: Option<Bytes>,
+        // Trailers that confirmed the end, after `held` is released.
+        trailers: Option<Frame<Bytes>>,
+    }
+}
+
+impl<B> ExactLength<B> {
+    pub fn new(inner: B, declared: u64) -> Self {
+        ExactLength {
+            inner,
+            remaining: declared,
+            held: None,
+            trailers: None,
+        }
+    }
+}
+
+/// Why a declared-length body was refused.
+fn wrong_length(what: &str) -> BoxError {
+    Box::new(BodyLimitError::Unreadable(format!(
+        "request body {what} its content-length"
+    )))
+}
+
+impl<B> Body for ExactLength<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let this = self.as_mut().project();
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(trailers)));
+            }
+            let frame = match ready!(this.inner.poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(err)) => return Poll::Ready(Some(Err(err.into()))),
+                // The end: the length is confirmed if nothing is missing.
+                None if *this.remaining > 0 => {
+                    return Poll::Ready(Some(Err(wrong_length("ends short of"))))
+                }
+                None => return Poll::Ready(this.held.take().map(|held| Ok(Frame::data(held)))),
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) if *this.remaining > 0 => {
+                    drop(trailers);
+                    return Poll::Ready(Some(Err(wrong_length("ends short of"))));
+                }
+                Err(trailers) => match this.held.take() {
+                    Some(held) => {
+                        *this.trailers = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
+                    None => return Poll::Ready(Some(Ok(trailers))),
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            let length = data.len() as u64;
+            if length > *this.remaining {
+                return Poll::Ready(Some(Err(wrong_length("goes on past"))));
+            }
+            *this.remaining -= length;
+            if *this.remaining > 0 || self.inner.is_end_stream() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            // The declared length is complete but the stream has not ended:
+            // pass all but the last byte, and keep that for the end.
+            let mut data = data;
+            let last = data.split_off(data.len() - 1);
+            *self.as_mut().project().held = Some(last);
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.trailers.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held = self.held.as_ref().map_or(0, |held| held.len() as u64);
+        SizeHint::with_exact(self.remaining + held)
+    }
+}
+
+/// Waits for the end of a body that declared no content (`content-length:
+/// 0`) but whose HTTP/2 stream is still open. The upstream request would be
+/// complete with its head, so the head waits for this: DATA makes the
+/// request malformed and fails it here, before anything is forwarded.
+pub async fn expect_no_data<B>(body: &mut B) -> Result<(), BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        match body.frame().await {
+            None => return Ok(()),
+            Some(Err(err)) => return Err(err.into()),
+            Some(Ok(frame)) => match frame.data_ref() {
+                Some(data) if data.is_empty() => continue,
+                Some(_) => return Err(wrong_length("goes on past")),
+                // Trailers end the stream; a length-framed HTTP/1.1
+                // request cannot carry them.
+                None => return Ok(()),
+            },
         }
     }
 }
@@ -414,6 +558,130 @@ mod tests {
             err.downcast_ref::<BodyLimitError>(),
             Some(&BodyLimitError::Stalled(Duration::from_millis(50)))
         );
+    }
+
+    /// One step of a scripted HTTP/2 request body.
+    #[derive(Clone, Copy)]
+    enum Step {
+        Data(&'static str),
+        /// Nothing yet (the client has not sent the next frame).
+        Wait,
+        /// The stream failed (the h2 crate reset it).
+        Fail,
+    }
+
+    /// A request body that plays `steps` and then ends; like the h2 crate's,
+    /// it reports its end as soon as only the end is left.
+    struct Scripted(std::collections::VecDeque<Step>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.0.pop_front() {
+                None => Poll::Ready(None),
+                Some(Step::Data(text)) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(text))))),
+                Some(Step::Fail) => Poll::Ready(Some(Err("stream reset".into()))),
+                Some(Step::Wait) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    /// What the upstream would be handed, poll by poll: the data frames, and
+    /// `Err` when the body failed.
+    async fn relayed(declared: u64, steps: &[Step]) -> Vec<Result<String, ()>> {
+        let mut body = ExactLength::new(Scripted(steps.iter().copied().collect()), declared);
+        let mut out = Vec::new();
+        while let Some(frame) = std::pin::pin!(&mut body).frame().await {
+            match frame {
+                Ok(frame) => {
+                    let data = frame.into_data().expect("data");
+                    out.push(Ok(String::from_utf8_lossy(&data).into_owned()));
+                }
+                Err(err) => {
+                    let limit = err.downcast_ref::<BodyLimitError>();
+                    assert!(
+                        matches!(limit, Some(BodyLimitError::Unreadable(_))) || limit.is_none(),
+                        "{err}"
+                    );
+                    out.push(Err(()));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    fn ok(text: &str) -> Result<String, ()> {
+        Ok(text.to_string())
+    }
+
+    #[tokio::test]
+    async fn exact_length_relays_a_body_ended_with_its_last_frame_as_is() {
+        use Step::*;
+        assert_eq!(
+            relayed(5, &[Data("hel"), Wait, Data("lo")]).await,
+            [ok("hel"), ok("lo")]
+        );
+    }
+
+    #[tokio::test]
+    async fn exact_length_holds_the_last_byte_until_the_stream_ends() {
+        use Step::*;
+        assert_eq!(
+            relayed(5, &[Data("hello"), Wait]).await,
+            [ok("hell"), ok("o")]
+        );
+        assert_eq!(relayed(1, &[Data("x"), Wait, Wait]).await, [ok("x")]);
+        assert_eq!(
+            relayed(2, &[Data("a"), Wait, Data("b"), Wait, Data("")]).await,
+            [ok("a"), ok("b")]
+        );
+    }
+
+    #[tokio::test]
+    async fn exact_length_never_releases_the_last_byte_of_a_malformed_body() {
+        use Step::*;
+        // More DATA after the declared length, in a later frame.
+        assert_eq!(
+            relayed(5, &[Data("hello"), Wait, Data("!")]).await,
+            [ok("hell"), Err(())]
+        );
+        // The stream reset after the declared length (how the h2 crate
+        // reports the excess).
+        assert_eq!(
+            relayed(5, &[Data("hello"), Wait, Fail]).await,
+            [ok("hell"), Err(())]
+        );
+        // More in the same frame.
+        assert_eq!(relayed(3, &[Data("hello")]).await, [Err(())]);
+        // Short of the declared length.
+        assert_eq!(relayed(5, &[Data("hel"), Wait]).await, [ok("hel"), Err(())]);
+        assert_eq!(relayed(1, &[Data("x"), Wait, Fail]).await, [Err(())]);
+    }
+
+    #[tokio::test]
+    async fn expect_no_data_refuses_data_on_a_zero_length_body() {
+        use Step::*;
+        let mut empty = Scripted([Wait, Data("")].into_iter().collect());
+        expect_no_data(&mut empty).await.expect("no data");
+        let mut data = Scripted([Wait, Data("x")].into_iter().collect());
+        let err = expect_no_data(&mut data).await.expect_err("data");
+        assert!(matches!(
+            err.downcast_ref::<BodyLimitError>(),
+            Some(BodyLimitError::Unreadable(_))
+        ));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use crate::config::{Action, Site};
 use crate::errors;
 use crate::io::body::{
-    self, BodyLimitError, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody,
+    self, BodyLimitError, ExactLength, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody,
 };
 use crate::io::slowio::Stalled;
 use crate::proxy::forward::{self, ClientFacts};
@@ -427,9 +427,12 @@ async fn forward(
 ) -> Result<Produced, ProxyError> {
     let limits = &snapshot.config.server.limits;
     let guard = upstream.begin_request();
-    if declared_length(&req)? > Some(limits.max_body_bytes) {
+    let declared = declared_length(&req)?;
+    if declared > Some(limits.max_body_bytes) {
         return Err(ProxyError::BodyTooLarge);
     }
+    // HTTP/2 frames a body by END_STREAM, HTTP/1.1 upstream by this length.
+    let h2_declared = declared.filter(|_| req.version() == Version::HTTP_2);
     let upgrade = (req.version() == Version::HTTP_11)
         .then(|| forward::requested_upgrade(req.headers()))
         .flatten();
@@ -463,12 +466,22 @@ async fn forward(
     let body = if body.is_end_stream() {
         body::empty()
     } else {
-        LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout)
+        let limited = LimitedBody::new(body, limits.max_body_bytes, limits.body_timeout)
             .with_min_rate(MinRate {
                 bytes_per_sec: limits.body_min_rate,
                 grace: limits.body_rate_grace,
-            })
-            .boxed_unsync()
+            });
+        match h2_declared {
+            None => limited.boxed_unsync(),
+            Some(0) => {
+                let mut body = limited.boxed_unsync();
+                body::expect_no_data(&mut body)
+                    .await
+                    .map_err(|err| body_error(&*err))?;
+                body::empty()
+            }
+            Some(declared) => ExactLength::new(limited, declared).boxed_unsync(),
+        }
     };
     let upstream_req = Request::from_parts(parts, body);
 
@@ -550,17 +563,29 @@ fn classify_send_error(err: SendError) -> ProxyError {
             return ProxyError::UpstreamTimeout;
         }
         if let Some(limit) = current.downcast_ref::<BodyLimitError>() {
-            return match limit {
-                BodyLimitError::TooLarge(_) => ProxyError::BodyTooLarge,
-                BodyLimitError::Stalled(_) | BodyLimitError::TooSlow(_) => ProxyError::BodyStalled,
-                BodyLimitError::Unreadable(_) => {
-                    ProxyError::BadRequest("request body is malformed or was cut off")
-                }
-            };
+            return body_limit_error(limit);
         }
         source = current.source();
     }
     ProxyError::UpstreamProtocol(errors::chain(&err))
+}
+
+/// What a failed request body becomes before anything was sent upstream.
+fn body_error(err: &(dyn std::error::Error + Send + Sync + 'static)) -> ProxyError {
+    match err.downcast_ref::<BodyLimitError>() {
+        Some(limit) => body_limit_error(limit),
+        None => ProxyError::BadRequest("request body is malformed or was cut off"),
+    }
+}
+
+fn body_limit_error(limit: &BodyLimitError) -> ProxyError {
+    match limit {
+        BodyLimitError::TooLarge(_) => ProxyError::BodyTooLarge,
+        BodyLimitError::Stalled(_) | BodyLimitError::TooSlow(_) => ProxyError::BodyStalled,
+        BodyLimitError::Unreadable(_) => {
+            ProxyError::BadRequest("request body is malformed or was cut off")
+        }
+    }
 }
 
 /// Whether `err` is the upstream connection's stall clock running out
