@@ -1,7 +1,8 @@
-//! HTTP/2 requests that are malformed in ways only visible as they stream
-//! (RFC 9113 §8.1.1): DATA past the declared `content-length`, DATA on a
-//! `content-length: 0` request, a stream that ends short of its length; and
-//! field values with leading or trailing whitespace (§8.2.1).
+//! Malformed HTTP/2 requests the h2 crate lets through, or catches only
+//! after the request has started to stream (RFC 9113 §8.1.1): DATA past the
+//! declared `content-length`, DATA on a `content-length: 0` request, a
+//! stream that ends short of its length; and field values with leading or
+//! trailing whitespace (§8.2.1).
 //!
 //! The client is the `h2` crate, which sends such requests as told (hyper's
 //! client would not). The upstream records, per request, how many body bytes
@@ -323,4 +324,44 @@ async fn a_body_whose_end_comes_in_a_later_frame_is_forwarded_whole() {
             Verdict::Complete(Bytes::new())
         ]
     );
+}
+
+/// Sends one GET with `x-padded: VALUE` and returns the status, or `None`
+/// when the stream was reset.
+async fn get_with_field(client: &mut h2::client::SendRequest<Bytes>, value: &str) -> Option<u16> {
+    let req = Request::builder()
+        .uri(format!("https://{HOST}/field"))
+        .header(
+            "x-padded",
+            hyper::header::HeaderValue::from_str(value).expect("value"),
+        )
+        .body(())
+        .expect("request");
+    client.clone().ready().await.expect("ready");
+    let (response, _) = client.send_request(req, true).expect("send request");
+    tokio::time::timeout(IO_TIMEOUT, response)
+        .await
+        .expect("answer")
+        .ok()
+        .map(|response| response.status().as_u16())
+}
+
+#[tokio::test]
+async fn field_values_with_leading_or_trailing_whitespace_are_refused() {
+    let mut upstream = start_recorder().await;
+    let proxy = start_proxy(&config(upstream.addr)).await;
+    let mut client = h2_client(&proxy).await;
+    for padded in [" leading", "trailing ", "\tleading-tab", "trailing-tab\t"] {
+        let status = get_with_field(&mut client, padded).await;
+        assert!(
+            matches!(status, None | Some(400)),
+            "{padded:?}: got {status:?}, want 400 or a reset"
+        );
+    }
+    assert!(
+        !upstream.head_arrives(Duration::from_millis(100)).await,
+        "a malformed request was forwarded"
+    );
+    // Whitespace inside a value is fine.
+    assert_eq!(get_with_field(&mut client, "a b\tc").await, Some(200));
 }

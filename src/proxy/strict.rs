@@ -5,14 +5,16 @@
 //! obs-fold, whitespace before a colon, control bytes in headers, invalid
 //! or conflicting Content-Length, unknown Transfer-Encoding, bad chunk sizes
 //! (as a body error), HTTP/2 connection-specific headers and bad
-//! pseudo-headers. What is left is policy, not parsing: how long a request
-//! target may be, and that an HTTP/2 request's framing header cannot turn
-//! into two conflicting lengths once it is re-sent as HTTP/1.1. Host rules
-//! live with the routing in `proxy::request_authority`.
+//! pseudo-headers. What is left is policy, and the HTTP/2 field rules the
+//! h2 crate does not enforce: how long a request target may be, that an
+//! HTTP/2 request's framing header cannot turn into two conflicting lengths
+//! once it is re-sent as HTTP/1.1, and that an HTTP/2 field value has no
+//! leading or trailing whitespace. Host rules live with the routing in
+//! `proxy::request_authority`.
 //!
 //! Nothing here parses bytes: it reads the `http::Request` hyper built.
 
-use http::{header, Request};
+use http::{header, HeaderValue, Request, Version};
 
 use crate::config::Limits;
 
@@ -25,12 +27,15 @@ pub enum Violation {
     DuplicateContentLength,
     #[error("Content-Length is not a decimal number")]
     InvalidContentLength,
+    #[error("HTTP/2 field value with leading or trailing whitespace")]
+    PaddedFieldValue,
 }
 
 /// Checks one request against the limits; the first violation wins.
 pub fn check_request<B>(req: &Request<B>, limits: &Limits) -> Result<(), Violation> {
     check_target_length(req, limits.max_uri_bytes)?;
-    check_content_length(req)
+    check_content_length(req)?;
+    check_field_whitespace(req)
 }
 
 /// The request target as the client sent it (origin-form path and query,
@@ -64,6 +69,27 @@ fn check_content_length<B>(req: &Request<B>) -> Result<(), Violation> {
         return Err(Violation::InvalidContentLength);
     }
     Ok(())
+}
+
+/// RFC 9113 §8.2.1: an HTTP/2 field value that starts or ends with a space
+/// or tab makes the request malformed, and a malformed request must not be
+/// forwarded. (HTTP/1.1 allows such whitespace around a value and httparse
+/// strips it, so only HTTP/2 values can carry it.) The h2 crate checks
+/// values for NUL, CR and LF but not for this.
+fn check_field_whitespace<B>(req: &Request<B>) -> Result<(), Violation> {
+    if req.version() != Version::HTTP_2 {
+        return Ok(());
+    }
+    if req.headers().values().any(is_padded) {
+        return Err(Violation::PaddedFieldValue);
+    }
+    Ok(())
+}
+
+fn is_padded(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    let blank = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    blank(bytes.first()) || blank(bytes.last())
 }
 
 #[cfg(test)]
@@ -114,5 +140,29 @@ mod tests {
         assert_eq!(with(&["5, 5"]), Err(Violation::InvalidContentLength));
         assert_eq!(with(&["+5"]), Err(Violation::InvalidContentLength));
         assert_eq!(with(&[""]), Err(Violation::InvalidContentLength));
+    }
+
+    #[test]
+    fn http2_field_values_must_not_be_padded() {
+        let with = |version: Version, value: &'static str| {
+            let req = Request::builder()
+                .uri("/")
+                .version(version)
+                .header("x-a", HeaderValue::from_static(value))
+                .body(())
+                .expect("request");
+            check_request(&req, &Limits::default())
+        };
+        for padded in [" a", "a ", "\ta", "a\t", " ", "\t"] {
+            assert_eq!(
+                with(Version::HTTP_2, padded),
+                Err(Violation::PaddedFieldValue),
+                "{padded:?}"
+            );
+            assert_eq!(with(Version::HTTP_11, padded), Ok(()), "{padded:?}");
+        }
+        for fine in ["a", "a b", "a\tb", ""] {
+            assert_eq!(with(Version::HTTP_2, fine), Ok(()), "{fine:?}");
+        }
     }
 }
