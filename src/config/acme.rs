@@ -77,11 +77,11 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// `[acme]` as written.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 pub(super) struct RawAcme {
     email: Option<Spanned<String>>,
     directory: Option<Spanned<String>>,
-    ca_root: Option<PathBuf>,
+    ca_root: Option<Spanned<PathBuf>>,
     challenges: Option<Spanned<Vec<String>>>,
     renewal_window_ratio: Option<Spanned<f64>>,
 }
@@ -170,7 +170,7 @@ impl Validator<'_> {
         AcmeSettings {
             email,
             directory,
-            ca_root: raw.ca_root.map(|path| self.resolve(path)),
+            ca_root: raw.ca_root.map(|path| self.named_file("ca_root", path)),
             challenges,
             renewal_window_ratio,
         }

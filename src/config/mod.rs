@@ -3,9 +3,10 @@
 //!
 //! Parsing happens in two passes. The first is serde: unknown keys and badly
 //! typed or badly formatted values (durations, sizes, addresses) fail there,
-//! and the TOML deserializer tells us exactly where. The second pass checks
+//! and the TOML deserializer tells us exactly where; `recover` keeps going
+//! past each such error, so one run finds them all. The second pass checks
 //! what serde cannot (a route naming a service that does not exist, a site
-//! with two actions) and collects *every* problem, each anchored to a
+//! with two actions) on the valid rest. Every problem is anchored to a
 //! `file:line:column`, so `cutover check` can list them all at once.
 
 use std::collections::BTreeMap;
@@ -16,8 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod acme;
+mod keys;
+mod recover;
 
 pub use acme::{AcmeSettings, ChallengeKind, FIRST_RETRY_DELAY, MAX_RETRY_DELAY};
+pub use keys::Section;
 
 use ipnet::IpNet;
 use serde::de::{self, Deserializer};
@@ -330,33 +334,118 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Everything one read of a config file found: what `cutover check`
+/// reports, and what [`Config::load`] and [`Config::parse`] boil down to.
+#[derive(Debug)]
+pub struct Parsed {
+    /// Built from the valid part of the file (entries with problems left
+    /// out); `None` when the file could not be read or is not TOML. Only
+    /// fit to serve when `problems` is empty.
+    pub config: Option<Config>,
+    /// Every problem, in file order.
+    pub problems: Vec<Problem>,
+    /// The files the config names, with where, for checks that look past
+    /// the config itself (a missing certificate, a missing route file); in
+    /// config order, so the n-th "certificate" is that of `config.tls[n]`.
+    pub files: Vec<NamedFile>,
+}
+
+/// A file a config names and the place that names it.
+#[derive(Debug, Clone)]
+pub struct NamedFile {
+    /// What the file is for: "certificate", "private key", "route file",
+    /// "env_file", "docker_config", "ca_root".
+    pub role: &'static str,
+    /// The path as resolved against the config file's directory.
+    pub path: PathBuf,
+    /// Where the path was written: a problem with no message yet.
+    at: Problem,
+}
+
+impl NamedFile {
+    /// A problem about this file, located where the config names it.
+    pub fn problem(&self, message: String) -> Problem {
+        Problem {
+            message,
+            ..self.at.clone()
+        }
+    }
+}
+
+impl Parsed {
+    fn into_result(self) -> Result<Config, ConfigError> {
+        match self.config {
+            Some(config) if self.problems.is_empty() => Ok(config),
+            _ => Err(ConfigError {
+                problems: self.problems,
+            }),
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file. Relative paths inside it are
     /// resolved against the file's directory, so a config works whatever
     /// the current directory of the process is.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
-            problems: vec![Problem {
-                file: path.display().to_string(),
-                line: 0,
-                column: 0,
-                message: format!("cannot read config: {err}"),
-            }],
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut config = Config::parse(&text, &path.display().to_string(), base)?;
-        config.source = Some(path.to_path_buf());
-        Ok(config)
+        Config::load_all(path).into_result()
     }
 
     /// Parses and validates config text; `file` names it in errors and
     /// `base` anchors relative paths.
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Config, ConfigError> {
+        Config::parse_all(text, file, base).into_result()
+    }
+
+    /// Like [`Config::load`], but keeps going past problems: every one is
+    /// listed, and the valid rest is returned for further checks.
+    pub fn load_all(path: &Path) -> Parsed {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) => {
+                return Parsed {
+                    config: None,
+                    problems: vec![Problem {
+                        file: path.display().to_string(),
+                        line: 0,
+                        column: 0,
+                        message: format!("cannot read config: {err}"),
+                    }],
+                    files: Vec::new(),
+                }
+            }
+        };
+        // Absolute, so paths in messages and logs say where they point even
+        // for `--config proxy.toml` (whose parent is "").
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = absolute.parent().unwrap_or(Path::new("."));
+        let mut parsed = Config::parse_all(&text, &path.display().to_string(), base);
+        if let Some(config) = &mut parsed.config {
+            config.source = Some(path.to_path_buf());
+        }
+        parsed
+    }
+
+    /// Like [`Config::parse`], but keeps going past problems.
+    pub fn parse_all(text: &str, file: &str, base: &Path) -> Parsed {
         let locate = Locator::new(text, file);
-        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError {
-            problems: vec![locate.problem(err.span(), err.message().to_string())],
-        })?;
-        Validator::new(&locate, base).validate(raw)
+        let (raw, mut problems) = recover::deserialize_all::<RawConfig>(text, &locate);
+        let Some(raw) = raw else {
+            return Parsed {
+                config: None,
+                problems,
+                files: Vec::new(),
+            };
+        };
+        let mut validator = Validator::new(&locate, base);
+        let config = validator.validate(raw);
+        problems.append(&mut validator.problems);
+        problems.sort_by_key(|problem| (problem.line, problem.column));
+        Parsed {
+            config: Some(config),
+            problems,
+            files: validator.files,
+        }
     }
 }
 
@@ -401,7 +490,7 @@ impl<'a> Locator<'a> {
 // ---------------------------------------------------------------------------
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawConfig {
     #[serde(default)]
     server: RawServer,
@@ -415,7 +504,7 @@ struct RawConfig {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawServer {
     http: Option<SocketAddr>,
     https: Option<SocketAddr>,
@@ -431,7 +520,7 @@ struct RawServer {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawLimits {
     header_read_timeout: Option<DurationValue>,
     idle_timeout: Option<DurationValue>,
@@ -452,14 +541,14 @@ struct RawLimits {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawTls {
-    cert: PathBuf,
-    key: PathBuf,
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawSite {
     hosts: Vec<Spanned<String>>,
     #[serde(default)]
@@ -472,11 +561,11 @@ struct RawSite {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawRoute {
     path: Spanned<String>,
     service: Option<Spanned<String>>,
-    file: Option<PathBuf>,
+    file: Option<Spanned<PathBuf>>,
     dir: Option<PathBuf>,
     redirect: Option<String>,
     /// With `redirect`: 301 (default), 302, 307 or 308.
@@ -485,7 +574,7 @@ struct RawRoute {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawService {
     upstream: Option<SocketAddr>,
     health: Option<Spanned<RawHealth>>,
@@ -497,7 +586,7 @@ struct RawService {
     host_ports: Option<Spanned<Vec<u16>>>,
     #[serde(default)]
     env: BTreeMap<String, String>,
-    env_file: Option<PathBuf>,
+    env_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     volumes: Vec<String>,
     #[serde(default)]
@@ -505,11 +594,11 @@ struct RawService {
     stop_timeout: Option<DurationValue>,
     keep_previous: Option<DurationValue>,
     retain: Option<usize>,
-    docker_config: Option<PathBuf>,
+    docker_config: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawHealth {
     path: Option<String>,
     expect_status: Option<u16>,
@@ -522,7 +611,10 @@ struct RawHealth {
 
 /// `hsts = true` (a one-year max-age) or the header's literal value.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected true, false, or a Strict-Transport-Security value such as \"max-age=31536000\""
+)]
 enum HstsValue {
     Enabled(bool),
     Header(String),
@@ -548,7 +640,10 @@ struct SizeValue(u64);
 impl<'de> Deserialize<'de> for SizeValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "expected a size such as 16384, \"16KiB\" or \"10MiB\""
+        )]
         enum Either {
             Number(u64),
             Text(String),
@@ -568,7 +663,7 @@ struct RateValue(u64);
 impl<'de> Deserialize<'de> for RateValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(untagged, expecting = "expected a rate such as 500 or \"1KiB/s\"")]
         enum Either {
             Number(u64),
             Text(String),
@@ -674,6 +769,8 @@ struct Validator<'a> {
     locate: &'a Locator<'a>,
     base: &'a Path,
     problems: Vec<Problem>,
+    /// Every file path met, for [`Parsed::files`].
+    files: Vec<NamedFile>,
 }
 
 impl<'a> Validator<'a> {
@@ -682,6 +779,7 @@ impl<'a> Validator<'a> {
             locate,
             base,
             problems: Vec::new(),
+            files: Vec::new(),
         }
     }
 
@@ -698,15 +796,29 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn validate(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
+    /// Resolves a path to a file the config needs, and notes where it was
+    /// written so `cutover check` can point there if the file is missing.
+    fn named_file(&mut self, role: &'static str, path: Spanned<PathBuf>) -> PathBuf {
+        let at = self.locate.problem(Some(path.span()), String::new());
+        let path = self.resolve(path.into_inner());
+        self.files.push(NamedFile {
+            role,
+            path: path.clone(),
+            at,
+        });
+        path
+    }
+
+    /// The config built from `raw`; problems go to `self.problems`.
+    fn validate(&mut self, raw: RawConfig) -> Config {
         let services = self.services(raw.service);
         let server = self.server(raw.server);
         let tls = raw
             .tls
             .into_iter()
             .map(|t| TlsFiles {
-                cert: self.resolve(t.cert),
-                key: self.resolve(t.key),
+                cert: self.named_file("certificate", t.cert),
+                key: self.named_file("private key", t.key),
             })
             .collect();
         let sites = raw
@@ -717,19 +829,13 @@ impl<'a> Validator<'a> {
         self.check_duplicate_hosts(&sites);
         let sites: Vec<Site> = sites.into_iter().map(|(site, _)| site).collect();
         let acme = self.acme(raw.acme, &sites, server.state_dir.as_ref());
-        if self.problems.is_empty() {
-            Ok(Config {
-                source: None,
-                server,
-                tls,
-                sites,
-                services,
-                acme,
-            })
-        } else {
-            Err(ConfigError {
-                problems: self.problems,
-            })
+        Config {
+            source: None,
+            server,
+            tls,
+            sites,
+            services,
+            acme,
         }
     }
 
@@ -831,7 +937,7 @@ impl<'a> Validator<'a> {
             port,
             host_ports,
             env: std::mem::take(&mut raw.env),
-            env_file: raw.env_file.take().map(|p| self.resolve(p)),
+            env_file: raw.env_file.take().map(|p| self.named_file("env_file", p)),
             volumes: std::mem::take(&mut raw.volumes),
             extra_hosts: std::mem::take(&mut raw.extra_hosts),
             stop_timeout: raw.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
@@ -839,7 +945,10 @@ impl<'a> Validator<'a> {
                 .keep_previous
                 .map_or(Duration::from_secs(15 * 60), |d| d.0),
             retain: raw.retain.unwrap_or(3),
-            docker_config: raw.docker_config.take().map(|p| self.resolve(p)),
+            docker_config: raw
+                .docker_config
+                .take()
+                .map(|p| self.named_file("docker_config", p)),
         })
     }
 
@@ -1066,7 +1175,7 @@ impl<'a> Validator<'a> {
             actions.push(Action::Service(service.into_inner()));
         }
         if let Some(file) = raw.file {
-            actions.push(Action::File(self.resolve(file)));
+            actions.push(Action::File(self.named_file("route file", file)));
         }
         if let Some(dir) = raw.dir {
             actions.push(Action::Dir(self.resolve(dir)));
@@ -1301,6 +1410,48 @@ health = { path = "/actuator/health", expect_json = { status = "UP" }, healthy_a
             err.to_string().contains("proxy.toml:4:14: host_ports"),
             "{err}"
         );
+    }
+
+    /// Four mistakes that each stop serde: all four are listed, at their
+    /// lines, and the semantic pass still runs on the rest (line 10).
+    #[test]
+    fn every_serde_problem_is_listed() {
+        let err = parse(
+            r#"[server]
+wokers = 2
+shutdown_timeout = "30 seconds"
+[server.limits]
+max_body_bytes = "10 megs"
+[service.web]
+upstream = "127.0.0.1:9000"
+health = { paht = "/up" }
+[[site]]
+hosts = ["bad host"]
+service = "web"
+"#,
+        )
+        .unwrap_err();
+        let located: Vec<(usize, usize)> =
+            err.problems.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(
+            located,
+            [(2, 1), (3, 20), (5, 18), (8, 12), (10, 10)],
+            "{err}"
+        );
+        assert!(
+            err.problems[0].message.contains("did you mean `workers`?"),
+            "{err}"
+        );
+        assert!(
+            err.problems[1].message.contains("shutdown_timeout"),
+            "{err}"
+        );
+        assert!(err.problems[2].message.contains("max_body_bytes"), "{err}");
+        assert!(
+            err.problems[3].message.contains("did you mean `path`?"),
+            "{err}"
+        );
+        assert!(err.problems[4].message.contains("invalid host"), "{err}");
     }
 
     #[test]
