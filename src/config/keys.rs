@@ -189,6 +189,32 @@ mod tests {
         assert!(Section::Health.keys().contains(&"expect_json"));
     }
 
+    /// The configuration reference names every key, so a new key cannot
+    /// ship undocumented.
+    #[test]
+    fn reference_documents_every_key() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+        let text = std::fs::read_to_string(&path).expect("configuration reference");
+        for section in Section::ALL {
+            for key in section.keys() {
+                // `key`, `key = …` inside an example, or a table header.
+                let written = [
+                    format!("`{key}`"),
+                    format!("{key} ="),
+                    format!("[{key}]"),
+                    format!("[{key}."),
+                    format!(".{key}]"),
+                ];
+                assert!(
+                    written.iter().any(|form| text.contains(form.as_str())),
+                    "{}: no entry for `{key}` of {}",
+                    path.display(),
+                    section.header()
+                );
+            }
+        }
+    }
+
     #[test]
     fn hints() {
         assert_eq!(
