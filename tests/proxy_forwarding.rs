@@ -475,3 +475,102 @@ upstream = "{}"
     }
     proxy.stop().await.expect("clean stop");
 }
+
+/// An OPTIONS request with the given `Max-Forwards` fields.
+fn options_with_max_forwards(values: &[&str]) -> hyper::Request<http_body_util::Full<Bytes>> {
+    let mut req = request("OPTIONS", "/opt", "app.localhost", Bytes::new());
+    for value in values {
+        req.headers_mut()
+            .append("max-forwards", value.parse().unwrap());
+    }
+    req
+}
+
+#[tokio::test]
+async fn options_with_max_forwards_zero_is_answered_by_cutover() {
+    let upstream = start_upstream("app").await;
+    let proxy = start_proxy(&app_config(upstream.addr, "")).await;
+    let resp = http_request(proxy.http_addr, options_with_max_forwards(&["0"])).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        resp.header("allow"),
+        Some("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")
+    );
+    assert_eq!(resp.header("content-length"), Some("0"));
+    assert_eq!(resp.header("x-upstream"), None);
+    // Over HTTP/2 too.
+    let mut req = options_with_max_forwards(&["0"]);
+    *req.uri_mut() = "https://app.localhost/opt".parse().unwrap();
+    let resp = https_h2(proxy.https(), "app.localhost", req).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-length"), Some("0"));
+    assert_eq!(upstream.count(), 0, "Max-Forwards: 0 was forwarded");
+    proxy.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn max_forwards_is_decremented_on_options_and_left_alone_elsewhere() {
+    let upstream = start_upstream("app").await;
+    let proxy = start_proxy(&app_config(upstream.addr, "")).await;
+    let resp = http_request(proxy.http_addr, options_with_max_forwards(&["5"])).await;
+    assert_eq!(resp.header("x-upstream"), Some("app"));
+    let mut get = request("GET", "/get", "app.localhost", Bytes::new());
+    get.headers_mut()
+        .insert("max-forwards", "0".parse().unwrap());
+    let resp = http_request(proxy.http_addr, get).await;
+    assert_eq!(resp.header("x-upstream"), Some("app"));
+    let seen = upstream.requests();
+    assert_eq!(seen[0].method, "OPTIONS");
+    assert_eq!(seen[0].headers["max-forwards"], "4");
+    assert_eq!(
+        seen[1].headers["max-forwards"], "0",
+        "GET: passed unchanged"
+    );
+    proxy.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn invalid_max_forwards_on_options_is_refused() {
+    let upstream = start_upstream("app").await;
+    let proxy = start_proxy(&app_config(upstream.addr, "")).await;
+    for values in [&["abc"][..], &["-1"], &["1.5"], &["2", "3"]] {
+        let resp = http_request(proxy.http_addr, options_with_max_forwards(values)).await;
+        assert_eq!(resp.status, 400, "Max-Forwards {values:?}");
+    }
+    assert_eq!(upstream.count(), 0);
+    proxy.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn trace_is_refused_and_never_forwarded() {
+    let upstream = start_upstream("app").await;
+    let config = format!(
+        "{}\n[[site.route]]\npath = \"/file\"\nfile = \"certs-dev/ca.pem\"\n",
+        app_config(upstream.addr, "")
+    );
+    let proxy = start_proxy(&config).await;
+    for max_forwards in [None, Some("0"), Some("3")] {
+        let mut req = request("TRACE", "/trace", "app.localhost", Bytes::new());
+        if let Some(value) = max_forwards {
+            req.headers_mut()
+                .insert("max-forwards", value.parse().unwrap());
+        }
+        let resp = http_request(proxy.http_addr, req).await;
+        assert_eq!(resp.status, 405, "Max-Forwards {max_forwards:?}");
+        assert_eq!(
+            resp.header("allow"),
+            Some("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS")
+        );
+    }
+    let resp = http_request(
+        proxy.http_addr,
+        request("TRACE", "/file", "app.localhost", Bytes::new()),
+    )
+    .await;
+    assert_eq!(
+        (resp.status.as_u16(), resp.header("allow")),
+        (405, Some("GET, HEAD"))
+    );
+    assert_eq!(upstream.count(), 0, "TRACE reached the upstream");
+    proxy.stop().await.expect("clean stop");
+}

@@ -1,13 +1,14 @@
 //! Header rules for forwarding a request to an upstream and its response
 //! back: hop-by-hop removal in both directions, the `X-Forwarded-*` family
-//! and `Forwarded` (RFC 7239), `Via`, and detection of response framing we
-//! refuse to relay.
+//! and `Forwarded` (RFC 7239), `Via`, `Max-Forwards`, and detection of
+//! response framing we refuse to relay.
 //!
 //! Kept free of I/O so every rule is unit-tested on plain header maps.
 
 use std::net::IpAddr;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
 use ipnet::IpNet;
 
 /// Headers that describe one hop and never cross the proxy (RFC 9110 §7.6.1),
@@ -252,6 +253,49 @@ fn insert_str(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
+/// What `Max-Forwards` (RFC 9110 §7.6.2) makes of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Forward it (a positive `Max-Forwards` has been decremented).
+    Forward,
+    /// `Max-Forwards: 0`: this proxy is the final recipient and answers.
+    Answer,
+}
+
+/// Applies `Max-Forwards` to an `OPTIONS` request about to be forwarded:
+/// zero means cutover answers it, a positive value goes on decremented, and
+/// anything but one plain decimal is refused. The field is defined for
+/// `OPTIONS` and `TRACE` only and a recipient may ignore it on other methods,
+/// so it passes through them unchanged (cutover never forwards `TRACE`).
+pub fn max_forwards_hop(method: &Method, headers: &mut HeaderMap) -> Result<Hop, &'static str> {
+    const INVALID: &str = "invalid Max-Forwards";
+    if method != Method::OPTIONS {
+        return Ok(Hop::Forward);
+    }
+    let mut values = headers.get_all(header::MAX_FORWARDS).iter();
+    let Some(value) = values.next() else {
+        return Ok(Hop::Forward);
+    };
+    if values.next().is_some() {
+        return Err(INVALID);
+    }
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(INVALID);
+    }
+    // All digits: only an overflow fails, and a count that large is as good
+    // as unlimited.
+    let remaining = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    if remaining == 0 {
+        return Ok(Hop::Answer);
+    }
+    headers.insert(header::MAX_FORWARDS, HeaderValue::from(remaining - 1));
+    Ok(Hop::Forward)
+}
+
 /// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1
 /// upstream must get them as one field joined by "; " (RFC 9113 §8.2.3).
 pub fn join_cookies(headers: &mut HeaderMap) {
@@ -472,5 +516,61 @@ mod tests {
             ("transfer-encoding", "chunked")
         ]))
         .is_err());
+    }
+
+    #[test]
+    fn max_forwards_is_decremented_and_answered_at_zero() {
+        let hop = |method: Method, values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(
+                    header::MAX_FORWARDS,
+                    HeaderValue::from_str(value).expect("value"),
+                );
+            }
+            let hop = max_forwards_hop(&method, &mut headers);
+            let left: Vec<_> = headers
+                .get_all(header::MAX_FORWARDS)
+                .iter()
+                .map(|v| v.to_str().expect("ascii").to_string())
+                .collect();
+            (hop, left)
+        };
+        assert_eq!(hop(Method::OPTIONS, &[]), (Ok(Hop::Forward), vec![]));
+        assert_eq!(hop(Method::OPTIONS, &["0"]).0, Ok(Hop::Answer));
+        assert_eq!(hop(Method::OPTIONS, &["00"]).0, Ok(Hop::Answer));
+        assert_eq!(
+            hop(Method::OPTIONS, &["1"]),
+            (Ok(Hop::Forward), vec!["0".to_string()])
+        );
+        assert_eq!(
+            hop(Method::OPTIONS, &["10"]),
+            (Ok(Hop::Forward), vec!["9".to_string()])
+        );
+        let huge = "99999999999999999999999";
+        assert_eq!(
+            hop(Method::OPTIONS, &[huge]),
+            (Ok(Hop::Forward), vec![(u64::MAX - 1).to_string()])
+        );
+        for invalid in [
+            &["-1"][..],
+            &["abc"],
+            &[""],
+            &["1 "],
+            &["+1"],
+            &["1, 2"],
+            &["1", "1"],
+        ] {
+            assert!(hop(Method::OPTIONS, invalid).0.is_err(), "{invalid:?}");
+        }
+        // Other methods: passed on untouched, whatever the value.
+        assert_eq!(
+            hop(Method::GET, &["0"]),
+            (Ok(Hop::Forward), vec!["0".to_string()])
+        );
+        assert_eq!(
+            hop(Method::POST, &["junk"]),
+            (Ok(Hop::Forward), vec!["junk".to_string()])
+        );
     }
 }

@@ -83,8 +83,9 @@ pub enum ProxyError {
     UnknownHost(String),
     #[error("no route for path")]
     NoRoute,
+    /// The `Allow` value lists what the target does accept.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
     #[error("service {0:?} has no active upstream")]
     NoUpstream(String),
     #[error("service {0:?} stayed paused longer than its pause_timeout")]
@@ -112,7 +113,7 @@ impl ProxyError {
             ProxyError::Strict(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoRoute | ProxyError::File(_) => StatusCode::NOT_FOUND,
-            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoUpstream(_) | ProxyError::PausedTooLong(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -154,12 +155,20 @@ impl ProxyError {
         if self.closes_connection() {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let ProxyError::MethodNotAllowed = self {
-            headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        if let ProxyError::MethodNotAllowed(allow) = self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }
 }
+
+/// What a file or directory route accepts.
+pub const STATIC_METHODS: &str = "GET, HEAD";
+
+/// The `Allow` value for what cutover forwards (every method but `TRACE`,
+/// which it refuses; the app may refuse more) and for redirect and status
+/// routes, which answer every method alike.
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
 
 /// Serves one request. Never fails: every error becomes a response.
 pub async fn handle(
@@ -202,7 +211,7 @@ async fn dispatch(
     shared: &Shared,
     snapshot: &Snapshot,
     conn: &ClientConn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     log: Option<&mut AccessLog>,
 ) -> Result<Produced, ProxyError> {
     strict::check_request(&req, &snapshot.config.server.limits)?;
@@ -240,6 +249,11 @@ async fn dispatch(
         return Ok(Produced::Local(response));
     }
     let route = routes::route(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;
+    if req.method() == Method::TRACE {
+        // Never answered or forwarded: echoing a request back is how
+        // cross-site tracing reads cookies and credentials.
+        return Err(ProxyError::MethodNotAllowed(allowed_methods(&route.action)));
+    }
     let mut produced = match &route.action {
         Action::Status(code) => Produced::Local(status_response(*code)),
         Action::Redirect { to, code } => Produced::Local(redirect(to, *code)),
@@ -248,12 +262,20 @@ async fn dispatch(
             Produced::Local(static_dir::serve(root, req.uri().path(), req.method()).await?)
         }
         Action::Service(name) => {
-            let upstream = pick_upstream(shared, snapshot, name).await?;
-            if let Some(log) = log {
-                log.upstream = Some(upstream.addr);
+            let method = req.method().clone();
+            match forward::max_forwards_hop(&method, req.headers_mut())
+                .map_err(ProxyError::BadRequest)?
+            {
+                forward::Hop::Answer => Produced::Local(options_answer()),
+                forward::Hop::Forward => {
+                    let upstream = pick_upstream(shared, snapshot, name).await?;
+                    if let Some(log) = log {
+                        log.upstream = Some(upstream.addr);
+                    }
+                    let authority = authority.unwrap_or(HeaderValue::from_static(""));
+                    forward(shared, snapshot, conn, req, upstream, &authority).await?
+                }
             }
-            let authority = authority.unwrap_or(HeaderValue::from_static(""));
-            forward(shared, snapshot, conn, req, upstream, &authority).await?
         }
     };
     match &mut produced {
@@ -261,6 +283,24 @@ async fn dispatch(
         Produced::Upstream(response, _) => add_site_headers(response, site, conn),
     }
     Ok(produced)
+}
+
+/// The methods a route's target accepts, for `Allow`.
+fn allowed_methods(action: &Action) -> &'static str {
+    match action {
+        Action::File(_) | Action::Dir(_) => STATIC_METHODS,
+        Action::Service(_) | Action::Status(_) | Action::Redirect { .. } => FORWARDED_METHODS,
+    }
+}
+
+/// cutover's own answer to `OPTIONS` with `Max-Forwards: 0` (RFC 9110
+/// §7.6.2): it is the final recipient, so it says what it forwards.
+fn options_answer() -> Response<ProxyBody> {
+    let mut response = status_response(200);
+    let headers = response.headers_mut();
+    headers.insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    response
 }
 
 /// The service's active upstream. While the service is paused the request
@@ -355,7 +395,7 @@ async fn serve_file(
     method: &Method,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if method != Method::GET && method != Method::HEAD {
-        return Err(ProxyError::MethodNotAllowed);
+        return Err(ProxyError::MethodNotAllowed(STATIC_METHODS));
     }
     let contents = tokio::fs::read(path).await.map_err(|err| {
         tracing::warn!(file = %path.display(), error = %err, "static file unavailable");

@@ -24,7 +24,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 
 use crate::io::body::{self, ProxyBody};
-use crate::proxy::request::{content_type, ProxyError};
+use crate::proxy::request::{content_type, ProxyError, STATIC_METHODS};
 
 /// Serves the file that `path` (the request path, still percent-encoded)
 /// names below `root`.
@@ -34,7 +34,7 @@ pub async fn serve(
     method: &Method,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     if method != Method::GET && method != Method::HEAD {
-        return Err(ProxyError::MethodNotAllowed);
+        return Err(ProxyError::MethodNotAllowed(STATIC_METHODS));
     }
     let relative = relative_path(path)?;
     let file = resolve_below(root, &relative).await?;
