@@ -67,6 +67,9 @@ MALFORMED = [
     ("lf_in_value", base() + [(b"x-a", b"a\nb")], None),
     ("nul_in_value", base() + [(b"x-a", b"a\x00b")], None),
     ("crlf_injection", base() + [(b"x-a", b"a\r\nx-injected: 1")], None),
+    # RFC 9113 §8.2.1: no leading or trailing space or tab in a value.
+    ("leading_space_in_value", base() + [(b"x-a", b" a")], None),
+    ("trailing_tab_in_value", base() + [(b"x-a", b"a\t")], None),
     ("content_length_duplicate", base(b"POST") + [(b"content-length", b"5"),
                                                   (b"content-length", b"6")], b"hello"),
     # Equal values pass the h2 crate; re-sent as HTTP/1.1 they would be two
@@ -80,6 +83,7 @@ MALFORMED = [
 CL_MISMATCH = [
     ("content_length_longer_than_body", base(b"POST") + [(b"content-length", b"10")], b"hello"),
     ("content_length_shorter_than_body", base(b"POST") + [(b"content-length", b"3")], b"hello"),
+    ("content_length_zero_with_data", base(b"POST") + [(b"content-length", b"0")], b"x"),
 ]
 
 
@@ -123,6 +127,32 @@ def check_malformed(port, upstream, headers, body, complete_only=False):
         forwarded = [r for r in forwarded if r["body"] is not None]
     if forwarded:
         problems.append(f"upstream received {[(r['line'][:60], r['body']) for r in forwarded]}")
+    return "; ".join(p for p in problems if p) or None
+
+
+def check_excess_in_later_frame(port, upstream):
+    """content-length: 5 and five bytes without END_STREAM; once the
+    upstream has had time to get them, two more bytes with END_STREAM. The
+    stream is malformed only then, so no complete request may have arrived
+    (the excess must not be needed to find out)."""
+    upstream.clear()
+    conn = RawH2(port)
+    try:
+        headers = base(b"POST", b"/later") + [(b"content-length", b"5")]
+        conn.send(conn.headers_frame(1, headers, end_stream=False),
+                  conn.data(1, b"hello", end_stream=False))
+        time.sleep(0.5)
+        conn.send(conn.data(1, b"!!"))
+        outcome = conn.outcome(1)
+    finally:
+        conn.close()
+    problems = []
+    if outcome[0] not in ("reset", "goaway", "closed") and outcome != ("status", 400):
+        problems.append(f"got {describe(outcome)} (want a reset)")
+    problems.append(followup(port))
+    complete = [r for r in settle(upstream) if r["body"] is not None]
+    if complete:
+        problems.append(f"upstream received {[(r['line'][:60], r['body']) for r in complete]}")
     return "; ".join(p for p in problems if p) or None
 
 
@@ -330,6 +360,8 @@ def run_all(report, port, upstream, pid, prefix):
         report.case(name, lambda: check_malformed(port, upstream, headers, body), prefix)
     for name, headers, body in CL_MISMATCH:
         report.case(name, lambda: check_malformed(port, upstream, headers, body, complete_only=True), prefix)
+    report.case("content_length_excess_in_later_frame",
+                lambda: check_excess_in_later_frame(port, upstream), prefix)
     report.case("concurrent_streams_limit", lambda: check_concurrent_streams(port, upstream), prefix)
     report.case("header_list_size_limit", lambda: check_header_list_size(port, upstream), prefix)
     report.case("continuation_flood", lambda: check_continuation_flood(port, upstream), prefix)
@@ -341,7 +373,7 @@ def run_all(report, port, upstream, pid, prefix):
 
 
 CASE_NAMES = (["control_plain_get", "control_te_trailers"] + [m[0] for m in MALFORMED]
-              + [m[0] for m in CL_MISMATCH]
+              + [m[0] for m in CL_MISMATCH] + ["content_length_excess_in_later_frame"]
               + ["concurrent_streams_limit", "header_list_size_limit", "continuation_flood", "continuation_flood_empty",
                  "rapid_reset", "ping_flood", "h2load_sanity"])
 
