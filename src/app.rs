@@ -18,7 +18,7 @@ use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
-use crate::control::{watch, Controller};
+use crate::control::{identity, watch, Controller};
 use crate::proxy::{Listeners, Server};
 use crate::routing::{Shared, Snapshot};
 use crate::tls::acme::AcmeCerts;
@@ -89,7 +89,14 @@ pub async fn run(
         None => None,
     };
     let state = config.server.state_dir.as_ref().map(StateStore::new);
-    let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone());
+    let instance = identity::instance_id(&config.server);
+    if !instance.is_empty() {
+        tracing::info!(
+            instance,
+            "containers are labelled cutover.instance={instance}"
+        );
+    }
+    let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone(), instance);
     controller.restore().await?;
     controller.reconcile().await;
     if let Some(path) = &config.server.admin_socket {

@@ -53,6 +53,10 @@ pub const LABEL_COLOR: &str = "cutover.color";
 pub const LABEL_IMAGE: &str = "cutover.image";
 /// The deploy that created the container.
 pub const LABEL_DEPLOY: &str = "cutover.deploy";
+/// The cutover instance that created the container (its configured
+/// `instance` name or its state directory): two cutovers on one engine with
+/// the same service name each touch only their own containers.
+pub const LABEL_INSTANCE: &str = "cutover.instance";
 
 /// Client timeout for ordinary requests (bollard's own default).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -180,6 +184,8 @@ pub struct ContainerSpec {
     pub color: String,
     /// The deploy creating the container; becomes [`LABEL_DEPLOY`].
     pub deploy_id: String,
+    /// The cutover instance creating it; becomes [`LABEL_INSTANCE`].
+    pub instance: String,
     /// The port the app listens on inside the container (TCP).
     pub container_port: u16,
     /// Fixed host port, or `None` for an ephemeral one. Always bound on 127.0.0.1.
@@ -207,6 +213,7 @@ impl fmt::Debug for ContainerSpec {
             .field("service", &self.service)
             .field("color", &self.color)
             .field("deploy_id", &self.deploy_id)
+            .field("instance", &self.instance)
             .field("container_port", &self.container_port)
             .field("host_port", &self.host_port)
             .field("env_keys", &env_keys)
@@ -231,6 +238,8 @@ pub struct ContainerInfo {
     pub color: Option<String>,
     /// [`LABEL_DEPLOY`], if the container has it.
     pub deploy_id: Option<String>,
+    /// [`LABEL_INSTANCE`]; `None` on containers an older cutover created.
+    pub instance: Option<String>,
     /// Whether the process is running right now (says nothing about health).
     pub running: bool,
     /// Set once the container has exited (or died), `None` while created/running.
@@ -488,7 +497,8 @@ impl Engine {
     }
 
     /// All containers cutover manages, stopped ones included, optionally only those
-    /// of one service. `container_port_of(service)` tells which container port's
+    /// of one service. Every instance's: the caller decides which are its own
+    /// ([`ContainerInfo::instance`]). `container_port_of(service)` tells which container port's
     /// host address to report (unknown services get no `host_addr`).
     ///
     /// Containers that vanish between listing and inspecting are skipped.
@@ -587,6 +597,7 @@ fn labels(spec: &ContainerSpec) -> HashMap<String, String> {
         (LABEL_COLOR.to_string(), spec.color.clone()),
         (LABEL_IMAGE.to_string(), spec.image.clone()),
         (LABEL_DEPLOY.to_string(), spec.deploy_id.clone()),
+        (LABEL_INSTANCE.to_string(), spec.instance.clone()),
     ])
 }
 
@@ -630,6 +641,7 @@ fn container_info(
         service: labels.remove(LABEL_SERVICE),
         color: labels.remove(LABEL_COLOR),
         deploy_id: labels.remove(LABEL_DEPLOY),
+        instance: labels.remove(LABEL_INSTANCE),
         running,
         exit_code: if finished { state.exit_code } else { None },
         host_addr,

@@ -873,3 +873,161 @@ async fn engine_unreachable_at_restart_keeps_serving_and_says_so() {
     );
     h.done();
 }
+
+// ---------------------------------------------------------------------------
+// Instance identity and lost state (issue 11, item 9)
+// ---------------------------------------------------------------------------
+
+/// Container ids, sorted, for "nothing was started or removed" checks.
+fn ids(listed: &[Ctr]) -> Vec<String> {
+    let mut ids: Vec<String> = listed.iter().map(|c| c.id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+/// The state directory is wiped while cutover is stopped (a restart
+/// without state): the restarted cutover adopts the container that served
+/// (and the warm one) instead of removing them as orphans and answering
+/// 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_without_state_adopts_the_serving_container() {
+    let mut h = Harness::start("adopt", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+    h.deploy_ok(&v2).await;
+    let before = h.consistent().await;
+    let containers_before = ids(&h.containers());
+    assert_eq!(containers_before.len(), 2, "{}", h.ps());
+
+    let exit = tokio::task::block_in_place(|| h.proxy.terminate(Duration::from_secs(10)));
+    assert!(exit.is_some(), "cutover serve did not exit on SIGTERM");
+    let state_dir = h.dir().join("state");
+    std::fs::remove_dir_all(&state_dir).expect("wipe the state directory");
+    h.proxy.spawn().await;
+
+    assert_eq!(
+        h.version().await,
+        "v2",
+        "the serving container keeps serving"
+    );
+    assert_eq!(
+        ids(&h.containers()),
+        containers_before,
+        "no container was removed or started:\n{}",
+        h.ps()
+    );
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["container"], before["active"]["container"]);
+    assert_eq!(status["active"]["image"], v2.as_str(), "{status}");
+    assert_eq!(
+        status["previous"]["container"], before["previous"]["container"],
+        "the warm v1 container is adopted as the previous colour: {status}"
+    );
+    let log = h.proxy.log_text();
+    assert!(!log.contains("removing orphan"), "{log}");
+    assert!(log.contains("adopted"), "the log says what happened: {log}");
+
+    // The adopted pair works as before: an instant rollback to v1.
+    let out = h.rollback().await;
+    assert!(out.success(), "rollback after adoption: {out}");
+    assert!(out.stdout.contains("\"instant\":true"), "{out}");
+    assert_eq!(h.version().await, "v1");
+    assert_eq!(ids(&h.containers()), containers_before, "{}", h.ps());
+    h.consistent().await;
+    h.done();
+}
+
+/// Two cutovers on one engine with the same service name (another state
+/// directory, or another configured `instance`): each starts, deploys,
+/// restarts and rolls back without touching the other's containers, and
+/// each one's `status` keeps matching the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_one_service_name_never_touch_each_other() {
+    let mut first = Harness::start("twoinst", Opts::default()).await;
+    let v1 = first.image("v1", &[]).await;
+    let v2 = first.image("v2", &[]).await;
+    first.deploy_ok(&v1).await;
+    first.deploy_ok(&v2).await;
+    let first_containers = ids(&first.containers());
+    assert_eq!(first_containers.len(), 2, "{}", first.ps());
+
+    let mut second = first
+        .beside(Opts {
+            instance: Some(format!("second-{}", std::process::id())),
+            ..Opts::default()
+        })
+        .await;
+    assert_ne!(first.instance, second.instance);
+    let unchanged = |first: &Harness, when: &str| {
+        assert_eq!(
+            ids(&first.containers()),
+            first_containers,
+            "the first instance's containers changed {when}:\n{}",
+            first.ps()
+        );
+    };
+    unchanged(&first, "when the second started");
+    assert_eq!(first.version().await, "v2");
+
+    second.deploy_ok(&v1).await;
+    second.deploy_ok(&v2).await;
+    let second_containers = ids(&second.containers());
+    assert_eq!(second_containers.len(), 2, "{}", second.ps());
+    unchanged(&first, "during the second's deploys");
+    let status = first.consistent().await;
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert_eq!(first.version().await, "v2");
+    second.consistent().await;
+
+    // Each restart reconciles only its own containers.
+    first.proxy.kill9();
+    first.proxy.spawn().await;
+    second.proxy.kill9();
+    second.proxy.spawn().await;
+    unchanged(&first, "across the restarts");
+    assert_eq!(
+        ids(&second.containers()),
+        second_containers,
+        "{}",
+        second.ps()
+    );
+    first.consistent().await;
+    second.consistent().await;
+
+    // A rollback of one is instant and leaves the other serving as it was.
+    let out = first.rollback().await;
+    assert!(out.success(), "{out}");
+    assert_eq!(first.version().await, "v1");
+    assert_eq!(second.version().await, "v2");
+    second.consistent().await;
+    first.consistent().await;
+    drop(second);
+    first.done();
+}
+
+/// An image service without `state_dir` is refused by `check` and
+/// `serve`, with the service's file:line: without the state file a restart
+/// cannot tell which container serves.
+#[tokio::test]
+async fn image_service_without_state_dir_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhttp = \"127.0.0.1:{}\"\n\n[service.web]\nimage = \"web\"\nport = 8080\n",
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let path = config.to_str().expect("utf-8");
+    for command in ["check", "serve"] {
+        let out = cli(&[command, "--config", path], Duration::from_secs(20)).await;
+        assert_ne!(out.code, Some(0), "{out}");
+        assert!(
+            out.stderr.contains(&format!("{path}:4:")) && out.stderr.contains("state_dir"),
+            "names the service's line and the missing key: {out}"
+        );
+    }
+}

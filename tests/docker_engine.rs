@@ -28,6 +28,7 @@ fn spec(service: &str, color: &str, image: &str, host_port: Option<u16>) -> Cont
         service: service.to_string(),
         color: color.to_string(),
         deploy_id: "d1".to_string(),
+        instance: "docker-engine-test".to_string(),
         container_port: APP_PORT,
         host_port,
         env: vec!["APP_VERSION=v1".to_string()],
@@ -113,6 +114,7 @@ async fn container_lifecycle_against_real_engine() {
     assert_eq!(info.service.as_deref(), Some(service.as_str()));
     assert_eq!(info.color.as_deref(), Some("blue"));
     assert_eq!(info.deploy_id.as_deref(), Some("d1"));
+    assert_eq!(info.instance.as_deref(), Some("docker-engine-test"));
     assert_eq!(info.image, image);
     assert_eq!(info.name, format!("cutover-{service}-blue"));
     assert!(info.started_at.is_some());

@@ -73,8 +73,14 @@ pub struct ServerConfig {
     /// Group allowed to use the admin socket (mode 0660 instead of 0600).
     /// Anyone who can write to the socket can deploy.
     pub admin_group: Option<String>,
-    /// Where the state file lives.
+    /// Where the state file lives. Required when a service runs
+    /// containers: the state file is what tells a restarted cutover which
+    /// container serves.
     pub state_dir: Option<PathBuf>,
+    /// This cutover's name on the Docker engine: every container it starts
+    /// is labelled with it, and it only ever touches containers so labelled
+    /// (see `control::identity`). `None`: derived from `state_dir`.
+    pub instance: Option<String>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
     /// How long a graceful shutdown waits for in-flight requests.
@@ -511,6 +517,7 @@ struct RawServer {
     admin_socket: Option<PathBuf>,
     admin_group: Option<Spanned<String>>,
     state_dir: Option<PathBuf>,
+    instance: Option<Spanned<String>>,
     workers: Option<usize>,
     shutdown_timeout: Option<DurationValue>,
     #[serde(default)]
@@ -771,6 +778,8 @@ struct Validator<'a> {
     problems: Vec<Problem>,
     /// Every file path met, for [`Parsed::files`].
     files: Vec<NamedFile>,
+    /// Whether `[server] state_dir` is set (container services need it).
+    has_state_dir: bool,
 }
 
 impl<'a> Validator<'a> {
@@ -780,6 +789,7 @@ impl<'a> Validator<'a> {
             base,
             problems: Vec::new(),
             files: Vec::new(),
+            has_state_dir: false,
         }
     }
 
@@ -811,6 +821,7 @@ impl<'a> Validator<'a> {
 
     /// The config built from `raw`; problems go to `self.problems`.
     fn validate(&mut self, raw: RawConfig) -> Config {
+        self.has_state_dir = raw.server.state_dir.is_some();
         let services = self.services(raw.service);
         let server = self.server(raw.server);
         let tls = raw
@@ -903,6 +914,16 @@ impl<'a> Validator<'a> {
         };
         if image.is_empty() || image.contains(char::is_whitespace) {
             self.report(span.clone(), format!("invalid image {image:?}"));
+        }
+        if !self.has_state_dir {
+            self.report(
+                span.clone(),
+                format!(
+                    "service {name:?} runs containers (`image`) but [server] state_dir is not set; \
+                     without the state file a restart cannot tell which container serves: \
+                     add state_dir = \"/var/lib/cutover\""
+                ),
+            );
         }
         let Some(port) = raw.port else {
             self.report(
@@ -1052,12 +1073,26 @@ impl<'a> Validator<'a> {
             }
             name
         });
+        let instance = raw.instance.map(|instance| {
+            let span = instance.span();
+            let name = instance.into_inner();
+            if !valid_instance_name(&name) {
+                self.report(
+                    span,
+                    format!(
+                        "invalid instance {name:?}: use up to 64 letters, digits, '-', '_' and '.'"
+                    ),
+                );
+            }
+            name
+        });
         ServerConfig {
             http: raw.http,
             https: raw.https,
             admin_socket: raw.admin_socket.map(|p| self.resolve(p)),
             admin_group,
             state_dir: raw.state_dir.map(|p| self.resolve(p)),
+            instance,
             workers: raw.workers.unwrap_or(0),
             shutdown_timeout: raw
                 .shutdown_timeout
@@ -1251,6 +1286,17 @@ fn valid_service_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Instance names go into a Docker label and the docs' `docker ps
+/// --filter` examples: keep them plain. No `/`, so a name never equals a
+/// derived (path) identity.
+fn valid_instance_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// Hosts are exact names, `*.suffix`, or `*`.
 fn check_host_pattern(host: &str) -> Result<(), String> {
     let name = host.strip_prefix("*.").unwrap_or(host);
@@ -1381,6 +1427,8 @@ mod tests {
     fn container_service_settings() {
         let config = parse(
             r#"
+[server]
+state_dir = "/var/lib/cutover"
 [service.web]
 image = "registry.example/team/web"
 port = 8080
@@ -1405,9 +1453,12 @@ health = { path = "/actuator/health", expect_json = { status = "UP" }, healthy_a
         );
         let err = parse("[service.web]\nport = 8080\n").unwrap_err();
         assert!(err.to_string().contains("no `image`"), "{err}");
-        let err = parse("[service.web]\nimage = \"x\"\nport = 1\nhost_ports = [1]\n").unwrap_err();
+        let err = parse(
+            "[server]\nstate_dir = \"s\"\n[service.web]\nimage = \"x\"\nport = 1\nhost_ports = [1]\n",
+        )
+        .unwrap_err();
         assert!(
-            err.to_string().contains("proxy.toml:4:14: host_ports"),
+            err.to_string().contains("proxy.toml:6:14: host_ports"),
             "{err}"
         );
     }
@@ -1452,6 +1503,36 @@ service = "web"
             "{err}"
         );
         assert!(err.problems[4].message.contains("invalid host"), "{err}");
+    }
+
+    /// Without a state file a restart cannot tell which container serves
+    /// (issue 11, item 9): an image service needs `state_dir`, and the
+    /// problem names the service's line.
+    #[test]
+    fn container_service_needs_state_dir() {
+        let text =
+            "[server]\nhttp = \"127.0.0.1:80\"\n\n[service.web]\nimage = \"web\"\nport = 8080\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        let problem = &err.problems[0];
+        assert_eq!(problem.line, 4, "{problem}");
+        assert!(problem.message.contains("state_dir"), "{problem}");
+        assert!(problem.message.contains("\"web\""), "{problem}");
+        let with_state = text.replace("[server]\n", "[server]\nstate_dir = \"/var/lib/cutover\"\n");
+        parse(&with_state).expect("valid with state_dir");
+        // A static service needs no state file.
+        parse("[service.web]\nupstream = \"127.0.0.1:9000\"\n").expect("valid");
+    }
+
+    #[test]
+    fn instance_names_are_plain() {
+        let config = parse("[server]\ninstance = \"prod-1.web\"\n").expect("valid");
+        assert_eq!(config.server.instance.as_deref(), Some("prod-1.web"));
+        for bad in ["\"\"", "\"a/b\"", "\"has space\""] {
+            let err = parse(&format!("[server]\ninstance = {bad}\n")).unwrap_err();
+            assert_eq!(err.problems[0].line, 2, "{err}");
+            assert!(err.to_string().contains("invalid instance"), "{err}");
+        }
     }
 
     #[test]

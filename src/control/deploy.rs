@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::health;
+use super::identity::{self, Named};
 use super::state::{now_unix, ContainerState, DeployRecord, PreviousState};
 use super::{check_health, drain, next_color, ControlError, Controller, Progress};
 use crate::config::{ContainerSettings, Service};
@@ -106,7 +107,14 @@ impl Controller {
             .await?;
 
         let deploy_id = new_deploy_id();
-        let spec = container_spec(service, color, &image, &deploy_id, &container)?;
+        let spec = container_spec(
+            service,
+            color,
+            &image,
+            &deploy_id,
+            &self.instance,
+            &container,
+        )?;
         // Recorded before the create: a crash from here on may leave a
         // container the engine finishes creating after the restart's
         // reconciliation looked (see `State::starting`).
@@ -135,7 +143,10 @@ impl Controller {
             let cleanup = self
                 .remove_new_container(service, &engine, &started.id, progress)
                 .await;
-            self.forget_starting(service).await;
+            if cleanup.is_ok() {
+                self.forget_starting(service).await;
+            }
+            let cleanup = cleanup.unwrap_or_else(|left| left);
             return Err(ControlError::Failed(format!(
                 "container {} published no port for {}/tcp; {cleanup}",
                 short(&started.id),
@@ -338,13 +349,20 @@ impl Controller {
         let cleanup = self
             .remove_new_container(service, engine, &started.id, progress)
             .await;
+        // A container that could not be removed stays named as `starting`:
+        // it never passed this deploy, so reconciliation removes it and
+        // never adopts it.
+        let removed = cleanup.is_ok();
+        let cleanup = cleanup.unwrap_or_else(|left| left);
         let old = match current {
             Some(old) => format!("{} ({}) keeps serving, untouched", old.label, old.addr),
             None => "no colour was serving before".to_string(),
         };
         self.update_record(service, |record| {
             record.last_deploy = Some(deploy_record(image, false, &reason));
-            record.starting = None;
+            if removed {
+                record.starting = None;
+            }
         });
         if let Err(err) = self.save_state().await {
             tracing::error!(service, error = %err, "could not record the failed deploy");
@@ -358,35 +376,36 @@ impl Controller {
     }
 
     /// Removes the container a failed deploy started and says what became
-    /// of it. If the engine is gone, a background sweep removes it as soon
-    /// as the engine answers again.
+    /// of it: Ok when it is gone, Err when it is left behind. If the engine
+    /// is gone, a background sweep removes it as soon as the engine answers
+    /// again.
     async fn remove_new_container(
         self: &Arc<Self>,
         service: &str,
         engine: &Engine,
         id: &str,
         progress: &Progress,
-    ) -> String {
+    ) -> Result<String, String> {
         match engine.remove_force(id).await {
             Ok(()) => {
                 let done = format!("the new container {} was removed", short(id));
                 progress.emit("removed", done.clone());
-                done
+                Ok(done)
             }
             Err(err) if err.is_unreachable() => {
                 tracing::error!(container = %id, error = %err, "could not remove the new container");
                 self.sweep_when_engine_returns(service);
-                format!(
+                Err(format!(
                     "the new container {} could not be removed ({err}); cutover removes it as soon as the engine answers again",
                     short(id)
-                )
+                ))
             }
             Err(err) => {
                 tracing::error!(container = %id, error = %err, "could not remove the new container");
-                format!(
+                Err(format!(
                     "the new container {} could not be removed ({err}); the next deploy or restart removes it",
                     short(id)
-                )
+                ))
             }
         }
     }
@@ -452,9 +471,7 @@ impl Controller {
         let active_id = self
             .active(service)
             .and_then(|u| u.container.as_ref().map(|c| c.id.clone()));
-        let occupants = engine
-            .list_managed(Some(service), &|_| Some(container.port))
-            .await?;
+        let occupants = self.own_containers(engine, service, container.port).await?;
         for occupant in occupants {
             if Some(&occupant.id) == active_id.as_ref() || occupant.color.as_deref() != Some(color)
             {
@@ -773,9 +790,7 @@ impl Controller {
         settings: &Service,
     ) -> Result<(), ControlError> {
         let container = container_settings(service, settings)?;
-        let containers = engine
-            .list_managed(Some(service), &|_| Some(container.port))
-            .await?;
+        let own = self.own_containers(engine, service, container.port).await?;
         let active = self.active(service);
         let active_id = active
             .as_ref()
@@ -787,9 +802,9 @@ impl Controller {
             .and_then(|p| p.container.as_ref().map(|c| c.id.clone()));
         let starting = record.starting.clone();
         let mut starting_seen = false;
-        let (mut active_info, mut previous_info) = (None, None);
-        for info in containers {
-            starting_seen |= starting.as_deref() == Some(info.name.trim_start_matches('/'));
+        let (mut active_info, mut previous_info, mut others) = (None, None, Vec::new());
+        for info in own {
+            starting_seen |= starting.as_deref() == Some(info.name.as_str());
             let info = if Some(&info.id) == active_id.as_ref() && !info.running {
                 self.restart_stopped_active(engine, service, info, container.port, settings)
                     .await
@@ -801,78 +816,227 @@ impl Controller {
             } else if Some(&info.id) == previous_id.as_ref() && info.running {
                 previous_info = Some(info);
             } else {
-                tracing::warn!(service, container = %info.name, deploy = ?info.deploy_id, "removing orphan container (unfinished deploy or stopped colour)");
-                engine.remove_force(&info.id).await?;
+                others.push(info);
             }
         }
 
-        match starting {
+        match &starting {
             Some(name) if !starting_seen => {
-                self.remove_late_container(service, name, container.port)
+                self.remove_late_container(service, name.clone(), container.port)
             }
             Some(_) => self.forget_starting(service).await,
             None => {}
         }
 
-        let active_ok = match (&active, &active_info) {
-            (Some(active), Some(info)) => {
-                let addr = info.host_addr.unwrap_or(active.addr);
-                if probe_a_few(addr, settings).await {
-                    if addr != active.addr {
-                        self.reactivate_at(service, active, addr).await?;
-                    }
-                    true
-                } else {
-                    tracing::error!(service, container = %info.name, "active container is not healthy");
-                    false
-                }
-            }
-            // A static upstream (no container) stays as the state file says.
-            (Some(active), None) if active.container.is_none() => true,
-            _ => false,
-        };
-        if active_ok {
-            match (record.previous, previous_info) {
-                (Some(previous), Some(_)) => {
-                    if let Some(c) = &previous.container {
-                        self.schedule_retirement(
-                            service.to_string(),
-                            c.id.clone(),
-                            previous.retire_at,
-                        );
-                    }
-                }
-                (Some(_), None) => self.update_record(service, |r| r.previous = None),
-                _ => {}
-            }
-            return Ok(());
-        }
-        // The active colour is gone or unhealthy: the warm previous colour,
-        // if healthy, takes over; otherwise nothing is served.
-        if previous_info.is_none() {
-            // Removed above, or gone already: no rollback target to name.
-            self.update_record(service, |r| r.previous = None);
-        }
-        if let (Some(previous), Some(info)) = (record.previous, previous_info) {
-            let addr = info.host_addr.unwrap_or(previous.addr);
-            if let (true, Some(state)) = (probe_a_few(addr, settings).await, previous.container) {
-                let limits = self.current_config().server.limits.clone();
-                let upstream =
-                    Upstream::for_container(addr, previous.color.clone(), state, &limits);
-                self.update_record(service, |r| r.previous = None);
-                self.activate(service, upstream).await?;
-                tracing::warn!(service, color = %previous.color, "active colour was gone or unhealthy: serving the previous colour");
-                return Ok(());
+        let active_serves = self
+            .recorded_active_serves(service, settings, active.as_deref(), active_info.as_ref())
+            .await?;
+        if active_serves {
+            self.keep_recorded_previous(service, record.previous, previous_info.is_some());
+        } else if !self
+            .previous_takes_over(service, settings, record.previous, previous_info)
+            .await?
+        {
+            if active.is_none() {
+                // The state file names no active colour (first start, or
+                // the file was lost): a container of this instance that
+                // serves is adopted rather than removed.
+                others = self
+                    .adopt(service, settings, &container, others, starting.as_deref())
+                    .await?;
+            } else {
+                self.deactivate(service).await?;
+                tracing::error!(
+                    service,
+                    "no healthy container: the service answers 503 until the next deploy"
+                );
             }
         }
-        if active.is_some() {
-            self.deactivate(service).await?;
-            tracing::error!(
-                service,
-                "no healthy container: the service answers 503 until the next deploy"
-            );
+        for info in others {
+            tracing::warn!(service, container = %info.name, deploy = ?info.deploy_id, "removing orphan container (unfinished deploy or stopped colour)");
+            engine.remove_force(&info.id).await?;
         }
         Ok(())
+    }
+
+    /// This instance's containers of `service` (see [`identity`]). The
+    /// others are logged and left alone.
+    async fn own_containers(
+        &self,
+        engine: &Engine,
+        service: &str,
+        port: u16,
+    ) -> Result<Vec<ContainerInfo>, ControlError> {
+        let listed = engine.list_managed(Some(service), &|_| Some(port)).await?;
+        let active = self.active(service);
+        let record = self.record(service);
+        let ids = [
+            active.as_ref().and_then(|u| u.container.as_ref()),
+            record.previous.as_ref().and_then(|p| p.container.as_ref()),
+        ];
+        let named = Named {
+            ids: ids.iter().flatten().map(|c| c.id.as_str()).collect(),
+            starting: record.starting.as_deref(),
+        };
+        let (own, foreign) = identity::split_own(listed, &self.instance, &named);
+        for info in foreign {
+            tracing::debug!(service, container = %info.name, instance = ?info.instance, "not this instance's container: left alone");
+        }
+        Ok(own)
+    }
+
+    /// Whether the active colour the state file names still serves: its
+    /// container runs and answers its health check (re-pointed if its
+    /// published port changed), or it is a static upstream.
+    async fn recorded_active_serves(
+        &self,
+        service: &str,
+        settings: &Service,
+        active: Option<&Upstream>,
+        info: Option<&ContainerInfo>,
+    ) -> Result<bool, ControlError> {
+        match (active, info) {
+            (Some(active), Some(info)) => {
+                let addr = info.host_addr.unwrap_or(active.addr);
+                if !probe_a_few(addr, settings).await {
+                    tracing::error!(service, container = %info.name, "active container is not healthy");
+                    return Ok(false);
+                }
+                if addr != active.addr {
+                    self.reactivate_at(service, active, addr).await?;
+                }
+                Ok(true)
+            }
+            // A static upstream (no container) stays as the state file says.
+            (Some(active), None) => Ok(active.container.is_none()),
+            (None, _) => Ok(false),
+        }
+    }
+
+    /// The active colour serves: the recorded previous colour stays warm
+    /// until its retirement time if it still runs, else it is forgotten.
+    fn keep_recorded_previous(
+        self: &Arc<Self>,
+        service: &str,
+        previous: Option<PreviousState>,
+        running: bool,
+    ) {
+        match previous {
+            Some(previous) if running => {
+                if let Some(c) = &previous.container {
+                    self.schedule_retirement(service.to_string(), c.id.clone(), previous.retire_at);
+                }
+            }
+            Some(_) => self.update_record(service, |r| r.previous = None),
+            None => {}
+        }
+    }
+
+    /// The active colour is gone or unhealthy: the warm previous colour, if
+    /// it runs and is healthy, takes over. Returns whether it did.
+    async fn previous_takes_over(
+        &self,
+        service: &str,
+        settings: &Service,
+        previous: Option<PreviousState>,
+        info: Option<ContainerInfo>,
+    ) -> Result<bool, ControlError> {
+        let (Some(previous), Some(info)) = (previous, info) else {
+            // Removed, or gone already: no rollback target to name.
+            self.update_record(service, |r| r.previous = None);
+            return Ok(false);
+        };
+        let addr = info.host_addr.unwrap_or(previous.addr);
+        let (true, Some(state)) = (probe_a_few(addr, settings).await, previous.container) else {
+            return Ok(false);
+        };
+        let limits = self.current_config().server.limits.clone();
+        let upstream = Upstream::for_container(addr, previous.color.clone(), state, &limits);
+        self.update_record(service, |r| r.previous = None);
+        self.activate(service, upstream).await?;
+        tracing::warn!(service, color = %previous.color, "active colour was gone or unhealthy: serving the previous colour");
+        Ok(true)
+    }
+
+    /// The state file names no active colour, yet containers of this
+    /// instance may run: the state file was lost or deleted, or a restart
+    /// followed a deploy whose state write never happened. The newest
+    /// running container that passes its health check becomes active, and
+    /// the newest healthy one of the other colour the warm previous colour
+    /// (retired after `keep_previous`). The container an interrupted deploy
+    /// was creating (`starting`) never passed its deploy's health check and
+    /// is never adopted. Returns the containers to remove: the stopped ones
+    /// and the interrupted create; running containers that are not healthy
+    /// now are left running (logged), since nothing says they did not serve.
+    async fn adopt(
+        self: &Arc<Self>,
+        service: &str,
+        settings: &Service,
+        container: &ContainerSettings,
+        mut candidates: Vec<ContainerInfo>,
+        starting: Option<&str>,
+    ) -> Result<Vec<ContainerInfo>, ControlError> {
+        // RFC 3339 times from one engine sort as text; newest first.
+        candidates.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        let mut active: Option<(ContainerInfo, std::net::SocketAddr)> = None;
+        let mut previous = None;
+        let mut remove = Vec::new();
+        for info in candidates {
+            if !info.running || starting == Some(info.name.as_str()) {
+                remove.push(info);
+                continue;
+            }
+            let wanted = match &active {
+                None => true,
+                Some((chosen, _)) => previous.is_none() && chosen.color != info.color,
+            };
+            let healthy = match info.host_addr {
+                Some(addr) if wanted => probe_a_few(addr, settings).await.then_some(addr),
+                _ => None,
+            };
+            match healthy {
+                Some(addr) if active.is_none() => active = Some((info, addr)),
+                Some(addr) => previous = Some((info, addr)),
+                None => {
+                    tracing::warn!(service, container = %info.name, "a running container of this instance is not adopted (not healthy now, or a third one) and left running; remove it with `docker rm -f` if it is not needed")
+                }
+            }
+        }
+        let Some((info, addr)) = active else {
+            return Ok(remove);
+        };
+        let limits = self.current_config().server.limits.clone();
+        let color = info.color.clone().unwrap_or_else(|| "blue".into());
+        let upstream = Upstream::for_container(addr, color.clone(), adopted_state(&info), &limits);
+        let warm = previous.map(|(info, addr)| PreviousState {
+            color: info.color.clone().unwrap_or_else(|| "green".into()),
+            addr,
+            container: Some(adopted_state(&info)),
+            retire_at: retire_time(container.keep_previous),
+        });
+        let mut history = vec![info.image.clone()];
+        history.extend(
+            warm.iter()
+                .filter_map(|p| Some(p.container.as_ref()?.image.clone())),
+        );
+        history.dedup();
+        let before = self.record(service);
+        self.update_record(service, |record| {
+            record.history = history;
+            record.previous = warm.clone();
+        });
+        if let Err(err) = self.activate(service, upstream).await {
+            self.update_record(service, |record| *record = before);
+            return Err(err);
+        }
+        tracing::warn!(service, container = %info.name, color, image = %info.image, "the state file names no active container: adopted a running, healthy container of this instance");
+        if let Some(warm) = warm {
+            if let Some(c) = &warm.container {
+                tracing::warn!(service, container = %c.id, color = %warm.color, "adopted as the warm previous colour");
+                self.schedule_retirement(service.to_string(), c.id.clone(), warm.retire_at);
+            }
+        }
+        Ok(remove)
     }
 
     /// The active container stopped without cutover stopping it: an engine
@@ -1000,6 +1164,7 @@ fn container_spec(
     color: &str,
     image: &str,
     deploy_id: &str,
+    instance: &str,
     settings: &ContainerSettings,
 ) -> Result<ContainerSpec, ControlError> {
     let mut env = Vec::new();
@@ -1018,6 +1183,7 @@ fn container_spec(
         service: service.to_string(),
         color: color.to_string(),
         deploy_id: deploy_id.to_string(),
+        instance: instance.to_string(),
         container_port: settings.port,
         host_port,
         env,
@@ -1066,6 +1232,15 @@ async fn warm_container(
         .await
         .ok()
         .filter(|info| info.running)
+}
+
+/// What the state file records about an adopted container.
+fn adopted_state(info: &ContainerInfo) -> ContainerState {
+    ContainerState {
+        id: info.id.clone(),
+        image: info.image.clone(),
+        deploy_id: info.deploy_id.clone().unwrap_or_default(),
+    }
 }
 
 /// One healthy probe out of a few tries, for start-up reconciliation.
@@ -1149,8 +1324,9 @@ mod tests {
             ImageChoice::Tag("abc123".into()).resolve(&settings),
             "registry.example/team/web:abc123"
         );
-        let spec = container_spec("web", "green", "img:1", "d1", &settings).expect("spec");
+        let spec = container_spec("web", "green", "img:1", "d1", "prod", &settings).expect("spec");
         assert_eq!(spec.host_port, Some(8081));
+        assert_eq!(spec.instance, "prod");
         assert_eq!(spec.name, "cutover-web-green-d1");
     }
 }

@@ -22,6 +22,7 @@
 
 mod deploy;
 pub mod health;
+pub mod identity;
 pub mod state;
 pub mod watch;
 
@@ -159,6 +160,9 @@ pub struct Controller {
     engine: tokio::sync::Mutex<Option<Engine>>,
     /// What status says about the engine ("not used", "ok", "unreachable: ...").
     docker_status: Mutex<String>,
+    /// This cutover's identity on the engine (see [`identity`]): the label
+    /// on every container it starts.
+    instance: String,
 }
 
 /// What the controller remembers about a service besides its active
@@ -192,6 +196,7 @@ impl Controller {
         state: Option<StateStore>,
         tls: Option<Arc<SniResolver>>,
         acme: Option<Arc<acme::Manager>>,
+        instance: String,
     ) -> Arc<Controller> {
         Arc::new(Controller {
             shared,
@@ -203,6 +208,7 @@ impl Controller {
             records: Mutex::new(HashMap::new()),
             engine: tokio::sync::Mutex::new(None),
             docker_status: Mutex::new("not used".into()),
+            instance,
         })
     }
 
@@ -762,6 +768,9 @@ fn warn_on_restart_only_changes(old: &Config, new: &Config) {
         || old.server.admin_group != new.server.admin_group;
     if listeners_changed {
         tracing::warn!("listener or admin socket addresses changed; they take effect on restart");
+    }
+    if old.server.state_dir != new.server.state_dir || old.server.instance != new.server.instance {
+        tracing::warn!("state_dir or instance changed; they take effect on restart");
     }
 }
 

@@ -293,6 +293,8 @@ pub struct Ctr {
     /// The `cutover.image` label: the reference the deploy was given.
     pub image: String,
     pub deploy: String,
+    /// The `cutover.instance` label: which cutover started it.
+    pub instance: String,
 }
 
 impl Ctr {
@@ -330,7 +332,8 @@ fn service_filter(service: &str) -> String {
 /// `cutover.service=SERVICE`.
 pub fn containers(service: &str) -> Vec<Ctr> {
     let format = "{{.ID}}\t{{.Names}}\t{{.State}}\t{{.Label \"cutover.color\"}}\t\
-                  {{.Label \"cutover.image\"}}\t{{.Label \"cutover.deploy\"}}";
+                  {{.Label \"cutover.image\"}}\t{{.Label \"cutover.deploy\"}}\t\
+                  {{.Label \"cutover.instance\"}}";
     docker(&[
         "ps",
         "-a",
@@ -354,6 +357,7 @@ pub fn containers(service: &str) -> Vec<Ctr> {
             color: get(3),
             image: get(4),
             deploy: get(5),
+            instance: get(6),
         }
     })
     .collect()
@@ -369,7 +373,7 @@ pub fn ps_table(service: &str) -> String {
         "--filter",
         &service_filter(service),
         "--format",
-        "table {{.ID}}\t{{.Names}}\t{{.Status}}\t{{.Ports}}\t{{.Label \"cutover.color\"}}\t{{.Label \"cutover.image\"}}",
+        "table {{.ID}}\t{{.Names}}\t{{.Status}}\t{{.Ports}}\t{{.Label \"cutover.color\"}}\t{{.Label \"cutover.image\"}}\t{{.Label \"cutover.instance\"}}",
     ])
     .unwrap_or_else(|err| err)
 }

@@ -33,6 +33,8 @@ pub struct Opts {
     pub state_dir: Option<std::path::PathBuf>,
     /// Environment of the `cutover serve` process (e.g. `DOCKER_HOST`).
     pub env: Vec<(String, String)>,
+    /// `[server] instance`; derived from the state directory when `None`.
+    pub instance: Option<String>,
 }
 
 impl Default for Opts {
@@ -48,6 +50,7 @@ impl Default for Opts {
             drain_timeout: "2s",
             state_dir: None,
             env: Vec::new(),
+            instance: None,
         }
     }
 }
@@ -57,25 +60,55 @@ impl Default for Opts {
 /// then the temporary directory.
 pub struct Harness {
     pub proxy: Proxy,
-    _cleanup: DockerCleanup,
+    /// `None` for a second cutover [`beside`](Harness::beside) the first:
+    /// the first one's clean-up removes the service's containers and images.
+    _cleanup: Option<DockerCleanup>,
     pub tmp: tempfile::TempDir,
     pub svc: String,
     pub repo: String,
+    /// The `cutover.instance` label of the containers this cutover starts:
+    /// the configured name, or the canonical path of its state directory.
+    pub instance: String,
     pub started: Instant,
 }
 
 impl Harness {
     pub async fn start(test: &str, opts: Opts) -> Harness {
-        let started = Instant::now();
         let pid = std::process::id();
         let svc = format!("dt-{test}-{pid}");
         let repo = format!("cutover-deploytest-{test}-{pid}");
         let cleanup = DockerCleanup::new(&svc, &repo);
+        Harness::launch(svc, repo, Some(cleanup), opts).await
+    }
+
+    /// A second cutover on the same Docker engine with the same service
+    /// name and images, but its own config, state directory, admin socket
+    /// and HTTP port (another instance on one host).
+    pub async fn beside(&self, opts: Opts) -> Harness {
+        Harness::launch(self.svc.clone(), self.repo.clone(), None, opts).await
+    }
+
+    async fn launch(
+        svc: String,
+        repo: String,
+        cleanup: Option<DockerCleanup>,
+        opts: Opts,
+    ) -> Harness {
+        let started = Instant::now();
         let dir = tempfile::tempdir().expect("tempdir");
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let host_ports = opts
             .host_ports
             .map(|[b, g]| format!("host_ports = [{b}, {g}]\n"))
+            .unwrap_or_default();
+        let state_dir = opts
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
+        let instance_line = opts
+            .instance
+            .as_ref()
+            .map(|name| format!("instance = \"{name}\"\n"))
             .unwrap_or_default();
         let config = format!(
             r#"
@@ -83,7 +116,7 @@ impl Harness {
 http = "{http}"
 admin_socket = "{dir}/admin.sock"
 state_dir = "{state_dir}"
-shutdown_timeout = "2s"
+{instance_line}shutdown_timeout = "2s"
 
 [[site]]
 hosts = ["*"]
@@ -107,21 +140,26 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
             interval = opts.interval,
             healthy_after = opts.healthy_after,
             drain_timeout = opts.drain_timeout,
-            state_dir = opts
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| dir.path().join("state"))
-                .display(),
+            state_dir = state_dir.display(),
         );
         // For tests with `env_file = "app.env"`; read at each deploy.
         std::fs::write(dir.path().join("app.env"), "# test env file\n").expect("env file");
         let proxy = Proxy::start_with_env(dir.path(), &config, http, opts.env).await;
+        // The server has created the state directory by now.
+        let instance = match opts.instance {
+            Some(name) => name,
+            None => std::fs::canonicalize(&state_dir)
+                .unwrap_or_else(|e| panic!("state_dir {}: {e}", state_dir.display()))
+                .display()
+                .to_string(),
+        };
         Harness {
             proxy,
             _cleanup: cleanup,
             tmp: dir,
             svc,
             repo,
+            instance,
             started,
         }
     }
@@ -199,8 +237,12 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
         service
     }
 
+    /// This cutover's containers of the service (its instance label).
     pub fn containers(&self) -> Vec<Ctr> {
         containers(&self.svc)
+            .into_iter()
+            .filter(|c| c.instance == self.instance)
+            .collect()
     }
 
     pub fn ps(&self) -> String {
