@@ -239,22 +239,9 @@ async fn never_healthy_image_is_refused_and_removed() {
         "the failed container is removed when the command returns:\n{}",
         h.ps()
     );
-    // The active v2 container is untouched. The warm v1 container held the
-    // colour the new deploy needed, so the deploy retired it first ("retire"
-    // step); a failed deploy therefore costs the instant rollback. Whatever
-    // happened, status must agree with the engine.
-    let active_before = before
-        .iter()
-        .find(|c| c.image == v2)
-        .expect("v2 container before");
-    assert!(
-        listed.contains(active_before),
-        "the active v2 container is untouched:\n{}",
-        h.ps()
-    );
-    if with_image(&listed, &v1).is_empty() {
-        eprintln!("note: the failed deploy retired the warm previous (v1) container");
-    }
+    // The active v2 container and the warm v1 container are untouched
+    // (see failed_deploy_keeps_the_instant_rollback), and status agrees.
+    assert_eq!(listed, before, "{}", h.ps());
     let status = h.consistent().await;
     assert_eq!(status["active"]["image"], v2.as_str(), "{status}");
     h.done();
@@ -892,10 +879,7 @@ fn ids(listed: &[Ctr]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_without_state_adopts_the_serving_container() {
     let mut h = Harness::start("adopt", Opts::default()).await;
-    let v1 = h.image("v1", &[]).await;
-    let v2 = h.image("v2", &[]).await;
-    h.deploy_ok(&v1).await;
-    h.deploy_ok(&v2).await;
+    let (_, v2) = h.v1_then_v2().await;
     let before = h.consistent().await;
     let containers_before = ids(&h.containers());
     assert_eq!(containers_before.len(), 2, "{}", h.ps());
@@ -945,10 +929,7 @@ async fn restart_without_state_adopts_the_serving_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_with_one_service_name_never_touch_each_other() {
     let mut first = Harness::start("twoinst", Opts::default()).await;
-    let v1 = first.image("v1", &[]).await;
-    let v2 = first.image("v2", &[]).await;
-    first.deploy_ok(&v1).await;
-    first.deploy_ok(&v2).await;
+    let (v1, v2) = first.v1_then_v2().await;
     let first_containers = ids(&first.containers());
     assert_eq!(first_containers.len(), 2, "{}", first.ps());
 
@@ -1030,4 +1011,84 @@ async fn image_service_without_state_dir_is_refused() {
             "names the service's line and the missing key: {out}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// A failed deploy keeps the warm previous colour (issue 11, item 10)
+// ---------------------------------------------------------------------------
+
+/// With ephemeral host ports the warm previous colour is kept until the new
+/// container has passed its health check: after a failed deploy, rollback
+/// is still an instant swap (no container started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_deploy_keeps_the_instant_rollback() {
+    let h = Harness::start(
+        "keepwarm",
+        Opts {
+            deadline: "2s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (v1, v2) = h.v1_then_v2().await;
+    let bad = h.image("bad", &[("HEALTH_FAIL", "1")]).await;
+    let warm = h.consistent().await["previous"]["container"].clone();
+    let before = ids(&h.containers());
+
+    let out = h.deploy(&bad).await;
+    assert_ne!(out.code, Some(0), "a never-healthy deploy must fail: {out}");
+    assert_eq!(ids(&h.containers()), before, "{}", h.ps());
+    let status = h.consistent().await;
+    assert_eq!(status["previous"]["container"], warm, "{status}");
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+
+    let out = h.rollback().await;
+    assert!(out.success(), "rollback after a failed deploy: {out}");
+    assert!(
+        out.stdout.contains("\"instant\":true"),
+        "an instant swap: {out}"
+    );
+    assert_eq!(h.version().await, "v1");
+    assert_eq!(
+        ids(&h.containers()),
+        before,
+        "no container was started or removed:\n{}",
+        h.ps()
+    );
+    let status = h.consistent().await;
+    assert_eq!(status["active"]["container"], warm, "{status}");
+
+    // A successful deploy then retires the superseded warm colour (v2 is
+    // warm now; deploying v2's colour again replaces it).
+    h.deploy_ok(&v2).await;
+    let status = h.consistent().await;
+    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert_eq!(h.containers().len(), 2, "{}", h.ps());
+    h.done();
+}
+
+/// With fixed `host_ports` the warm previous colour holds the port the new
+/// container needs: the deploy says it gives it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_host_ports_deploy_says_it_gives_up_the_warm_previous() {
+    let h = Harness::start(
+        "fixedwarm",
+        Opts {
+            host_ports: Some([free_port(), free_port()]),
+            ..Opts::default()
+        },
+    )
+    .await;
+    let (_, v2) = h.v1_then_v2().await;
+    let v3 = h.image("v3", &[]).await;
+    let out = h.deploy_ok(&v3).await;
+    let text = lower(&out);
+    assert!(
+        text.contains("host_ports are fixed") && text.contains("giving up the warm previous"),
+        "the deploy says the warm previous colour is given up: {out}"
+    );
+    assert_eq!(h.version().await, "v3");
+    let status = h.consistent().await;
+    assert_eq!(status["previous"]["image"], v2.as_str(), "{status}");
+    h.done();
 }

@@ -627,10 +627,11 @@ async fn proxy_sigkilled_at_each_deploy_step() {
     let images = [h.image("a", &[]).await, h.image("b", &[]).await];
     let other = |serving: &str| images[usize::from(serving == "a")].clone();
     h.deploy_ok(&images[0]).await;
-    // Every step a deploy reports, in order ("retire": a warm previous
-    // colour is stopped; "drain": requests still running on the old colour).
+    // Every step a deploy reports, in order ("retire": the superseded warm
+    // previous colour is stopped; "drain": requests still running on the
+    // old colour).
     let steps = [
-        "image", "retire", "starting", "started", "health", "switched", "drain", "drained", "warm",
+        "image", "starting", "started", "health", "switched", "retire", "drain", "drained", "warm",
         "done",
     ];
     let mut report = Vec::new();

@@ -221,6 +221,10 @@ impl Controller {
                     .unwrap_or_default()
             ),
         );
+        if let Some(superseded) = previous_record.previous {
+            self.retire_superseded(&engine, &superseded, &container, progress)
+                .await;
+        }
 
         let drain_started = Instant::now();
         let drain_report = match &old {
@@ -458,8 +462,12 @@ impl Controller {
         Ok(())
     }
 
-    /// Makes room for a new container in `color`: the warm previous colour
-    /// lives there, and so may strays of this service in that colour.
+    /// Makes room for a new container in `color`: removes this instance's
+    /// strays there (neither active nor the warm previous colour). With
+    /// ephemeral host ports the warm previous colour stays until the new
+    /// container has passed its health check, so a failed deploy keeps the
+    /// instant rollback; with fixed `host_ports` it holds the port the new
+    /// container needs and is given up now, and the caller is told so.
     async fn clear_color(
         &self,
         service: &str,
@@ -471,25 +479,67 @@ impl Controller {
         let active_id = self
             .active(service)
             .and_then(|u| u.container.as_ref().map(|c| c.id.clone()));
+        let warm_id = self
+            .record(service)
+            .previous
+            .and_then(|p| p.container.map(|c| c.id));
         let occupants = self.own_containers(engine, service, container.port).await?;
         for occupant in occupants {
             if Some(&occupant.id) == active_id.as_ref() || occupant.color.as_deref() != Some(color)
             {
                 continue;
             }
-            progress.emit(
-                "retire",
-                format!(
-                    "stopping previous {color} container {}",
+            let message = match (Some(&occupant.id) == warm_id.as_ref(), container.host_ports) {
+                (true, None) => continue,
+                (true, Some(_)) => format!(
+                    "host_ports are fixed: giving up the warm previous {color} container {} to free its port; \
+                     if this deploy fails, `rollback` redeploys the previous image",
                     short(&occupant.id)
                 ),
-            );
+                (false, _) => format!(
+                    "removing a stray {color} container {}",
+                    short(&occupant.id)
+                ),
+            };
+            progress.emit("retire", message);
             engine
                 .stop_and_remove(&occupant.id, container.stop_timeout)
                 .await?;
         }
-        self.update_record(service, |record| record.previous = None);
+        if container.host_ports.is_some() {
+            self.update_record(service, |record| record.previous = None);
+        }
         Ok(())
+    }
+
+    /// After a switch, the warm previous colour from before the deploy is
+    /// superseded by the colour that just stopped serving: stops and
+    /// removes it. A failure is logged; the container is no longer named
+    /// anywhere, so the next reconciliation removes it.
+    async fn retire_superseded(
+        &self,
+        engine: &Engine,
+        superseded: &PreviousState,
+        container: &ContainerSettings,
+        progress: &Progress,
+    ) {
+        let Some(state) = &superseded.container else {
+            return;
+        };
+        progress.emit(
+            "retire",
+            format!(
+                "stopping the superseded warm {} container {}",
+                superseded.color,
+                short(&state.id)
+            ),
+        );
+        if let Err(err) = engine
+            .stop_and_remove(&state.id, container.stop_timeout)
+            .await
+        {
+            tracing::warn!(container = %state.id, error = %err, "could not retire the superseded warm colour");
+        }
     }
 
     /// Keeps the old colour's container running for `keep_previous`, then

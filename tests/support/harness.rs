@@ -176,6 +176,16 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
         .await
     }
 
+    /// Builds and deploys v1, then v2: v2 serves and v1 is the warm
+    /// previous colour. Returns both image references.
+    pub async fn v1_then_v2(&self) -> (String, String) {
+        let v1 = self.image("v1", &[]).await;
+        let v2 = self.image("v2", &[]).await;
+        self.deploy_ok(&v1).await;
+        self.deploy_ok(&v2).await;
+        (v1, v2)
+    }
+
     pub async fn deploy(&self, image: &str) -> CliOutput {
         let out = self
             .proxy
