@@ -1092,3 +1092,65 @@ async fn fixed_host_ports_deploy_says_it_gives_up_the_warm_previous() {
     assert_eq!(status["previous"]["image"], v2.as_str(), "{status}");
     h.done();
 }
+
+// ---------------------------------------------------------------------------
+// Shutdown waits for an operation whose client went away (issue 11, item 6)
+// ---------------------------------------------------------------------------
+
+/// A deploy whose CLI went away is still the server's to finish: SIGTERM
+/// during its health check cancels it, and the server removes the new
+/// container before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_after_the_client_went_away_removes_the_new_container() {
+    let mut h = Harness::start(
+        "termgone",
+        Opts {
+            deadline: "60s",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let slow = h.image("slow", &[("START_DELAY_MS", "30000")]).await;
+    h.deploy_ok(&v1).await;
+
+    let deploying = h.deploy_in_background(&slow, Duration::from_secs(90));
+    // Its container runs: the deploy is in its health check.
+    let new = h.wait_running(&slow, Duration::from_secs(30)).await;
+    // Dropping the task kills the CLI process (kill_on_drop).
+    deploying.abort();
+    let _ = deploying.await;
+    // The server notices at its next progress line.
+    let start = Instant::now();
+    while !h.proxy.log_text().contains("admin client went away") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the server never noticed the client left:\n{}",
+            h.proxy.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let exit = tokio::task::block_in_place(|| h.proxy.terminate(Duration::from_secs(15)));
+    assert!(exit.is_some(), "cutover serve did not exit on SIGTERM");
+    let left: Vec<Ctr> = h
+        .containers()
+        .into_iter()
+        .filter(|c| c.id == new.id)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the cancelled deploy's container is still there after the server exited: {left:?}\n{}",
+        h.proxy.log_text()
+    );
+    assert!(
+        h.proxy.log_text().contains("the deploy was cancelled"),
+        "{}",
+        h.proxy.log_text()
+    );
+
+    h.proxy.spawn().await;
+    assert_eq!(h.version().await, "v1");
+    h.consistent().await;
+    h.done();
+}

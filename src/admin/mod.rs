@@ -11,8 +11,10 @@
 //!
 //! `v` is the protocol version; a request from a newer client is refused
 //! with an error rather than misread. A malformed line gets an `error` reply
-//! and the connection keeps serving. Operations run in their own task, so a
-//! client that disconnects mid-switch does not abort the switch.
+//! and the connection keeps serving. Operations run in their own task on
+//! the server's task tracker, so a client that disconnects mid-switch does
+//! not abort the switch, and a shutdown cancels the operation (through a
+//! child of the shutdown token) and waits for its clean-up.
 
 mod client;
 pub mod group;
@@ -206,8 +208,10 @@ pub async fn serve(
         match accepted {
             Ok((stream, _)) => {
                 let controller = Arc::clone(&controller);
-                let shutdown = shutdown.clone();
-                tasks.spawn(async move { connection(stream, controller, shutdown).await });
+                let (shutdown, operations) = (shutdown.clone(), tasks.clone());
+                tasks.spawn(
+                    async move { connection(stream, controller, shutdown, operations).await },
+                );
             }
             Err(err) => {
                 tracing::warn!(error = %err, "admin accept failed");
@@ -219,7 +223,13 @@ pub async fn serve(
 }
 
 /// Answers requests on one connection, one at a time, until it closes.
-async fn connection(stream: UnixStream, controller: Arc<Controller>, shutdown: CancellationToken) {
+/// Operations run on `tasks` with a child of `shutdown`.
+async fn connection(
+    stream: UnixStream,
+    controller: Arc<Controller>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let (read, mut out) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -234,7 +244,13 @@ async fn connection(stream: UnixStream, controller: Arc<Controller>, shutdown: C
             Ok(Line::Text(line)) => decode_request(&line),
         };
         let sent = match command {
-            Ok(command) => execute(command, &controller, &mut out).await,
+            Ok(command) => {
+                let operation = Operation {
+                    controller: Arc::clone(&controller),
+                    cancel: shutdown.child_token(),
+                };
+                execute(command, operation, &tasks, &mut out).await
+            }
             Err(error) => send(&mut out, &Reply::Error { error }).await,
         };
         if sent.is_err() {
@@ -299,27 +315,36 @@ async fn send(out: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
     out.write_all(line.as_bytes()).await
 }
 
-/// Runs one command in its own task, streaming its progress as it comes.
+/// What an admin command runs with: the controller, and the token that
+/// cancels it (a child of the server's shutdown token).
+struct Operation {
+    controller: Arc<Controller>,
+    cancel: CancellationToken,
+}
+
+/// Runs one command in its own task on `tasks`, streaming its progress as
+/// it comes. If the client goes away, the command runs on (a half-done
+/// deploy must finish or clean up), and shutdown still waits for it.
 async fn execute(
     command: Command,
-    controller: &Arc<Controller>,
+    operation: Operation,
+    tasks: &TaskTracker,
     out: &mut OwnedWriteHalf,
 ) -> std::io::Result<()> {
     let (events, mut receiver) = tokio::sync::mpsc::unbounded_channel();
-    let controller = Arc::clone(controller);
-    let task = tokio::spawn(async move {
+    let task = tasks.spawn(async move {
         let progress = Progress::new(events);
-        run_command(command, &controller, &progress).await
+        run_command(command, &operation, &progress).await
     });
     while let Some(event) = receiver.recv().await {
-        send(
-            out,
-            &Reply::Progress {
-                step: event.step,
-                message: event.message,
-            },
-        )
-        .await?;
+        let progress = Reply::Progress {
+            step: event.step,
+            message: event.message,
+        };
+        if let Err(err) = send(out, &progress).await {
+            tracing::info!(error = %err, "admin client went away; the operation continues, and shutdown waits for it");
+            return Err(err);
+        }
     }
     let reply = match task.await {
         Ok(Ok(result)) => Reply::Ok { result },
@@ -333,9 +358,10 @@ async fn execute(
 
 async fn run_command(
     command: Command,
-    controller: &Arc<Controller>,
+    operation: &Operation,
     progress: &Progress,
 ) -> Result<Value, String> {
+    let (controller, cancel) = (&operation.controller, &operation.cancel);
     let result = match command {
         Command::Status { service } => controller.status(service.as_deref()).await,
         Command::Switch { service, to, force } => {
@@ -360,7 +386,13 @@ async fn run_command(
                 _ => return Err("deploy needs exactly one of \"image\" or \"tag\"".into()),
             };
             controller
-                .deploy(&service, choice, docker_config.map(PathBuf::from), progress)
+                .deploy(
+                    &service,
+                    choice,
+                    docker_config.map(PathBuf::from),
+                    progress,
+                    cancel,
+                )
                 .await
         }
         Command::Rollback {
@@ -368,7 +400,7 @@ async fn run_command(
             docker_config,
         } => {
             controller
-                .rollback(&service, docker_config.map(PathBuf::from), progress)
+                .rollback(&service, docker_config.map(PathBuf::from), progress, cancel)
                 .await
         }
     };

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::health;
 use super::identity::{self, Named};
@@ -57,16 +58,19 @@ impl ImageChoice {
 
 impl Controller {
     /// Deploys `choice` to `service`; Ok only when traffic switched to it.
+    /// `cancel` (the server's shutdown, through the caller's token) stops a
+    /// deploy in its health check and removes its new container.
     pub async fn deploy(
         self: &Arc<Self>,
         service: &str,
         choice: ImageChoice,
         docker_config: Option<PathBuf>,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Value, ControlError> {
         let _busy = self.claim(service)?;
         let result = self
-            .deploy_claimed(service, choice, docker_config, progress)
+            .deploy_claimed(service, choice, docker_config, progress, cancel)
             .await;
         self.note_engine_outcome(&result);
         result
@@ -91,6 +95,7 @@ impl Controller {
         choice: ImageChoice,
         docker_config: Option<PathBuf>,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Value, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
@@ -159,7 +164,7 @@ impl Controller {
         );
 
         if let Err(reason) = self
-            .await_healthy(&engine, &started, addr, &settings, progress)
+            .await_healthy(&engine, &started, addr, &settings, progress, cancel)
             .await
         {
             return Err(self
@@ -296,9 +301,9 @@ impl Controller {
         addr: std::net::SocketAddr,
         settings: &Service,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<(), String> {
         let port = settings.container.as_ref().map_or(0, |c| c.port);
-        let shutdown = self.shutdown_token();
         let exited = async {
             loop {
                 tokio::time::sleep(EXIT_POLL).await;
@@ -324,7 +329,7 @@ impl Controller {
             biased;
             // A graceful shutdown cancels the deploy, so the half-started
             // container is removed now instead of at the next start.
-            _ = shutdown.cancelled() => Err("cutover is shutting down; the deploy was cancelled".to_string()),
+            _ = cancel.cancelled() => Err("cutover is shutting down; the deploy was cancelled".to_string()),
             healthy = check_health(addr, settings, progress) => healthy.map_err(|err| err.to_string()),
             reason = exited => Err(reason),
         }
@@ -661,10 +666,11 @@ impl Controller {
         service: &str,
         docker_config: Option<PathBuf>,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Value, ControlError> {
         let _busy = self.claim(service)?;
         let result = self
-            .rollback_claimed(service, docker_config, progress)
+            .rollback_claimed(service, docker_config, progress, cancel)
             .await;
         self.note_engine_outcome(&result);
         result
@@ -676,6 +682,7 @@ impl Controller {
         service: &str,
         docker_config: Option<PathBuf>,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Value, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
@@ -715,8 +722,14 @@ impl Controller {
                 ))
             })?;
         progress.emit("rollback", format!("redeploying previous image {target}"));
-        self.deploy_claimed(service, ImageChoice::Image(target), docker_config, progress)
-            .await
+        self.deploy_claimed(
+            service,
+            ImageChoice::Image(target),
+            docker_config,
+            progress,
+            cancel,
+        )
+        .await
     }
 
     /// The instant rollback: the previous container is still running.
