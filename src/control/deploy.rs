@@ -100,7 +100,7 @@ impl Controller {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let image = choice.resolve(&container);
-        self.check_state_writable()?;
+        self.check_state_writable().await?;
         let engine = self.engine().await?;
         let began = Instant::now();
 

@@ -293,16 +293,16 @@ impl Controller {
                 ..slot
             },
         );
-        self.persist(&next)?;
+        self.persist(&next).await?;
         self.shared.snapshot.store(Arc::new(next));
         Ok(())
     }
 
     /// Refuses early when the state directory cannot take a write (read-only,
     /// full): a deploy must not start or stop containers it cannot record.
-    pub(crate) fn check_state_writable(&self) -> Result<(), ControlError> {
+    pub(crate) async fn check_state_writable(&self) -> Result<(), ControlError> {
         match &self.state {
-            Some(store) => Ok(store.check_writable()?),
+            Some(store) => Ok(store.probe().await?),
             None => Ok(()),
         }
     }
@@ -310,7 +310,7 @@ impl Controller {
     /// Writes the current snapshot and records to the state file.
     pub(crate) async fn save_state(&self) -> Result<(), StateError> {
         let _writer = self.writer.lock().await;
-        self.persist(&self.shared.snapshot.load())
+        self.persist(&self.shared.snapshot.load_full()).await
     }
 
     /// Applies the state file at start-up: each service it names resumes
@@ -454,7 +454,7 @@ impl Controller {
             },
         );
         let persist_started = Instant::now();
-        self.persist(&next)?;
+        self.persist(&next).await?;
         let persist = persist_started.elapsed();
         let next = Arc::new(next);
         let swap_started = Instant::now();
@@ -463,11 +463,13 @@ impl Controller {
         Ok(Activation { old, persist, swap })
     }
 
-    fn persist(&self, snapshot: &Snapshot) -> Result<(), StateError> {
+    /// Writes what `snapshot` and the records say to the state file, off
+    /// the runtime; done before the snapshot is stored, so a failed write
+    /// leaves routing unchanged. Callers hold the writer lock.
+    async fn persist(&self, snapshot: &Snapshot) -> Result<(), StateError> {
         let Some(store) = &self.state else {
             return Ok(());
         };
-        let previous = store.load().unwrap_or_default();
         let mut state = State::default();
         if let Ok(records) = self.records.lock() {
             state.starting = records
@@ -479,18 +481,14 @@ impl Controller {
             let Some(active) = slot.active.as_ref().filter(|_| slot.pinned) else {
                 continue;
             };
-            let since = previous
-                .services
-                .get(name)
-                .filter(|old| old.addr == active.addr && old.color == active.label)
-                .map_or_else(now_unix, |old| old.since);
             let record = self.record(name);
             state.services.insert(
                 name.clone(),
                 ServiceState {
                     color: active.label.clone(),
                     addr: active.addr,
-                    since,
+                    // The store keeps the file's value if nothing changed.
+                    since: now_unix(),
                     container: active.container.clone(),
                     previous: record.previous,
                     history: record.history,
@@ -498,7 +496,7 @@ impl Controller {
                 },
             );
         }
-        store.save(&state)
+        store.write(state).await
     }
 
     /// The latest snapshot and a copy of the service's slot in it. Callers
@@ -576,7 +574,7 @@ impl Controller {
         let _writer = self.writer.lock().await;
         let latest = self.shared.snapshot.load_full();
         let next = Snapshot::build(Arc::new(config), Some(&latest));
-        self.persist(&next)?;
+        self.persist(&next).await?;
         self.shared.snapshot.store(Arc::new(next));
         if let (Some(resolver), Some(certs)) = (&self.tls, certs) {
             resolver.replace(certs);
@@ -642,7 +640,20 @@ impl Controller {
     /// Per-service facts for `cutover status`, with one live health probe
     /// of each active upstream (so "health" is now, not remembered).
     pub async fn status(&self, only: Option<&str>) -> Result<Value, ControlError> {
-        let mut report = self.status_facts(only)?;
+        let saved = match &self.state {
+            Some(store) => store.read().await.ok(),
+            None => None,
+        };
+        let since = saved
+            .map(|state| {
+                state
+                    .services
+                    .into_iter()
+                    .map(|(name, s)| (name, s.since))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut report = self.status_facts(only, &since)?;
         let snapshot = self.shared.snapshot.load_full();
         let probes = snapshot
             .config
@@ -668,7 +679,13 @@ impl Controller {
         Ok(report)
     }
 
-    fn status_facts(&self, only: Option<&str>) -> Result<Value, ControlError> {
+    /// `since`: per service, when its active upstream became active (from
+    /// the state file).
+    fn status_facts(
+        &self,
+        only: Option<&str>,
+        since: &HashMap<String, u64>,
+    ) -> Result<Value, ControlError> {
         let snapshot = self.shared.snapshot.load_full();
         if let Some(name) = only {
             if snapshot.service(name).is_none() {
@@ -676,18 +693,6 @@ impl Controller {
             }
         }
         let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
-        let since: HashMap<String, u64> = self
-            .state
-            .as_ref()
-            .and_then(|store| store.load().ok())
-            .map(|state| {
-                state
-                    .services
-                    .into_iter()
-                    .map(|(name, s)| (name, s.since))
-                    .collect()
-            })
-            .unwrap_or_default();
         let mut services = serde_json::Map::new();
         for name in snapshot.config.services.keys() {
             if only.is_some_and(|only| only != name) {
@@ -884,4 +889,73 @@ pub async fn drain(old: &Arc<Upstream>, settings: &Service, progress: &Progress)
         "still_in_flight": left,
         "websockets_at_switch": tunnels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arc_swap::ArcSwap;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// A state write (temp file, fsync, rename, fsync) must not hold the
+    /// runtime: with `workers = 1` every connection would wait for it. The
+    /// write is held up here as a slow disk would hold it (another thread
+    /// owns the store's write lock, and lets go only once a task on the
+    /// runtime has run); the swap must still wait for the write.
+    #[test]
+    fn state_write_does_not_stall_the_runtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = "[service.web]\nupstream = \"127.0.0.1:9000\"\n";
+        let config = Arc::new(Config::parse(text, "proxy.toml", dir.path()).expect("config"));
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
+            https_port: None,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            acme: crate::tls::acme::AcmeCerts::new(),
+        });
+        let store = StateStore::new(dir.path());
+        let write_lock = store.write_lock();
+        let controller = Controller::new(shared, Some(store.clone()), None, None, String::new());
+
+        let (held, is_held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let disk = std::thread::spawn(move || {
+            let _slow_disk = write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = held.send(());
+            // The bound only matters when the runtime is stuck.
+            released.recv_timeout(Duration::from_secs(10)).is_ok()
+        });
+        is_held.recv().expect("lock held");
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let green: SocketAddr = "127.0.0.1:9001".parse().expect("addr");
+        let upstream = Upstream::new(green, "green", &config.server.limits);
+        let (activation, during_write) = runtime.block_on(async {
+            let another_task = async {
+                tokio::task::yield_now().await;
+                let active = controller.active("web").map(|u| u.addr);
+                let _ = release.send(());
+                active
+            };
+            tokio::join!(controller.activate("web", upstream), another_task)
+        });
+        assert!(
+            disk.join().expect("disk thread"),
+            "no other task ran while the state file was being written"
+        );
+        activation.expect("activate");
+        assert_eq!(
+            during_write,
+            Some("127.0.0.1:9000".parse().expect("addr")),
+            "the swap waits for the write"
+        );
+        assert_eq!(controller.active("web").map(|u| u.addr), Some(green));
+        let saved = store.load().expect("state file");
+        assert_eq!(saved.services["web"].addr, green);
+    }
 }

@@ -3,12 +3,15 @@
 //!
 //! Written atomically (temp file, fsync, rename, fsync of the directory):
 //! after a crash the file is either the old version or the new one, never a
-//! torn mix.
+//! torn mix. The controller writes it off the async runtime
+//! ([`StateStore::write`]): an fsync takes milliseconds, and with
+//! `workers = 1` every connection would wait for it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -98,11 +101,18 @@ pub enum StateError {
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
+    /// Held for each write. A write runs on a blocking thread and goes on
+    /// even if the task that asked for it is dropped, so the async writer
+    /// lock alone could let two writes share the temp file.
+    writing: Arc<Mutex<()>>,
 }
 
 impl StateStore {
     pub fn new(dir: impl Into<PathBuf>) -> StateStore {
-        StateStore { dir: dir.into() }
+        StateStore {
+            dir: dir.into(),
+            writing: Arc::default(),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -136,8 +146,67 @@ impl StateStore {
         Ok(state)
     }
 
-    /// Replaces the state file atomically.
+    /// Replaces the state file atomically, on a blocking thread; returns
+    /// once the new file is durable. A service whose colour and address
+    /// are unchanged keeps the `since` the file has.
+    pub async fn write(&self, state: State) -> Result<(), StateError> {
+        self.off_runtime(move |store| store.save_keeping_since(state))
+            .await
+    }
+
+    /// [`check_writable`](Self::check_writable), on a blocking thread.
+    pub async fn probe(&self) -> Result<(), StateError> {
+        self.off_runtime(StateStore::check_writable).await
+    }
+
+    /// [`load`](Self::load), on a blocking thread.
+    pub async fn read(&self) -> Result<State, StateError> {
+        self.off_runtime(StateStore::load).await
+    }
+
+    /// Runs blocking file work on tokio's blocking pool.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&StateStore) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|err| StateError::Io {
+                path: self.path(),
+                source: std::io::Error::other(format!("state writer thread: {err}")),
+            })?
+    }
+
+    fn save_keeping_since(&self, mut state: State) -> Result<(), StateError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.load().unwrap_or_default();
+        for (name, service) in &mut state.services {
+            if let Some(old) = previous
+                .services
+                .get(name)
+                .filter(|old| old.addr == service.addr && old.color == service.color)
+            {
+                service.since = old.since;
+            }
+        }
+        self.replace(&state)
+    }
+
+    /// Replaces the state file atomically (blocking).
     pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.replace(state)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn write_lock(&self) -> Arc<Mutex<()>> {
+        Arc::clone(&self.writing)
+    }
+
+    /// Temp file, fsync, rename, fsync of the directory; the caller holds
+    /// `writing`.
+    fn replace(&self, state: &State) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path(),
             source,
