@@ -66,10 +66,11 @@ enum Command {
     },
     /// Start IMAGE as the other colour, health-check, switch, drain; exit 0
     /// only when traffic switched.
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["image", "tag"]))]
     Deploy {
         service: String,
         /// The image to deploy, REPO:TAG.
-        #[arg(long, conflicts_with = "tag", required_unless_present = "tag")]
+        #[arg(long, conflicts_with = "tag")]
         image: Option<String>,
         /// A tag of the service's configured `image`.
         #[arg(long)]
@@ -279,20 +280,7 @@ fn print_status(result: &Value) {
         if active.is_null() {
             println!("  active:    none (requests get 503)");
         } else {
-            println!(
-                "  active:    {} {}  {}  active {}s  image {}  container {}  in-flight {}  websockets {}",
-                text(active, "color"),
-                text(active, "upstream"),
-                text(active, "health"),
-                text(active, "active_for_s"),
-                text(active, "image"),
-                text(active, "container")
-                    .chars()
-                    .take(12)
-                    .collect::<String>(),
-                text(active, "in_flight"),
-                text(active, "websockets"),
-            );
+            println!("  active:    {}", active_line(active));
         }
         let previous = &service["previous"];
         if !previous.is_null() {
@@ -368,6 +356,30 @@ fn print_certificates(result: &Value) {
             );
         }
     }
+}
+
+/// The active upstream in one line, with only the facts it has: a plain
+/// upstream has no image or container, and one the config chose (no switch
+/// or deploy yet) has no "active since".
+fn active_line(active: &Value) -> String {
+    let field = |key: &str| match active.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    };
+    let mut parts = vec![format!(
+        "{} {}",
+        field("color").unwrap_or_default(),
+        field("upstream").unwrap_or_default()
+    )];
+    parts.extend(field("health"));
+    parts.extend(field("active_for_s").map(|s| format!("active {s}s")));
+    parts.extend(field("image").map(|image| format!("image {image}")));
+    parts.extend(field("container").map(|id| format!("container {}", id.get(..12).unwrap_or(&id))));
+    for (key, label) in [("in_flight", "in-flight"), ("websockets", "websockets")] {
+        parts.extend(field(key).map(|n| format!("{label} {n}")));
+    }
+    parts.join("  ")
 }
 
 /// Log lines queued for the writer thread before a request waits for it.

@@ -27,8 +27,17 @@ pub enum ProbeError {
     Connect(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// With hyper's cause chain: its own text alone ("connection error",
+    /// "operation was canceled") does not say what happened.
     #[error("HTTP error: {0}")]
     Http(String),
+    /// The connection closed before the request went out: typically
+    /// docker-proxy accepting on a published port with nothing listening
+    /// in the container yet.
+    #[error(
+        "connection closed before the request was sent (nothing listening behind the port yet?)"
+    )]
+    ClosedBeforeRequest,
     #[error("status {got}, expected {expected}")]
     Status { got: u16, expected: u16 },
     #[error("body is not the expected JSON: {0}")]
@@ -57,7 +66,7 @@ async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<(), ProbeE
         .map_err(|err| ProbeError::Connect(err.to_string()))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|err| ProbeError::Http(err.to_string()))?;
+        .map_err(http_error)?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -66,10 +75,7 @@ async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<(), ProbeE
         .header(http::header::USER_AGENT, "cutover-health")
         .body(Empty::<Bytes>::new())
         .map_err(|err| ProbeError::Http(err.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|err| ProbeError::Http(err.to_string()))?;
+    let response = sender.send_request(request).await.map_err(http_error)?;
     let status = response.status();
     if status != StatusCode::from_u16(check.expect_status).unwrap_or(StatusCode::OK) {
         return Err(ProbeError::Status {
@@ -83,9 +89,17 @@ async fn probe_inner(addr: SocketAddr, check: &HealthCheck) -> Result<(), ProbeE
     let body = Limited::new(response.into_body(), MAX_HEALTH_BODY)
         .collect()
         .await
-        .map_err(|err| ProbeError::Http(err.to_string()))?
+        .map_err(|err| ProbeError::Http(crate::errors::chain(err.as_ref())))?
         .to_bytes();
     check_json(&body, &check.expect_json)
+}
+
+/// A hyper error as a probe result, with its causes.
+fn http_error(err: hyper::Error) -> ProbeError {
+    if err.is_canceled() {
+        return ProbeError::ClosedBeforeRequest;
+    }
+    ProbeError::Http(crate::errors::chain(&err))
 }
 
 /// Every expected field (a dotted path) must equal its value.
@@ -153,6 +167,66 @@ pub async fn wait_healthy(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A loopback upstream that reads one request and then does `then`
+    /// with the connection.
+    async fn upstream(then: fn(tokio::net::TcpStream)) -> SocketAddr {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                then(stream);
+            }
+        });
+        addr
+    }
+
+    fn check(timeout: Duration) -> HealthCheck {
+        HealthCheck {
+            timeout,
+            ..HealthCheck::default()
+        }
+    }
+
+    /// An upstream that never answers: the error names the configured
+    /// timeout.
+    #[tokio::test]
+    async fn a_probe_that_times_out_names_the_timeout() {
+        let addr = upstream(|stream| {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(stream);
+            });
+        })
+        .await;
+        let err = probe(addr, &check(Duration::from_millis(300)))
+            .await
+            .expect_err("never answers");
+        assert_eq!(err.to_string(), "no answer within 300ms");
+    }
+
+    /// hyper's own text ("connection error") hides the cause; the probe
+    /// error carries it.
+    #[tokio::test]
+    async fn a_reset_connection_says_reset() {
+        let addr = upstream(|stream| {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+        })
+        .await;
+        let err = probe(addr, &check(Duration::from_secs(5)))
+            .await
+            .expect_err("reset");
+        assert!(
+            err.to_string().to_lowercase().contains("reset"),
+            "the error names the reset: {err}"
+        );
+    }
 
     #[test]
     fn json_fields_compare_by_dotted_path() {
