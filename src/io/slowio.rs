@@ -90,6 +90,12 @@ impl<T> StallTimeout<T> {
         Self::build(inner, timeout, true)
     }
 
+    /// The wrapped stream, for socket options and peeks that bypass the
+    /// clock.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     fn build(inner: T, timeout: Duration, watch_reads: bool) -> Self {
         StallTimeout {
             inner,

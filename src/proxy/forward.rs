@@ -1,7 +1,7 @@
 //! Header rules for forwarding a request to an upstream and its response
 //! back: hop-by-hop removal in both directions, the `X-Forwarded-*` family
-//! and `Forwarded` (RFC 7239), `Via`, `Max-Forwards`, and detection of
-//! response framing we refuse to relay.
+//! and `Forwarded` (RFC 7239), `Via` and `Max-Forwards`. Response framing
+//! is decided where responses are parsed, in [`crate::upstream::h1`].
 //!
 //! Kept free of I/O so every rule is unit-tested on plain header maps.
 
@@ -313,29 +313,6 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Rejects upstream responses whose length is ambiguous: `Content-Length`
-/// together with `Transfer-Encoding`, or several different lengths. Relaying
-/// such a response is how response splitting and cache poisoning start.
-pub fn check_response_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-    let Some(first) = lengths.next() else {
-        return Ok(());
-    };
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err("upstream sent both Content-Length and Transfer-Encoding");
-    }
-    let mut values = std::iter::once(first)
-        .chain(lengths)
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|v| v.trim_ascii());
-    if let Some(first) = values.next() {
-        if values.any(|other| other != first) {
-            return Err("upstream sent conflicting Content-Length values");
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,25 +474,6 @@ mod tests {
         join_cookies(&mut headers);
         assert_eq!(headers.get_all("cookie").iter().count(), 1);
         assert_eq!(headers["cookie"], "a=1; b=2");
-    }
-
-    #[test]
-    fn ambiguous_response_framing_is_refused() {
-        assert!(check_response_framing(&map(&[("content-length", "5")])).is_ok());
-        assert!(
-            check_response_framing(&map(&[("content-length", "5"), ("content-length", "5")]))
-                .is_ok()
-        );
-        assert!(
-            check_response_framing(&map(&[("content-length", "5"), ("content-length", "6")]))
-                .is_err()
-        );
-        assert!(check_response_framing(&map(&[("content-length", "5, 6")])).is_err());
-        assert!(check_response_framing(&map(&[
-            ("content-length", "5"),
-            ("transfer-encoding", "chunked")
-        ]))
-        .is_err());
     }
 
     #[test]

@@ -32,8 +32,9 @@ use crate::proxy::strict::{self, Violation};
 use crate::routing::table::{self as routes, normalize_host};
 use crate::routing::{Shared, Snapshot};
 use crate::tls::acme::HTTP01_PATH_PREFIX;
-use crate::upstream::pool::{SendError, Sender};
-use crate::upstream::{InFlight, Upstream};
+use crate::upstream::pool::{Answer, SendError};
+use crate::upstream::response::UpstreamBody;
+use crate::upstream::{Connection, InFlight, Upstream};
 
 /// Facts about one client connection, prepared once per connection.
 #[derive(Debug, Clone)]
@@ -193,18 +194,11 @@ pub async fn handle(
 }
 
 /// A response, and whether it streams from an upstream (whose in-flight
-/// guard must live until the body ends).
+/// guard must live until the body ends; the body itself hands its
+/// connection back to the pool when it ends cleanly).
 enum Produced {
     Local(Response<ProxyBody>),
-    Upstream(Response<Incoming>, Reuse),
-}
-
-/// What an upstream response holds until its body ends: the in-flight
-/// count, and the connection, which goes back to the pool only if the body
-/// was read to its end.
-struct Reuse {
-    guard: InFlight,
-    connection: Option<Sender>,
+    Upstream(Response<UpstreamBody>, InFlight),
 }
 
 async fn dispatch(
@@ -476,7 +470,7 @@ async fn forward(
     let upgrade = (req.version() == Version::HTTP_11)
         .then(|| forward::requested_upgrade(req.headers()))
         .flatten();
-    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri(&parts.uri);
@@ -527,41 +521,41 @@ async fn forward(
 
     // No per-request deadline: the connection's stall clock (upstream
     // timeout) bounds the wait for the head and every gap in the body.
-    let (mut response, connection) = upstream
+    let answer = upstream
         .pool()
-        .send(upstream_req)
+        .send(upstream_req, upgrade.is_some())
         .await
         .map_err(classify_send_error)?;
-
-    if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_upgrade)) =
-        (response.status(), client_upgrade)
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        spawn_tunnel(shared, &upstream, client_upgrade, upstream_upgrade);
-        let (mut parts, _) = response.into_parts();
-        let protocol = parts.headers.get(header::UPGRADE).cloned();
-        forward::strip_hop_by_hop(&mut parts.headers);
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(protocol) = protocol {
-            parts.headers.insert(header::UPGRADE, protocol);
+    let (head, body) = match answer {
+        Answer::Switched(head, connection) => {
+            let Some(client_upgrade) = client_upgrade.take() else {
+                return Err(ProxyError::UpstreamProtocol(
+                    "upstream switched protocols without being asked".into(),
+                ));
+            };
+            spawn_tunnel(shared, &upstream, client_upgrade, connection);
+            let mut parts = Response::new(()).into_parts().0;
+            parts.status = head.status;
+            parts.headers = head.headers;
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
+            forward::strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(protocol) = protocol {
+                parts.headers.insert(header::UPGRADE, protocol);
+            }
+            return Ok(Produced::Local(Response::from_parts(parts, body::empty())));
         }
-        return Ok(Produced::Local(Response::from_parts(parts, body::empty())));
-    }
-
-    forward::check_response_framing(response.headers())
-        .map_err(|reason| ProxyError::UpstreamProtocol(reason.to_string()))?;
+        Answer::Response(head, body) => (head, body),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
     let headers = response.headers_mut();
     forward::strip_hop_by_hop(headers);
     forward::append_via(headers);
-    Ok(Produced::Upstream(
-        response,
-        Reuse {
-            guard,
-            connection: Some(connection),
-        },
-    ))
+    Ok(Produced::Upstream(response, guard))
 }
 
 /// The request target sent upstream: origin-form `/path?query` (RFC 9112
@@ -590,24 +584,18 @@ fn declared_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
     }
 }
 
-/// Tells a request-body limit apart from an upstream failure: our own
-/// [`BodyLimitError`] travels inside the client's error chain.
+/// Maps an upstream exchange's failure to the status the client gets: a
+/// stalled upstream is a 504, a failed request body the client's own 4xx,
+/// anything else the upstream's fault (502).
 fn classify_send_error(err: SendError) -> ProxyError {
-    let err = match err {
-        SendError::Connect { .. } => return ProxyError::UpstreamConnect(err.to_string()),
-        SendError::Http(err) => err,
-    };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
-    while let Some(current) = source {
-        if is_stall(current) {
-            return ProxyError::UpstreamTimeout;
+    match err {
+        SendError::Connect { .. } => ProxyError::UpstreamConnect(err.to_string()),
+        SendError::Io(io) if is_stall(&io) => ProxyError::UpstreamTimeout,
+        SendError::Body(body) => body_error(&*body),
+        SendError::Io(_) | SendError::Closed | SendError::Protocol(_) => {
+            ProxyError::UpstreamProtocol(errors::chain(&err))
         }
-        if let Some(limit) = current.downcast_ref::<BodyLimitError>() {
-            return body_limit_error(limit);
-        }
-        source = current.source();
     }
-    ProxyError::UpstreamProtocol(errors::chain(&err))
 }
 
 /// What a failed request body becomes before anything was sent upstream.
@@ -643,23 +631,23 @@ fn spawn_tunnel(
     shared: &Shared,
     upstream: &Arc<Upstream>,
     client: hyper::upgrade::OnUpgrade,
-    upstream_side: hyper::upgrade::OnUpgrade,
+    upstream_side: Connection,
 ) {
     let tunnel = upstream.begin_tunnel();
     let retired = upstream.tunnel_token();
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
-        let (client, upstream_side) = match tokio::try_join!(client, upstream_side) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(client) => client,
             Err(err) => {
                 tracing::debug!(error = %err, "upgrade did not complete");
                 return;
             }
         };
         let mut client = TokioIo::new(client);
-        let mut upstream_side = TokioIo::new(upstream_side);
+        let (mut upstream_side, read_ahead) = upstream_side.into_parts();
         tokio::select! {
-            result = tokio::io::copy_bidirectional(&mut client, &mut upstream_side) => {
+            result = relay(&mut client, &mut upstream_side, &read_ahead) => {
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "tunnel ended with an error");
                 }
@@ -673,6 +661,21 @@ fn spawn_tunnel(
     });
 }
 
+/// Copies a tunnel's bytes both ways, starting with what the upstream sent
+/// right behind its `101` head.
+async fn relay<C, U>(client: &mut C, upstream: &mut U, read_ahead: &[u8]) -> std::io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt as _;
+    if !read_ahead.is_empty() {
+        client.write_all(read_ahead).await?;
+    }
+    tokio::io::copy_bidirectional(client, upstream).await?;
+    Ok(())
+}
+
 /// Attaches the in-flight guard and the access log to the response body.
 /// A local response with the access log off is returned as it is.
 fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
@@ -683,19 +686,19 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
                 log.status = response.status().as_u16();
                 let end = RequestEnd {
                     log: Some(log),
-                    reuse: None,
+                    guard: None,
                 };
                 response.map(|body| TrackedBody::new(body, end).boxed_unsync())
             }
         },
-        Produced::Upstream(response, reuse) => {
+        Produced::Upstream(response, guard) => {
             let log = log.map(|mut log| {
                 log.status = response.status().as_u16();
                 log
             });
             let end = RequestEnd {
                 log,
-                reuse: Some(reuse),
+                guard: Some(guard),
             };
             response.map(|body| TrackedBody::new(body, end).boxed_unsync())
         }
@@ -705,19 +708,16 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
 /// What is released and logged when a response body ends.
 struct RequestEnd {
     log: Option<AccessLog>,
-    /// Dropped at the end of the body (releasing the in-flight count).
-    reuse: Option<Reuse>,
+    /// Dropped with this record at the end of the body, releasing the
+    /// in-flight count.
+    #[allow(dead_code)]
+    guard: Option<InFlight>,
 }
 
 impl OnBodyEnd for RequestEnd {
     fn on_end(&mut self, bytes_sent: u64, completed: bool) {
         if let Some(log) = &self.log {
             log.write(bytes_sent, completed);
-        }
-        if let Some(Reuse { guard, connection }) = self.reuse.as_mut() {
-            if let (true, Some(connection)) = (completed, connection.take()) {
-                guard.upstream().pool().release(connection);
-            }
         }
     }
 }

@@ -6,7 +6,12 @@
 //! still serves while new requests go to the new one, and draining simply
 //! waits for the old count to reach zero.
 
+mod connection;
+pub mod h1;
 pub mod pool;
+pub mod response;
+
+pub use connection::Connection;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,7 +51,7 @@ pub struct Upstream {
     pub container: Option<ContainerState>,
     /// The pool. Dropping the last `Upstream` reference drops the pool, which
     /// closes its idle keep-alive connections.
-    pool: Pool,
+    pool: Arc<Pool>,
     /// Requests whose response body has not finished yet.
     in_flight: AtomicUsize,
     /// Upgraded (WebSocket) connections currently tunnelled.
@@ -82,14 +87,14 @@ impl Upstream {
             addr,
             label,
             container,
-            pool: Pool::new(
+            pool: Arc::new(Pool::new(
                 addr,
                 PoolTimeouts {
                     connect: limits.upstream_connect_timeout,
                     stall: limits.upstream_timeout,
                     idle: POOL_IDLE_TIMEOUT,
                 },
-            ),
+            )),
             in_flight: AtomicUsize::new(0),
             upgraded: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -97,7 +102,7 @@ impl Upstream {
         })
     }
 
-    pub fn pool(&self) -> &Pool {
+    pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
 
