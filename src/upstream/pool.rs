@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -123,9 +123,15 @@ pub struct PoolTimeouts {
 /// One request, serialised and ready to go.
 struct Outgoing {
     method: Method,
+    /// The head, and the body's first frame when it has one: written in
+    /// one write.
     head: Vec<u8>,
     framing: RequestFraming,
     body: ProxyBody,
+    /// Body bytes taken from `body` so far.
+    sent: u64,
+    /// Whether `body` has ended (its end is in `head` when chunked).
+    body_done: bool,
     upgrade: bool,
 }
 
@@ -180,8 +186,26 @@ impl Pool {
             method: parts.method,
             framing,
             body,
+            sent: 0,
+            body_done: framing == RequestFraming::Empty,
             upgrade,
         };
+        // The upstream is contacted only once the body has started well: a
+        // body that fails at once (malformed chunks, over the limit) never
+        // reaches it, not even its head.
+        if !out.body_done {
+            let mut first = Vec::new();
+            let large = take_frame(&mut out, &mut first)
+                .await
+                .map_err(|f| f.error)?;
+            out.head.extend_from_slice(&first);
+            if let Some(data) = large {
+                out.head.extend_from_slice(&data);
+                if framing == RequestFraming::Chunked {
+                    out.head.extend_from_slice(b"\r\n");
+                }
+            }
+        }
         let replayable = framing == RequestFraming::Empty && is_idempotent(&out.method);
         let mut fresh_only = false;
         loop {
@@ -290,7 +314,7 @@ impl Pool {
 /// Writes one request on `conn` and reads its final response head.
 async fn exchange(conn: &mut Connection, out: &mut Outgoing) -> Result<ResponseHead, Failure> {
     conn.write_all(&out.head).await.map_err(lost_or_io)?;
-    if out.framing != RequestFraming::Empty {
+    if !out.body_done {
         if let Err(failure) = write_body(conn, out).await {
             // An upstream that answers early (a 413, say) and closes before
             // reading the rest has its answer relayed, not a 502.
@@ -305,50 +329,68 @@ async fn exchange(conn: &mut Connection, out: &mut Outgoing) -> Result<ResponseH
     read_head(conn).await
 }
 
-/// Streams the request body in its framing. Trailers are not forwarded.
+/// Streams the rest of the request body in its framing.
 async fn write_body(conn: &mut Connection, out: &mut Outgoing) -> Result<(), Failure> {
-    let mut sent: u64 = 0;
-    while let Some(frame) = out.body.frame().await {
-        let frame = frame.map_err(SendError::Body)?;
-        let Ok(data) = frame.into_data() else {
+    let mut framed = Vec::new();
+    while !out.body_done {
+        framed.clear();
+        let data = take_frame(out, &mut framed).await?;
+        if !framed.is_empty() {
+            conn.write_all(&framed).await.map_err(SendError::Io)?;
+        }
+        if let Some(data) = data {
+            // Too big to copy: written as it is, between its framing.
+            conn.write_all(&data).await.map_err(SendError::Io)?;
+            if out.framing == RequestFraming::Chunked {
+                conn.write_all(b"\r\n").await.map_err(SendError::Io)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the body's next data frame and appends it, framed, to `framed`
+/// (the end of a chunked body included). A frame too large to copy is
+/// returned instead, with only its chunk prefix appended. Trailers are not
+/// forwarded.
+async fn take_frame(out: &mut Outgoing, framed: &mut Vec<u8>) -> Result<Option<Bytes>, Failure> {
+    loop {
+        let Some(frame) = out.body.frame().await else {
+            out.body_done = true;
+            return match out.framing {
+                RequestFraming::Length(declared) if out.sent < declared => {
+                    Err(body_error("request body shorter than its Content-Length"))
+                }
+                RequestFraming::Chunked => {
+                    framed.extend_from_slice(b"0\r\n\r\n");
+                    Ok(None)
+                }
+                _ => Ok(None),
+            };
+        };
+        let Ok(data) = frame.map_err(SendError::Body)?.into_data() else {
             continue;
         };
         if data.is_empty() {
             continue;
         }
-        sent += data.len() as u64;
-        match out.framing {
-            RequestFraming::Length(declared) if sent > declared => {
+        out.sent += data.len() as u64;
+        if let RequestFraming::Length(declared) = out.framing {
+            if out.sent > declared {
                 return Err(body_error("request body longer than its Content-Length"));
             }
-            RequestFraming::Chunked if data.len() <= COALESCE_CHUNK => {
-                let mut chunk = Vec::with_capacity(data.len() + 24);
-                chunk.extend_from_slice(h1::chunk_prefix(data.len()).as_bytes());
-                chunk.extend_from_slice(&data);
-                chunk.extend_from_slice(b"\r\n");
-                conn.write_all(&chunk).await.map_err(SendError::Io)?;
-            }
-            RequestFraming::Chunked => {
-                conn.write_all(h1::chunk_prefix(data.len()).as_bytes())
-                    .await
-                    .map_err(SendError::Io)?;
-                conn.write_all(&data).await.map_err(SendError::Io)?;
-                conn.write_all(b"\r\n").await.map_err(SendError::Io)?;
-            }
-            RequestFraming::Length(_) | RequestFraming::Empty => {
-                conn.write_all(&data).await.map_err(SendError::Io)?;
-            }
         }
-    }
-    match out.framing {
-        RequestFraming::Length(declared) if sent < declared => {
-            Err(body_error("request body shorter than its Content-Length"))
+        if out.framing == RequestFraming::Chunked {
+            framed.extend_from_slice(h1::chunk_prefix(data.len()).as_bytes());
         }
-        RequestFraming::Chunked => conn
-            .write_all(b"0\r\n\r\n")
-            .await
-            .map_err(|err| SendError::Io(err).into()),
-        _ => Ok(()),
+        if data.len() > COALESCE_CHUNK {
+            return Ok(Some(data));
+        }
+        framed.extend_from_slice(&data);
+        if out.framing == RequestFraming::Chunked {
+            framed.extend_from_slice(b"\r\n");
+        }
+        return Ok(None);
     }
 }
 
