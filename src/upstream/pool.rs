@@ -27,6 +27,7 @@
 //! Dropping the pool (when its upstream is retired and its last response
 //! has ended) drops every idle connection, which closes the sockets.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -44,7 +45,8 @@ use super::h1::{self, FramingError, RequestFraming, ResponseHead};
 use super::response::UpstreamBody;
 use crate::io::body::{BoxError, ProxyBody};
 
-/// Most idle connections kept per upstream; more are closed on release.
+/// Most idle connections kept per upstream and worker; more are closed on
+/// release.
 const MAX_IDLE: usize = 1024;
 
 /// Most interim (1xx) responses accepted before the final one.
@@ -93,13 +95,28 @@ pub enum Answer {
     Switched(ResponseHead, Connection),
 }
 
+thread_local! {
+    /// The worker this thread serves as (see [`set_worker`]).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Declares the calling thread to be worker `index`: connections it
+/// releases go to that worker's own idle stack and it takes from there, so
+/// with one runtime per worker a connection is used by the runtime whose
+/// reactor it is registered with, and workers never contend on one lock.
+#[allow(dead_code)] // called by the thread-per-core workers once they land
+pub fn set_worker(index: usize) {
+    WORKER.with(|worker| worker.set(index));
+}
+
 /// The idle connections to one upstream.
 #[derive(Debug)]
 pub struct Pool {
     addr: SocketAddr,
     timeouts: PoolTimeouts,
-    /// Oldest at the front, most recently released at the back.
-    idle: Mutex<Vec<Idle>>,
+    /// One LIFO stack per worker (by [`set_worker`] index, modulo their
+    /// count): oldest at the front, most recently released at the back.
+    shards: Box<[Mutex<Vec<Idle>>]>,
 }
 
 #[derive(Debug)]
@@ -155,10 +172,11 @@ impl From<SendError> for Failure {
 
 impl Pool {
     pub fn new(addr: SocketAddr, timeouts: PoolTimeouts) -> Pool {
+        let workers = std::thread::available_parallelism().map_or(1, usize::from);
         Pool {
             addr,
             timeouts,
-            idle: Mutex::new(Vec::new()),
+            shards: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -267,9 +285,11 @@ impl Pool {
         }
     }
 
+    /// This worker's idle stack.
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        let shard = WORKER.with(Cell::get) % self.shards.len();
         // A panic while holding this lock cannot leave the stack invalid.
-        self.idle
+        self.shards[shard]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -451,4 +471,80 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::TcpListener;
+
+    const TIMEOUTS: PoolTimeouts = PoolTimeouts {
+        connect: Duration::from_secs(1),
+        stall: Duration::from_secs(60),
+        idle: Duration::from_secs(30),
+    };
+
+    /// A pool holding one idle connection, and the upstream's end of it.
+    async fn pool_with_one_idle() -> (Arc<Pool>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pool = Arc::new(Pool::new(addr, TIMEOUTS));
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        pool.release(Connection::new(client, TIMEOUTS.stall));
+        (pool, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_reused_until_the_idle_timeout() {
+        let (pool, _server) = pool_with_one_idle().await;
+        tokio::time::advance(Duration::from_secs(29)).await;
+        let conn = pool.checkout(false).expect("still fresh at 29 s");
+        assert!(conn.reused);
+        pool.release(conn);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(pool.checkout(false).is_none(), "stale after 31 s idle");
+        assert!(
+            pool.lock_idle().is_empty(),
+            "expired connections are closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_checked_out() {
+        let (pool, server) = pool_with_one_idle().await;
+        drop(server);
+        // The close reaches the kernel at once on loopback; the peek sees it
+        // whatever the runtime has noticed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool
+            .lock_idle()
+            .first()
+            .is_some_and(|idle| idle.conn.is_clean())
+        {
+            assert!(Instant::now() < deadline, "close never seen");
+            tokio::task::yield_now().await;
+        }
+        assert!(pool.checkout(false).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_unsolicited_bytes_is_not_checked_out() {
+        let (pool, mut server) = pool_with_one_idle().await;
+        server
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool
+            .lock_idle()
+            .first()
+            .is_some_and(|idle| idle.conn.is_clean())
+        {
+            assert!(Instant::now() < deadline, "bytes never seen");
+            tokio::task::yield_now().await;
+        }
+        assert!(pool.checkout(false).is_none());
+    }
 }
