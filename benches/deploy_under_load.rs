@@ -238,12 +238,12 @@ fn main() {
             d.image,
             d.at_s,
             d.wall_ms,
-            t["start_ms"],
-            t["healthy_ms"],
-            t["persist_us"],
-            t["swap_ns"],
-            t["drain_ms"],
-            t["total_ms"]
+            t.start_ms,
+            t.healthy_ms,
+            t.persist_us,
+            t.swap_ns,
+            t.drain_ms,
+            t.total_ms
         );
     };
     row(&mut text, "v0 (before load)", &initial);
@@ -323,8 +323,8 @@ struct Deployed {
     at_s: f64,
     end_s: f64,
     wall_ms: f64,
-    timings: serde_json::Value,
-    drain: serde_json::Value,
+    timings: cutover::admin::proto::DeployTimings,
+    drain: Option<cutover::admin::proto::DrainReport>,
 }
 
 fn deploy(
@@ -345,13 +345,17 @@ fn deploy(
         .block_on(async { tokio::time::timeout(Duration::from_secs(120), call).await })
         .map_err(|_| "deploy did not answer within 120 s".to_string())?
         .map_err(|err| err.to_string())?;
+    let result = result
+        .clone()
+        .into_deploy()
+        .ok_or_else(|| format!("deploy answered with another report: {result:?}"))?;
     Ok(Deployed {
         image: image.to_string(),
         at_s: 0.0,
         end_s: 0.0,
         wall_ms: began.elapsed().as_secs_f64() * 1000.0,
-        timings: result["timings"].clone(),
-        drain: result["drain"].clone(),
+        timings: result.timings,
+        drain: result.drain,
     })
 }
 

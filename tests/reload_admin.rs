@@ -67,7 +67,7 @@ fn replace_by_rename(path: &Path, contents: &[u8]) {
     std::fs::rename(&temp, path).expect("rename");
 }
 
-async fn admin(dir: &Path, command: Command) -> Result<serde_json::Value, String> {
+async fn admin(dir: &Path, command: Command) -> Result<cutover::admin::proto::Report, String> {
     admin_call(&dir.join("admin.sock"), command, IO_TIMEOUT).await
 }
 

@@ -12,11 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::health;
 use super::identity::{self, Named};
+use super::report::{DeployReport, DeployTimings, RollbackReport, SwapBackReport};
 use super::state::{now_unix, ContainerState, DeployRecord, PreviousState};
 use super::{check_health, drain, next_color, ControlError, Controller, Progress};
 use crate::config::{ContainerSettings, Service};
@@ -67,7 +67,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<DeployReport, ControlError> {
         let _busy = self.claim(service)?;
         let result = self
             .deploy_claimed(service, choice, docker_config, progress, cancel)
@@ -78,7 +78,7 @@ impl Controller {
 
     /// Keeps `status`'s docker line current: an operation that reached the
     /// engine shows it answers; one that lost it says so.
-    fn note_engine_outcome(&self, result: &Result<Value, ControlError>) {
+    fn note_engine_outcome<T>(&self, result: &Result<T, ControlError>) {
         match result {
             Ok(_) => self.set_docker_status("ok".into()),
             Err(ControlError::Docker(err)) if err.is_unreachable() => {
@@ -96,7 +96,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<DeployReport, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let image = choice.resolve(&container);
@@ -245,23 +245,23 @@ impl Controller {
             tracing::error!(service, error = %err, "could not record the deploy in the state file");
         }
         progress.emit("done", format!("deployed {image} to {service} as {color}"));
-        Ok(json!({
-            "service": service,
-            "color": color,
-            "image": image,
-            "container": started.id,
-            "upstream": addr.to_string(),
-            "deploy_id": deploy_id,
-            "timings": {
-                "start_ms": start_ms,
-                "healthy_ms": healthy_ms,
-                "persist_us": activation.persist.as_micros() as u64,
-                "swap_ns": activation.swap.as_nanos() as u64,
-                "drain_ms": drain_ms,
-                "total_ms": began.elapsed().as_millis() as u64,
+        Ok(DeployReport {
+            service: service.to_string(),
+            color: color.to_string(),
+            image,
+            container: started.id,
+            upstream: addr.to_string(),
+            deploy_id,
+            timings: DeployTimings {
+                start_ms,
+                healthy_ms,
+                persist_us: activation.persist.as_micros() as u64,
+                swap_ns: activation.swap.as_nanos() as u64,
+                drain_ms,
+                total_ms: began.elapsed().as_millis() as u64,
             },
-            "drain": drain_report,
-        }))
+            drain: drain_report,
+        })
     }
 
     /// Records a switch to `image` that is about to be published: the
@@ -667,7 +667,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<RollbackReport, ControlError> {
         let _busy = self.claim(service)?;
         let result = self
             .rollback_claimed(service, docker_config, progress, cancel)
@@ -683,7 +683,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<RollbackReport, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let engine = self.engine().await?;
@@ -699,7 +699,8 @@ impl Controller {
                     .swap_back(
                         service, previous, warm, &config, &settings, &container, current, progress,
                     )
-                    .await;
+                    .await
+                    .map(RollbackReport::Instant);
             }
             progress.emit(
                 "rollback",
@@ -717,7 +718,7 @@ impl Controller {
                     .cloned()
             })
             .ok_or_else(|| {
-                ControlError::Failed(format!(
+                ControlError::Refused(format!(
                     "nothing to roll back to: {service} has no previous colour or image"
                 ))
             })?;
@@ -730,6 +731,7 @@ impl Controller {
             cancel,
         )
         .await
+        .map(RollbackReport::Redeploy)
     }
 
     /// The instant rollback: the previous container is still running.
@@ -744,7 +746,7 @@ impl Controller {
         container: &ContainerSettings,
         current: Option<Arc<Upstream>>,
         progress: &Progress,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<SwapBackReport, ControlError> {
         let addr = warm.host_addr.unwrap_or(previous.addr);
         progress.emit(
             "rollback",
@@ -797,15 +799,15 @@ impl Controller {
         if let Err(err) = self.save_state().await {
             tracing::error!(service, error = %err, "could not record the rollback");
         }
-        Ok(json!({
-            "service": service,
-            "color": previous.color,
-            "image": image,
-            "instant": true,
-            "upstream": addr.to_string(),
-            "timings": activation.timings(),
-            "drain": drain_report,
-        }))
+        Ok(SwapBackReport {
+            service: service.to_string(),
+            color: previous.color,
+            image,
+            instant: true,
+            upstream: addr.to_string(),
+            timings: activation.timings(),
+            drain: drain_report,
+        })
     }
 
     /// Start-up reconciliation against Docker: keep the active container if

@@ -129,7 +129,7 @@ pub async fn admin_call(
     socket: &Path,
     command: cutover::admin::Command,
     limit: Duration,
-) -> Result<serde_json::Value, String> {
+) -> Result<cutover::admin::proto::Report, String> {
     tokio::time::timeout(limit, cutover::admin::call(socket, &command, |_, _| {}))
         .await
         .expect("admin command timed out")
