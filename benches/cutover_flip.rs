@@ -43,7 +43,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -897,7 +898,7 @@ mod loadgen {
         let until = started + Duration::from_secs(seconds);
         let stats = runtime.block_on(async {
             let tasks: Vec<_> = (0..connections)
-                .map(|_| tokio::spawn(connection(addr, until.into(), started)))
+                .map(|_| tokio::spawn(connection(addr, until, started)))
                 .collect();
             let mut all = Vec::with_capacity(tasks.len());
             for task in tasks {

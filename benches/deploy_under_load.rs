@@ -37,7 +37,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -510,7 +511,7 @@ mod loadgen {
             .enable_all()
             .build()
             .expect("build the load generator runtime");
-        let until: tokio::time::Instant = (started + limit).into();
+        let until = started + limit;
         let stats = runtime.block_on(async {
             let tasks: Vec<_> = (0..connections)
                 .map(|_| tokio::spawn(connection(addr, until, started, Arc::clone(&stop))))

@@ -8,7 +8,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use cutover::docker::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

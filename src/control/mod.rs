@@ -32,7 +32,8 @@ pub use deploy::ImageChoice;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
@@ -1007,5 +1008,83 @@ mod tests {
         assert_eq!(controller.active("web").map(|u| u.addr), Some(green));
         let saved = store.load().expect("state file");
         assert_eq!(saved.services["web"].addr, green);
+    }
+
+    /// A service `web` with the given extra settings, and an upstream for it.
+    fn drain_fixture(extra: &str) -> (Service, Arc<Upstream>) {
+        let text = format!("[service.web]\nupstream = \"127.0.0.1:9000\"\n{extra}\n");
+        let dir = std::env::temp_dir();
+        let config = Config::parse(&text, "proxy.toml", &dir).expect("config");
+        let settings = config.services["web"].clone();
+        let addr = "127.0.0.1:9000".parse().expect("addr");
+        let old = Upstream::new(addr, "blue", &config.server.limits);
+        (settings, old)
+    }
+
+    /// The messages a drain emitted for `step`.
+    fn steps(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>, step: &str) -> usize {
+        let mut count = 0;
+        while let Ok(event) = events.try_recv() {
+            count += usize::from(event.step == step);
+        }
+        count
+    }
+
+    /// A request that outlives the drain timeout is left running, and the
+    /// drain gives up at exactly the timeout (tokio's clock, paused: no
+    /// wall-clock wait, no margin).
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_at_the_drain_timeout() {
+        let (settings, old) = drain_fixture("drain_timeout = \"30s\"");
+        let request = old.begin_request();
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let started = Instant::now();
+        let report = drain(&old, &settings, &Progress::new(sink)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(
+            report,
+            DrainReport {
+                drained: false,
+                drain_ms: 30_000,
+                still_in_flight: 1,
+                websockets_at_switch: 0,
+            }
+        );
+        // One "draining" line a second, then the timeout line.
+        assert_eq!(steps(&mut events, "drain"), 31);
+        drop(request);
+    }
+
+    /// A drain ends the moment the last request does, not at a poll tick.
+    #[tokio::test(start_paused = true)]
+    async fn drain_ends_when_the_last_request_ends() {
+        let (settings, old) = drain_fixture("drain_timeout = \"30s\"");
+        let request = old.begin_request();
+        let started = Instant::now();
+        let finish = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            drop(request);
+        });
+        let report = drain(&old, &settings, &Progress::log_only()).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(2_500));
+        assert!(report.drained, "{report:?}");
+        assert_eq!((report.drain_ms, report.still_in_flight), (2_500, 0));
+        finish.await.expect("request task");
+    }
+
+    /// WebSockets still open after the drain get `websocket_grace`, then
+    /// are closed.
+    #[tokio::test(start_paused = true)]
+    async fn drain_closes_websockets_after_the_grace() {
+        let (settings, old) = drain_fixture("websocket_grace = \"10s\"");
+        let tunnel = old.begin_tunnel();
+        let closed = old.tunnel_token();
+        let started = Instant::now();
+        let report = drain(&old, &settings, &Progress::log_only()).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert!(report.drained, "no request was in flight: {report:?}");
+        assert_eq!(report.websockets_at_switch, 1);
+        assert!(closed.is_cancelled(), "the tunnel was told to close");
+        drop(tunnel);
     }
 }
