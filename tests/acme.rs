@@ -78,7 +78,7 @@ async fn start(dir: &Path, config: &str, ports: Ports) -> TestProxy {
     let path = dir.join("proxy.toml");
     std::fs::write(&path, config).expect("write config");
     let config = cutover::Config::load(&path).unwrap_or_else(|err| panic!("config: {err}"));
-    let proxy = run_proxy(ports.http, Some(ports.https), config);
+    let proxy = run_proxy(ports.http, Some(ports.https), config).await;
     wait_for_admin(&dir.join("admin.sock")).await;
     proxy
 }

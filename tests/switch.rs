@@ -44,13 +44,9 @@ fn socket(dir: &Path) -> PathBuf {
     dir.join("admin.sock")
 }
 
-/// Sends an admin command, collecting progress steps. Waits (bounded) for
-/// the socket first: `run` binds it after the test spawned it.
+/// Sends an admin command, collecting progress steps. The socket is bound
+/// before `run` (see `run_proxy`), so there is nothing to wait for.
 async fn admin(dir: &Path, command: Command) -> (Result<Report, String>, Vec<String>) {
-    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-    while !socket(dir).exists() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let mut steps = Vec::new();
     let result = tokio::time::timeout(
         Duration::from_secs(30),
@@ -378,10 +374,31 @@ async fn websocket_gets_grace_then_is_closed() {
         Message::text("before")
     );
 
-    let dir_path = dir.path().to_path_buf();
-    let green_addr = green.addr;
-    let switching = tokio::spawn(async move { admin(&dir_path, switch("web", green_addr)).await });
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The switch reports each step as it happens: once it says it gives
+    // the WebSocket its grace, the grace period has begun.
+    let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel();
+    let socket_path = socket(dir.path());
+    let command = switch("web", green.addr);
+    let switching = tokio::spawn(async move {
+        let mut steps = Vec::new();
+        let result = cutover::admin::call(&socket_path, &command, |step, message| {
+            let _ = steps_tx.send(step.to_string());
+            steps.push(format!("{step}: {message}"));
+        })
+        .await
+        .map_err(|e| e.to_string());
+        (result, steps)
+    });
+    tokio::time::timeout(IO_TIMEOUT, async {
+        while let Some(step) = steps_rx.recv().await {
+            if step == "websockets" {
+                return;
+            }
+        }
+        panic!("the switch ended without a websockets step");
+    })
+    .await
+    .expect("the switch reached the WebSocket grace period");
     assert!(
         !switching.is_finished(),
         "the switch waits out the grace period"
