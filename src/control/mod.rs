@@ -20,6 +20,8 @@
 //! from this instant), then drain the old upstream: wait for its in-flight
 //! requests, give its WebSocket tunnels a grace period, and close them.
 
+pub mod color;
+mod cutover;
 mod deploy;
 pub mod health;
 pub mod identity;
@@ -44,6 +46,7 @@ use crate::docker::{DockerError, Engine};
 use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
+use color::Color;
 use health::ProbeError;
 use report::{
     ActiveStatus, DrainReport, ErrorKind, PauseReport, PreviousStatus, ReloadReport, RenewReport,
@@ -339,6 +342,17 @@ impl Controller {
         }
     }
 
+    /// Changes a service's record and writes the state file: the one way an
+    /// operation records a fact that must survive a crash.
+    pub(crate) async fn commit_record(
+        &self,
+        service: &str,
+        change: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<(), StateError> {
+        self.update_record(service, change);
+        self.save_state().await
+    }
+
     /// Writes the current snapshot and records to the state file.
     pub(crate) async fn save_state(&self) -> Result<(), StateError> {
         let _writer = self.writer.lock().await;
@@ -417,7 +431,7 @@ impl Controller {
     /// Moves `service` to the upstream at `to`: health check (unless
     /// `force`), persist, swap, drain. Returns a summary for the caller.
     pub async fn switch(
-        &self,
+        self: &Arc<Self>,
         service: &str,
         to: SocketAddr,
         force: bool,
@@ -425,35 +439,35 @@ impl Controller {
     ) -> Result<SwitchReport, ControlError> {
         let _busy = self.claim(service)?;
         let (config, settings) = self.service_config(service)?;
-        if force {
-            progress.emit("health", format!("skipping health check of {to} (--force)"));
-        } else {
-            check_health(to, &settings, progress).await?;
-        }
-        let current = self.active(service);
-        let color = next_color(current.as_deref());
-        let upstream = Upstream::new(to, color, &config.server.limits);
-        let activation = self.activate(service, Arc::clone(&upstream)).await?;
-        let old = activation.old.clone();
-        progress.emit(
-            "switched",
+        let color = next_color(self.active(service).as_deref());
+        let target = cutover::Target {
+            service,
+            upstream: Upstream::new(to, color, &config.server.limits),
+            settings: &settings,
+            gate: if force {
+                cutover::Gate::Skipped
+            } else {
+                cutover::Gate::Probe
+            },
+            record: None,
+        };
+        let announce = |activation: &Activation| {
             format!(
                 "switched {service} to {color} ({to}){}",
-                old.as_ref()
+                activation
+                    .old
+                    .as_ref()
                     .map(|o| format!(", was {} ({})", o.label, o.addr))
                     .unwrap_or_default()
-            ),
-        );
-        let drain = match old {
-            Some(old) => Some(drain(&old, &settings, progress).await),
-            None => None,
+            )
         };
+        let handover = self.cut_over(target, progress, announce).await?;
         Ok(SwitchReport {
             service: service.to_string(),
             color: color.to_string(),
             upstream: to.to_string(),
-            timings: activation.timings(),
-            drain,
+            timings: handover.activation.timings(),
+            drain: handover.drain,
         })
     }
 
@@ -830,12 +844,9 @@ fn warn_on_restart_only_changes(old: &Config, new: &Config) {
     }
 }
 
-/// The colour a new upstream gets: the other one.
+/// The colour a new upstream gets: the other one (see [`Color::after`]).
 pub(crate) fn next_color(current: Option<&Upstream>) -> &'static str {
-    match current.map(|u| u.label.as_str()) {
-        Some("blue") => "green",
-        _ => "blue",
-    }
+    Color::after(current.map(|u| u.label.as_str())).as_str()
 }
 
 pub(crate) async fn check_health(
