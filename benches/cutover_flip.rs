@@ -43,7 +43,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -554,10 +555,14 @@ mod targets {
                 .map_err(|_| "switch did not answer within 60 s".to_string())?
                 .map_err(|err| err.to_string())?;
             let wall_ms = began.elapsed().as_secs_f64() * 1000.0;
-            let drain = &result["drain"];
-            let drain_ms = drain["drain_ms"]
-                .as_f64()
-                .ok_or_else(|| format!("switch reply has no drain.drain_ms: {result}"))?;
+            let result = result
+                .clone()
+                .into_switch()
+                .ok_or_else(|| format!("switch answered with another report: {result:?}"))?;
+            let drain = result
+                .drain
+                .ok_or_else(|| format!("switch reply has no drain: {result:?}"))?;
+            let drain_ms = drain.drain_ms as f64;
             Ok(Flip {
                 at_s: 0.0,
                 to: to.to_string(),
@@ -566,7 +571,7 @@ mod targets {
                 drain_ms,
                 detail: format!(
                     "drained={} still_in_flight={} swap_ns={}",
-                    drain["drained"], drain["still_in_flight"], result["timings"]["swap_ns"]
+                    drain.drained, drain.still_in_flight, result.timings.swap_ns
                 ),
             })
         }
@@ -893,7 +898,7 @@ mod loadgen {
         let until = started + Duration::from_secs(seconds);
         let stats = runtime.block_on(async {
             let tasks: Vec<_> = (0..connections)
-                .map(|_| tokio::spawn(connection(addr, until.into(), started)))
+                .map(|_| tokio::spawn(connection(addr, until, started)))
                 .collect();
             let mut all = Vec::with_capacity(tasks.len());
             for task in tasks {

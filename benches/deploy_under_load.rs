@@ -37,7 +37,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[path = "support/mod.rs"]
 mod support;
@@ -238,12 +239,12 @@ fn main() {
             d.image,
             d.at_s,
             d.wall_ms,
-            t["start_ms"],
-            t["healthy_ms"],
-            t["persist_us"],
-            t["swap_ns"],
-            t["drain_ms"],
-            t["total_ms"]
+            t.start_ms,
+            t.healthy_ms,
+            t.persist_us,
+            t.swap_ns,
+            t.drain_ms,
+            t.total_ms
         );
     };
     row(&mut text, "v0 (before load)", &initial);
@@ -323,8 +324,8 @@ struct Deployed {
     at_s: f64,
     end_s: f64,
     wall_ms: f64,
-    timings: serde_json::Value,
-    drain: serde_json::Value,
+    timings: cutover::admin::proto::DeployTimings,
+    drain: Option<cutover::admin::proto::DrainReport>,
 }
 
 fn deploy(
@@ -345,13 +346,17 @@ fn deploy(
         .block_on(async { tokio::time::timeout(Duration::from_secs(120), call).await })
         .map_err(|_| "deploy did not answer within 120 s".to_string())?
         .map_err(|err| err.to_string())?;
+    let result = result
+        .clone()
+        .into_deploy()
+        .ok_or_else(|| format!("deploy answered with another report: {result:?}"))?;
     Ok(Deployed {
         image: image.to_string(),
         at_s: 0.0,
         end_s: 0.0,
         wall_ms: began.elapsed().as_secs_f64() * 1000.0,
-        timings: result["timings"].clone(),
-        drain: result["drain"].clone(),
+        timings: result.timings,
+        drain: result.drain,
     })
 }
 
@@ -506,7 +511,7 @@ mod loadgen {
             .enable_all()
             .build()
             .expect("build the load generator runtime");
-        let until: tokio::time::Instant = (started + limit).into();
+        let until = started + limit;
         let stats = runtime.block_on(async {
             let tasks: Vec<_> = (0..connections)
                 .map(|_| tokio::spawn(connection(addr, until, started, Arc::clone(&stop))))

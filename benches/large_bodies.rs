@@ -20,7 +20,8 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;

@@ -49,7 +49,7 @@ pub enum ServerError {
 /// in-flight requests finish (bounded by `server.shutdown_timeout`), closes
 /// keep-alive connections, and returns.
 pub async fn run(
-    listeners: Listeners,
+    mut listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
@@ -100,7 +100,10 @@ pub async fn run(
     controller.restore().await?;
     controller.reconcile().await;
     if let Some(path) = &config.server.admin_socket {
-        let listener = admin::bind(path, config.server.admin_group.as_deref()).await?;
+        let listener = match listeners.admin.take() {
+            Some(listener) => listener,
+            None => admin::bind(path, config.server.admin_group.as_deref()).await?,
+        };
         shared.tasks.spawn(admin::serve(
             listener,
             path.clone(),

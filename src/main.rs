@@ -7,9 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use cutover::admin::Command as AdminCommand;
+use cutover::admin::proto::{
+    exit, ActiveStatus, CertStatus, ErrorKind, ErrorReply, ProgressEvent, Reply, Report,
+    StatusReport,
+};
+use cutover::admin::{ClientError, Command as AdminCommand};
 use cutover::{Config, Listeners};
-use serde_json::Value;
 
 #[derive(Parser)]
 #[command(
@@ -162,14 +165,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs one admin command and prints its progress and result; exit code 0
-/// only on success.
+/// Runs one admin command and prints its progress and result. The exit
+/// code says how it ended (`cutover::admin::proto::exit`): 0 success,
+/// 1 failed, 2 refused, 3 busy, 4 server unreachable.
 fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
     let socket = match admin_socket(args) {
         Ok(socket) => socket,
         Err(err) => {
             eprintln!("cutover: {err}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::REFUSED);
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -179,46 +183,56 @@ fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("cutover: cannot start runtime: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(exit::FAILED);
         }
     };
     let json = args.json;
-    let is_status = matches!(command, AdminCommand::Status { .. });
     let result = runtime.block_on(cutover::admin::call(&socket, &command, |step, message| {
         if json {
-            println!(
-                "{}",
-                serde_json::json!({"type": "progress", "step": step, "message": message})
-            );
+            let event = Reply::Progress(ProgressEvent {
+                step: step.to_string(),
+                message: message.to_string(),
+            });
+            println!("{}", to_line(&event));
         } else {
             println!("{step:>9}  {message}");
         }
     }));
     match result {
-        Ok(result) if json => {
-            println!("{}", serde_json::json!({"type": "ok", "result": result}));
+        Ok(report) if json => {
+            let result = serde_json::to_value(&report).unwrap_or_default();
+            println!("{}", to_line(&Reply::Ok { result }));
             ExitCode::SUCCESS
         }
-        Ok(result) => {
-            if is_status {
-                print_status(&result);
-            } else {
-                println!("       ok  {result}");
-            }
+        Ok(Report::Status(status)) => {
+            print_status(&status);
             ExitCode::SUCCESS
         }
-        Err(err) if json => {
+        Ok(report) => {
             println!(
-                "{}",
-                serde_json::json!({"type": "error", "error": err.to_string()})
+                "       ok  {}",
+                serde_json::to_value(&report).unwrap_or_default()
             );
-            ExitCode::FAILURE
+            ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("cutover: {err}");
-            ExitCode::FAILURE
+            if json {
+                let error = match &err {
+                    ClientError::Server(error) => error.clone(),
+                    other => ErrorReply::new(ErrorKind::Failed, other.to_string()),
+                };
+                println!("{}", to_line(&Reply::Error { error }));
+            } else {
+                eprintln!("cutover: {err}");
+            }
+            ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// One protocol line, for `--json`.
+fn to_line(reply: &Reply) -> String {
+    serde_json::to_string(reply).unwrap_or_default()
 }
 
 /// The invoking user's docker config.json (registry credentials), so the
@@ -251,24 +265,12 @@ fn admin_socket(args: &AdminArgs) -> Result<PathBuf, String> {
 }
 
 /// One block per service, for people.
-fn print_status(result: &Value) {
-    let Some(services) = result.get("services").and_then(Value::as_object) else {
-        println!("{result}");
-        return;
-    };
-    let text = |value: &Value, key: &str| match value.get(key) {
-        None | Some(Value::Null) => "-".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    };
-    for (name, service) in services {
-        let active = &service["active"];
-        let mut flags = Vec::new();
-        for flag in ["paused", "busy"] {
-            if service[flag] == Value::Bool(true) {
-                flags.push(flag);
-            }
-        }
+fn print_status(status: &StatusReport) {
+    for (name, service) in &status.services {
+        let flags: Vec<&str> = [("paused", service.paused), ("busy", service.busy)]
+            .into_iter()
+            .filter_map(|(flag, set)| set.then_some(flag))
+            .collect();
         println!(
             "{name}{}",
             if flags.is_empty() {
@@ -277,82 +279,61 @@ fn print_status(result: &Value) {
                 format!(" [{}]", flags.join(", "))
             }
         );
-        if active.is_null() {
-            println!("  active:    none (requests get 503)");
-        } else {
-            println!("  active:    {}", active_line(active));
+        match &service.active {
+            None => println!("  active:    none (requests get 503)"),
+            Some(active) => println!("  active:    {}", active_line(active)),
         }
-        let previous = &service["previous"];
-        if !previous.is_null() {
+        if let Some(previous) = &service.previous {
             println!(
                 "  previous:  {} {}  image {}  warm for {}s more",
-                text(previous, "color"),
-                text(previous, "upstream"),
-                text(previous, "image"),
-                text(previous, "warm_for_s"),
+                previous.color,
+                previous.upstream,
+                previous.image.as_deref().unwrap_or("-"),
+                previous.warm_for_s,
             );
         }
-        let last = &service["last_deploy"];
-        if !last.is_null() {
-            let outcome = if last["ok"] == Value::Bool(true) {
-                "ok"
-            } else {
-                "FAILED"
-            };
-            println!(
-                "  last deploy: {} {outcome}: {}",
-                text(last, "image"),
-                text(last, "message")
-            );
+        if let Some(last) = &service.last_deploy {
+            let outcome = if last.ok { "ok" } else { "FAILED" };
+            println!("  last deploy: {} {outcome}: {}", last.image, last.message);
         }
     }
-    if let Some(docker) = result.get("docker").and_then(Value::as_str) {
-        println!("docker: {docker}");
-    }
-    print_certificates(result);
+    println!("docker: {}", status.docker);
+    print_certificates(status.certificates.as_deref().unwrap_or_default());
 }
 
 /// One line per certificate: name, source, state, issuer, expiry, next
 /// renewal, and the last error while one stands.
-fn print_certificates(result: &Value) {
-    let Some(certificates) = result.get("certificates").and_then(Value::as_array) else {
-        return;
-    };
+fn print_certificates(certificates: &[CertStatus]) {
     if certificates.is_empty() {
         return;
     }
-    let date = |value: &Value| {
-        value
-            .as_u64()
-            .map(|secs| {
-                httpdate::fmt_http_date(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
-                )
-            })
-            .unwrap_or_else(|| "-".to_string())
+    let date = |secs: Option<u64>| {
+        secs.map(|secs| {
+            httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        })
+        .unwrap_or_else(|| "-".to_string())
     };
     println!("certificates:");
     for cert in certificates {
-        let text = |key: &str| cert[key].as_str().unwrap_or("-").to_string();
-        let renewal = if cert["source"] == "file" {
+        let renewal = if cert.source == "file" {
             "renewal: not managed by cutover".to_string()
-        } else if cert["not_after"].is_null() {
-            format!("next attempt {}", date(&cert["next_renewal"]))
+        } else if cert.not_after.is_none() {
+            format!("next attempt {}", date(cert.next_renewal))
         } else {
-            format!("next renewal {}", date(&cert["next_renewal"]))
+            format!("next renewal {}", date(cert.next_renewal))
         };
         println!(
             "  {}  [{} {}]  issuer {}  expires {}  {renewal}",
-            text("name"),
-            text("source"),
-            text("state"),
-            text("issuer"),
-            date(&cert["not_after"]),
+            cert.name,
+            cert.source,
+            cert.state,
+            cert.issuer.as_deref().unwrap_or("-"),
+            date(cert.not_after),
         );
-        if let Some(error) = cert["last_error"].as_str() {
+        if let Some(error) = &cert.last_error {
             println!(
                 "    last attempt failed ({} in a row): {error}",
-                cert["failures"]
+                cert.failures
             );
         }
     }
@@ -361,24 +342,19 @@ fn print_certificates(result: &Value) {
 /// The active upstream in one line, with only the facts it has: a plain
 /// upstream has no image or container, and one the config chose (no switch
 /// or deploy yet) has no "active since".
-fn active_line(active: &Value) -> String {
-    let field = |key: &str| match active.get(key) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => Some(other.to_string()),
-    };
-    let mut parts = vec![format!(
-        "{} {}",
-        field("color").unwrap_or_default(),
-        field("upstream").unwrap_or_default()
-    )];
-    parts.extend(field("health"));
-    parts.extend(field("active_for_s").map(|s| format!("active {s}s")));
-    parts.extend(field("image").map(|image| format!("image {image}")));
-    parts.extend(field("container").map(|id| format!("container {}", id.get(..12).unwrap_or(&id))));
-    for (key, label) in [("in_flight", "in-flight"), ("websockets", "websockets")] {
-        parts.extend(field(key).map(|n| format!("{label} {n}")));
-    }
+fn active_line(active: &ActiveStatus) -> String {
+    let mut parts = vec![format!("{} {}", active.color, active.upstream)];
+    parts.extend(active.health.clone());
+    parts.extend(active.active_for_s.map(|s| format!("active {s}s")));
+    parts.extend(active.image.as_ref().map(|image| format!("image {image}")));
+    parts.extend(
+        active
+            .container
+            .as_ref()
+            .map(|id| format!("container {}", id.get(..12).unwrap_or(id))),
+    );
+    parts.push(format!("in-flight {}", active.in_flight));
+    parts.push(format!("websockets {}", active.websockets));
     parts.join("  ")
 }
 

@@ -63,3 +63,60 @@ async fn status_of_a_plain_upstream_has_no_dangling_fields() {
     }
     proxy.stop().await.expect("stop");
 }
+
+/// The client commands' exit codes that need no Docker engine: a socket
+/// nobody serves is 4 (unreachable), an unknown service or a malformed
+/// address is 2 (refused), a failed health check is 1. (`deploy`'s codes,
+/// busy included, are tested against the real engine in tests/deploy.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_say_how_a_command_ended() {
+    use cutover::admin::proto::exit;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nowhere = dir.path().join("nobody.sock");
+    let nowhere = nowhere.to_str().expect("utf-8").to_string();
+    let out = tokio::task::spawn_blocking(move || cutover(&["status", "--socket", &nowhere]))
+        .await
+        .expect("status");
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit::UNREACHABLE)),
+        "{out:?}"
+    );
+
+    let upstream = start_upstream("plain").await;
+    let dead = closed_port().await;
+    let socket = dir.path().join("admin.sock");
+    let proxy = start_proxy(&format!(
+        "[server]\nadmin_socket = \"{}\"\n\n[[site]]\nhosts = [\"*\"]\nservice = \"web\"\n\n\
+         [service.web]\nupstream = \"{}\"\n\
+         health = {{ path = \"/\", interval = \"50ms\", deadline = \"300ms\" }}\n",
+        socket.display(),
+        upstream.addr
+    ))
+    .await;
+    wait_for_admin(&socket).await;
+    let path = socket.to_str().expect("utf-8").to_string();
+    let dead = dead.to_string();
+    let cases: [(&[&str], u8); 4] = [
+        (&["status", "nosuch"], exit::REFUSED),
+        (&["switch", "web", "--to", "not-an-address"], exit::REFUSED),
+        (&["switch", "web", "--to", &dead], exit::FAILED),
+        (&["pause", "web"], exit::SUCCESS),
+    ];
+    for (args, code) in cases {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--socket".to_string(), path.clone()]);
+        let out = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            cutover(&args)
+        })
+        .await
+        .expect("cli");
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(code)),
+            "{args:?}: {out:?}"
+        );
+    }
+    proxy.stop().await.expect("stop");
+}

@@ -17,8 +17,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
+use cutover::admin::proto::exit;
 use support::cutover::*;
 use support::harness::*;
 
@@ -216,6 +218,11 @@ async fn never_healthy_image_is_refused_and_removed() {
 
     let out = h.deploy(&bad).await;
     assert_ne!(out.code, Some(0), "a never-healthy deploy must fail: {out}");
+    assert_eq!(
+        out.code,
+        Some(i32::from(exit::FAILED)),
+        "a failed deploy exits 1: {out}"
+    );
     let text = lower(&out);
     assert!(
         text.contains("health"),
@@ -425,6 +432,11 @@ async fn second_concurrent_deploy_is_refused() {
         Some(0),
         "second deploy must be refused: {second}"
     );
+    assert_eq!(
+        second.code,
+        Some(i32::from(exit::BUSY)),
+        "busy exits 3 (retry later): {second}"
+    );
     let text = lower(&second);
     assert!(
         text.contains("busy") || text.contains("already running") || text.contains("in progress"),
@@ -586,12 +598,60 @@ async fn taken_host_port_fails_clearly_and_leaves_nothing() {
 // keep_previous after a double rollback, env/env_file, retain.
 // ---------------------------------------------------------------------------
 
+/// `cutover deploy`'s refused and unreachable exit codes (failed and busy
+/// are checked by the never-healthy and concurrent-deploy tests): CI
+/// scripts branch on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_exit_codes_for_refused_and_unreachable() {
+    let h = Harness::start("codes", Opts::default()).await;
+    let v1 = h.image("v1", &[]).await;
+    let out = h
+        .proxy
+        .cli(&["deploy", "no-such-service", "--image", &v1])
+        .await;
+    assert_eq!(
+        out.code,
+        Some(i32::from(exit::REFUSED)),
+        "unknown service: {out}"
+    );
+    assert!(lower(&out).contains("unknown service"), "{out}");
+
+    let json = h
+        .proxy
+        .cli(&["deploy", "no-such-service", "--image", &v1, "--json"])
+        .await;
+    assert_eq!(json.code, Some(i32::from(exit::REFUSED)), "{json}");
+    let reply: cutover::admin::Reply = serde_json::from_str(json.stdout.trim())
+        .unwrap_or_else(|err| panic!("one typed reply line ({err}): {json}"));
+    match reply {
+        cutover::admin::Reply::Error { error } => {
+            assert_eq!(error.kind, cutover::admin::proto::ErrorKind::Refused)
+        }
+        other => panic!("expected an error reply: {other:?}"),
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nowhere = dir.path().join("no-server.sock");
+    let nowhere = nowhere.to_str().expect("utf-8 path");
+    let args = ["deploy", &h.svc, "--image", &v1, "--socket", nowhere];
+    let out = cli(&args, Duration::from_secs(30)).await;
+    assert_eq!(
+        out.code,
+        Some(i32::from(exit::UNREACHABLE)),
+        "wrong socket path: {out}"
+    );
+    assert!(lower(&out).contains("cannot reach"), "{out}");
+    // Nothing was deployed by any of them.
+    assert!(h.containers().is_empty(), "{}", h.ps());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_with_nothing_to_roll_back_is_refused() {
     let h = Harness::start("rbnone", Opts::default()).await;
     let v1 = h.image("v1", &[]).await;
     let out = h.rollback().await;
     assert_ne!(out.code, Some(0), "rollback before any deploy: {out}");
+    assert_eq!(out.code, Some(i32::from(exit::REFUSED)), "{out}");
     assert!(lower(&out).contains("nothing to roll back"), "{out}");
     h.deploy_ok(&v1).await;
     let out = h.rollback().await;

@@ -23,7 +23,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use serde_json::Value;
 use support::cutover::*;
@@ -292,11 +293,14 @@ async fn docker_status(h: &Harness) -> String {
     let out = h.proxy.cli(&["status", "--json"]).await;
     assert!(out.success(), "{out}");
     let last = out.stdout.lines().last().unwrap_or_default();
-    let reply: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
-    reply["result"]["docker"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    let reply: cutover::admin::Reply =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let cutover::admin::Reply::Ok { result } = reply else {
+        panic!("status did not answer ok: {out}");
+    };
+    let status: cutover::admin::proto::StatusReport =
+        serde_json::from_value(result).unwrap_or_else(|e| panic!("{e}: {out}"));
+    status.docker
 }
 
 /// Polls `status` until its docker line starts with `prefix` (bounded).

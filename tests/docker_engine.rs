@@ -8,7 +8,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use cutover::docker::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -184,7 +185,7 @@ async fn container_lifecycle_against_real_engine() {
     let stop_remove = t.elapsed();
     eprintln!("stop+remove: {stop_remove:?}");
     assert!(
-        stop_remove < Duration::from_secs(1),
+        stop_remove < Duration::from_secs(5),
         "stop took {stop_remove:?}"
     );
     engine

@@ -79,7 +79,7 @@ async fn graceful_shutdown_with_nothing_in_flight_returns_promptly() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     drop(resp);
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     proxy.stop().await.expect("clean stop");
     // Loose bound: the idle connection is closed instead of waited on
     // until shutdown_timeout (30s by default).
@@ -242,5 +242,90 @@ upstream = "{}"
         .expect("idle connection closed by the proxy")
         .expect("join")
         .expect("closed cleanly (GOAWAY), not reset");
+    proxy.stop().await.expect("stop");
+}
+
+/// The proxy under a paused clock: one catch-all site to `upstream`, with
+/// `limits` in `[server.limits]` (and TLS, for HTTP/2).
+async fn paused_proxy(upstream: std::net::SocketAddr, limits: &str) -> TestProxy {
+    start_proxy(&format!(
+        "[server.limits]\n{limits}\n{TLS_LOCALHOST}\n[[site]]\nhosts = [\"*\"]\n\
+         service = \"app\"\n[service.app]\nupstream = \"{upstream}\"\n"
+    ))
+    .await
+}
+
+/// An idle HTTP/2 connection is closed at `idle_timeout`, not before, on
+/// tokio's paused clock: the test takes no wall-clock time and needs no
+/// margin for a slow host.
+#[tokio::test(start_paused = true)]
+async fn idle_h2_connection_closes_at_the_idle_timeout() {
+    let upstream = start_upstream("idle").await;
+    let proxy = paused_proxy(upstream.addr, "idle_timeout = \"30s\"").await;
+    let tls = tls_connect(proxy.https(), "localhost", &[b"h2"]).await;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    let mut conn = tokio::spawn(conn);
+    let url = format!("https://localhost:{}/", proxy.https().port());
+    let response = sender
+        .send_request(request("GET", &url, "localhost", Bytes::new()))
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let last_request = tokio::time::Instant::now();
+
+    let early = tokio::time::timeout(Duration::from_secs(29), &mut conn).await;
+    assert!(early.is_err(), "closed before the idle timeout: {early:?}");
+    tokio::time::timeout(Duration::from_secs(2), conn)
+        .await
+        .expect("closed at the idle timeout")
+        .expect("join")
+        .expect("closed cleanly (GOAWAY), not reset");
+    let idle = last_request.elapsed();
+    assert!(
+        idle >= Duration::from_secs(30) && idle < Duration::from_secs(31),
+        "{idle:?}"
+    );
+    proxy.stop().await.expect("stop");
+}
+
+/// An idle HTTP/1.1 keep-alive connection is closed when hyper's
+/// `header_read_timeout` (waiting for the next request head) runs out,
+/// and not before, on the paused clock.
+#[tokio::test(start_paused = true)]
+async fn idle_h1_keep_alive_closes_at_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = start_upstream("idle").await;
+    let proxy = paused_proxy(
+        upstream.addr,
+        "header_read_timeout = \"10s\"\nidle_timeout = \"60s\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.http_addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("write");
+    let response = read_response(&mut stream).await;
+    assert_eq!(raw_status(&response), 200, "{response}");
+    let answered = tokio::time::Instant::now();
+
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_secs(9), stream.read(&mut byte)).await;
+    assert!(early.is_err(), "closed before the timeout: {early:?}");
+    // Read to the end (hyper may say 408 first): the connection closes.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed at the header read timeout");
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_secs(10) && idle < Duration::from_secs(11),
+        "{idle:?}"
+    );
     proxy.stop().await.expect("stop");
 }

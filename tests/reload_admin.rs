@@ -22,7 +22,7 @@ async fn start_from_file(path: &Path) -> TestProxy {
     let config = cutover::Config::load(path).unwrap_or_else(|e| panic!("config: {e}"));
     let http = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let https = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy = run_proxy(http, Some(https), config);
+    let proxy = run_proxy(http, Some(https), config).await;
     let dir = path.parent().expect("config dir");
     wait_for_admin(&dir.join("admin.sock")).await;
     proxy
@@ -67,7 +67,7 @@ fn replace_by_rename(path: &Path, contents: &[u8]) {
     std::fs::rename(&temp, path).expect("rename");
 }
 
-async fn admin(dir: &Path, command: Command) -> Result<serde_json::Value, String> {
+async fn admin(dir: &Path, command: Command) -> Result<cutover::admin::proto::Report, String> {
     admin_call(&dir.join("admin.sock"), command, IO_TIMEOUT).await
 }
 
@@ -223,6 +223,7 @@ async fn second_server_on_the_same_socket_is_refused_and_stale_socket_is_replace
     let listeners = cutover::Listeners {
         http: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
         https: Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+        admin: None,
     };
     let err = cutover::run(listeners, config, std::future::pending())
         .await

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use cutover::admin::proto::{Report, StatusReport, SwitchReport};
 use cutover::admin::Command;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -44,13 +44,9 @@ fn socket(dir: &Path) -> PathBuf {
     dir.join("admin.sock")
 }
 
-/// Sends an admin command, collecting progress steps. Waits (bounded) for
-/// the socket first: `run` binds it after the test spawned it.
-async fn admin(dir: &Path, command: Command) -> (Result<Value, String>, Vec<String>) {
-    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-    while !socket(dir).exists() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Sends an admin command, collecting progress steps. The socket is bound
+/// before `run` (see `run_proxy`), so there is nothing to wait for.
+async fn admin(dir: &Path, command: Command) -> (Result<Report, String>, Vec<String>) {
     let mut steps = Vec::new();
     let result = tokio::time::timeout(
         Duration::from_secs(30),
@@ -61,6 +57,22 @@ async fn admin(dir: &Path, command: Command) -> (Result<Value, String>, Vec<Stri
     .await
     .expect("admin call timed out");
     (result.map_err(|e| e.to_string()), steps)
+}
+
+/// The report of a switch.
+fn switched(report: Report) -> SwitchReport {
+    report
+        .clone()
+        .into_switch()
+        .unwrap_or_else(|| panic!("not a switch report: {report:?}"))
+}
+
+/// The report of a status.
+fn status_of(report: Report) -> StatusReport {
+    report
+        .clone()
+        .into_status()
+        .unwrap_or_else(|| panic!("not a status report: {report:?}"))
 }
 
 fn switch(service: &str, to: std::net::SocketAddr) -> Command {
@@ -220,7 +232,7 @@ async fn switch_under_keepalive_load_loses_nothing() {
         };
         let (result, steps) = admin(dir.path(), switch("web", target)).await;
         let result = result.unwrap_or_else(|e| panic!("switch {round} failed: {e}\n{steps:#?}"));
-        assert_eq!(result["upstream"], target.to_string());
+        assert_eq!(switched(result).upstream, target.to_string());
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     stop.store(true, Ordering::Relaxed);
@@ -269,7 +281,7 @@ async fn inflight_request_finishes_on_old_upstream_and_next_goes_to_new() {
     });
     blue.wait_for(2).await; // the slow request reached blue
     let (result, steps) = admin(dir.path(), switch("web", green.addr)).await;
-    let result = result.expect("switch");
+    let result = switched(result.expect("switch"));
     let (mut conn, slow_resp) = slow.await.expect("join");
     assert_eq!(slow_resp.status, 200);
     assert_eq!(
@@ -277,10 +289,11 @@ async fn inflight_request_finishes_on_old_upstream_and_next_goes_to_new() {
         "blue",
         "in-flight request finished on the old upstream"
     );
-    assert_eq!(result["drain"]["drained"], true, "{steps:#?}");
+    let drain = result.drain.expect("blue was drained");
+    assert!(drain.drained, "{steps:#?}");
     assert!(
-        result["drain"]["drain_ms"].as_u64().expect("drain_ms") >= 500,
-        "the drain waited for the slow request: {result}"
+        drain.drain_ms >= 500,
+        "the drain waited for the slow request: {result:?}"
     );
     assert!(
         steps.iter().any(|s| s.starts_with("drain: draining blue")),
@@ -307,9 +320,10 @@ async fn drain_times_out_and_the_request_still_completes() {
     let slow = tokio::spawn(async move { http_get(http, "localhost", "/slow?ms=2000").await });
     blue.wait_for(1).await;
     let (result, _) = admin(dir.path(), switch("web", green.addr)).await;
-    let result = result.expect("switch");
-    assert_eq!(result["drain"]["drained"], false, "{result}");
-    assert_eq!(result["drain"]["still_in_flight"], 1, "{result}");
+    let result = switched(result.expect("switch"));
+    let drain = result.drain.expect("blue was drained");
+    assert!(!drain.drained, "{result:?}");
+    assert_eq!(drain.still_in_flight, 1, "{result:?}");
     let slow = slow.await.expect("join");
     assert_eq!(
         (slow.status.as_u16(), served_by(&slow).as_str()),
@@ -360,10 +374,31 @@ async fn websocket_gets_grace_then_is_closed() {
         Message::text("before")
     );
 
-    let dir_path = dir.path().to_path_buf();
-    let green_addr = green.addr;
-    let switching = tokio::spawn(async move { admin(&dir_path, switch("web", green_addr)).await });
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The switch reports each step as it happens: once it says it gives
+    // the WebSocket its grace, the grace period has begun.
+    let (steps_tx, mut steps_rx) = tokio::sync::mpsc::unbounded_channel();
+    let socket_path = socket(dir.path());
+    let command = switch("web", green.addr);
+    let switching = tokio::spawn(async move {
+        let mut steps = Vec::new();
+        let result = cutover::admin::call(&socket_path, &command, |step, message| {
+            let _ = steps_tx.send(step.to_string());
+            steps.push(format!("{step}: {message}"));
+        })
+        .await
+        .map_err(|e| e.to_string());
+        (result, steps)
+    });
+    tokio::time::timeout(IO_TIMEOUT, async {
+        while let Some(step) = steps_rx.recv().await {
+            if step == "websockets" {
+                return;
+            }
+        }
+        panic!("the switch ended without a websockets step");
+    })
+    .await
+    .expect("the switch reached the WebSocket grace period");
     assert!(
         !switching.is_finished(),
         "the switch waits out the grace period"
@@ -377,8 +412,9 @@ async fn websocket_gets_grace_then_is_closed() {
     );
 
     let (result, steps) = switching.await.expect("join");
-    let result = result.expect("switch");
-    assert_eq!(result["drain"]["websockets_at_switch"], 1, "{result}");
+    let result = switched(result.expect("switch"));
+    let drain = result.drain.expect("blue was drained");
+    assert_eq!(drain.websockets_at_switch, 1, "{result:?}");
     assert!(
         steps.iter().any(|s| s.contains("closed 1 WebSocket")),
         "{steps:#?}"
@@ -488,15 +524,10 @@ async fn restart_resumes_the_active_colour_from_the_state_file() {
         "restart kept the switched colour"
     );
     let (status, _) = admin(dir.path(), Command::Status { service: None }).await;
-    let status = status.expect("status");
-    assert_eq!(
-        status["services"]["web"]["active"]["color"], "green",
-        "{status}"
-    );
-    assert_eq!(
-        status["services"]["web"]["active"]["health"], "healthy",
-        "{status}"
-    );
+    let status = status_of(status.expect("status"));
+    let active = status.services["web"].active.clone().expect("active");
+    assert_eq!(active.color, "green", "{status:?}");
+    assert_eq!(active.health.as_deref(), Some("healthy"), "{status:?}");
     // Status probes live: a dead active upstream shows as unhealthy.
     let dead = closed_port().await;
     let forced = Command::Switch {
@@ -506,10 +537,13 @@ async fn restart_resumes_the_active_colour_from_the_state_file() {
     };
     admin(dir.path(), forced).await.0.expect("forced switch");
     let (status, _) = admin(dir.path(), Command::Status { service: None }).await;
-    let health = status.expect("status")["services"]["web"]["active"]["health"].clone();
+    let status = status_of(status.expect("status"));
+    let health = status.services["web"].active.clone().and_then(|a| a.health);
     assert!(
-        health.as_str().is_some_and(|h| h.starts_with("unhealthy")),
-        "{health}"
+        health
+            .as_deref()
+            .is_some_and(|h| h.starts_with("unhealthy")),
+        "{health:?}"
     );
     proxy.stop().await.expect("stop");
 }

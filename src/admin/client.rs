@@ -1,14 +1,13 @@
-//! The admin client: what `cutover status|switch|pause|resume|reload` use
-//! to talk to a running server over its admin socket.
+//! The admin client: what `cutover status|switch|deploy|...` use to talk
+//! to a running server over its admin socket.
 
 use std::path::Path;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LinesCodec};
 
-use super::{encode_request, Command, Reply};
+use super::proto::{decode_report, encode_request, exit, Command, ErrorReply, Reply, Report};
 
 /// Why a command did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -24,17 +23,29 @@ pub enum ClientError {
     NoAnswer,
     #[error("server sent an unreadable reply: {0}")]
     BadReply(String),
+    /// The server answered with an error.
     #[error("{0}")]
-    Refused(String),
+    Server(ErrorReply),
 }
 
-/// Sends `command` and returns its result, calling `on_progress` for each
+impl ClientError {
+    /// The CLI exit code for this failure (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Connect { .. } => exit::UNREACHABLE,
+            ClientError::Server(error) => error.kind.exit_code(),
+            ClientError::Io(_) | ClientError::NoAnswer | ClientError::BadReply(_) => exit::FAILED,
+        }
+    }
+}
+
+/// Sends `command` and returns its report, calling `on_progress` for each
 /// progress event as it arrives.
 pub async fn call(
     socket: &Path,
     command: &Command,
     mut on_progress: impl FnMut(&str, &str),
-) -> Result<Value, ClientError> {
+) -> Result<Report, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| ClientError::Connect {
@@ -51,9 +62,12 @@ pub async fn call(
         let reply: Reply =
             serde_json::from_str(&line).map_err(|err| ClientError::BadReply(err.to_string()))?;
         match reply {
-            Reply::Progress { step, message } => on_progress(&step, &message),
-            Reply::Ok { result } => return Ok(result),
-            Reply::Error { error } => return Err(ClientError::Refused(error)),
+            Reply::Progress(event) => on_progress(&event.step, &event.message),
+            Reply::Ok { result } => {
+                return decode_report(command, result)
+                    .map_err(|err| ClientError::BadReply(err.to_string()))
+            }
+            Reply::Error { error } => return Err(ClientError::Server(error)),
         }
     }
     Err(ClientError::NoAnswer)

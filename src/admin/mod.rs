@@ -18,111 +18,26 @@
 
 mod client;
 pub mod group;
+pub mod proto;
 
-pub use client::call;
+pub use client::{call, ClientError};
+pub use proto::{decode_request, encode_request, Command, Reply, PROTOCOL_VERSION};
+
+/// Longest request line accepted; longer lines get an error reply.
+const MAX_LINE: usize = 64 * 1024;
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::control::{Controller, ImageChoice, Progress};
-
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// Longest request line accepted; longer lines get an error reply.
-const MAX_LINE: usize = 64 * 1024;
-
-/// One admin command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Command {
-    /// Per-service state; all services when `service` is absent.
-    Status {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        service: Option<String>,
-    },
-    /// Move a service to another upstream address.
-    Switch {
-        service: String,
-        to: String,
-        #[serde(default)]
-        force: bool,
-    },
-    /// Hold the service's new requests.
-    Pause { service: String },
-    /// Release held requests.
-    Resume { service: String },
-    /// Deploy an image (or a tag of the configured image) to a service.
-    Deploy {
-        service: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        image: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        tag: Option<String>,
-        /// The caller's docker config.json, for pull credentials.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        docker_config: Option<String>,
-    },
-    /// Swap back to the warm previous colour, or redeploy its image.
-    Rollback {
-        service: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        docker_config: Option<String>,
-    },
-    /// Re-read the config file and certificates. (A struct variant, so
-    /// unknown fields are rejected as for every other command.)
-    Reload {},
-    /// Order a new certificate for an automatic (`tls = "acme"`) name now.
-    Renew { name: String },
-}
-
-/// One reply line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Reply {
-    Progress { step: String, message: String },
-    Ok { result: Value },
-    Error { error: String },
-}
-
-/// A request line as sent: the version plus the command's fields.
-pub fn encode_request(command: &Command) -> String {
-    let mut value = serde_json::to_value(command).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut value {
-        map.insert("v".into(), Value::from(PROTOCOL_VERSION));
-    }
-    value.to_string()
-}
-
-/// Parses one request line, with an error message fit to send back.
-pub fn decode_request(line: &str) -> Result<Command, String> {
-    let mut value: Value =
-        serde_json::from_str(line).map_err(|err| format!("request is not JSON: {err}"))?;
-    let Value::Object(map) = &mut value else {
-        return Err("request must be a JSON object".into());
-    };
-    let version = map
-        .remove("v")
-        .ok_or("request has no protocol version \"v\"")?;
-    match version.as_u64() {
-        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        _ => {
-            return Err(format!(
-            "protocol version {version} is not supported; this server speaks v{PROTOCOL_VERSION}"
-        ))
-        }
-    }
-    serde_json::from_value(value).map_err(|err| format!("invalid request: {err}"))
-}
+use crate::control::{ControlError, Controller, ImageChoice, Progress};
+use proto::{ErrorKind, ErrorReply, ProgressEvent, Report};
 
 /// Why the admin socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +166,10 @@ async fn connection(
                 };
                 execute(command, operation, &tasks, &mut out).await
             }
-            Err(error) => send(&mut out, &Reply::Error { error }).await,
+            Err(message) => {
+                let error = ErrorReply::new(ErrorKind::Refused, message);
+                send(&mut out, &Reply::Error { error }).await
+            }
         };
         if sent.is_err() {
             return;
@@ -337,20 +255,28 @@ async fn execute(
         run_command(command, &operation, &progress).await
     });
     while let Some(event) = receiver.recv().await {
-        let progress = Reply::Progress {
+        let progress = Reply::Progress(ProgressEvent {
             step: event.step,
             message: event.message,
-        };
+        });
         if let Err(err) = send(out, &progress).await {
             tracing::info!(error = %err, "admin client went away; the operation continues, and shutdown waits for it");
             return Err(err);
         }
     }
     let reply = match task.await {
-        Ok(Ok(result)) => Reply::Ok { result },
+        Ok(Ok(report)) => match serde_json::to_value(report) {
+            Ok(result) => Reply::Ok { result },
+            Err(err) => Reply::Error {
+                error: ErrorReply::new(
+                    ErrorKind::Failed,
+                    format!("internal error: the report does not serialize: {err}"),
+                ),
+            },
+        },
         Ok(Err(error)) => Reply::Error { error },
         Err(join) => Reply::Error {
-            error: format!("internal error: {join}"),
+            error: ErrorReply::new(ErrorKind::Failed, format!("internal error: {join}")),
         },
     };
     send(out, &reply).await
@@ -360,20 +286,29 @@ async fn run_command(
     command: Command,
     operation: &Operation,
     progress: &Progress,
-) -> Result<Value, String> {
+) -> Result<Report, ErrorReply> {
     let (controller, cancel) = (&operation.controller, &operation.cancel);
     let result = match command {
-        Command::Status { service } => controller.status(service.as_deref()).await,
+        Command::Status { service } => controller
+            .status(service.as_deref())
+            .await
+            .map(Report::Status),
         Command::Switch { service, to, force } => {
-            let to = to
-                .parse()
-                .map_err(|_| format!("invalid upstream address {to:?}: expected IP:PORT"))?;
-            controller.switch(&service, to, force, progress).await
+            let to = to.parse().map_err(|_| {
+                ErrorReply::new(
+                    ErrorKind::Refused,
+                    format!("invalid upstream address {to:?}: expected IP:PORT"),
+                )
+            })?;
+            controller
+                .switch(&service, to, force, progress)
+                .await
+                .map(Report::Switch)
         }
-        Command::Pause { service } => controller.pause(&service).await,
-        Command::Resume { service } => controller.resume(&service).await,
-        Command::Reload {} => controller.reload(progress).await,
-        Command::Renew { name } => controller.renew(&name, progress).await,
+        Command::Pause { service } => controller.pause(&service).await.map(Report::Pause),
+        Command::Resume { service } => controller.resume(&service).await.map(Report::Pause),
+        Command::Reload {} => controller.reload(progress).await.map(Report::Reload),
+        Command::Renew { name } => controller.renew(&name, progress).await.map(Report::Renew),
         Command::Deploy {
             service,
             image,
@@ -383,7 +318,12 @@ async fn run_command(
             let choice = match (image, tag) {
                 (Some(image), None) => ImageChoice::Image(image),
                 (None, Some(tag)) => ImageChoice::Tag(tag),
-                _ => return Err("deploy needs exactly one of \"image\" or \"tag\"".into()),
+                _ => {
+                    return Err(ErrorReply::new(
+                        ErrorKind::Refused,
+                        "deploy needs exactly one of \"image\" or \"tag\"",
+                    ))
+                }
             };
             controller
                 .deploy(
@@ -394,17 +334,17 @@ async fn run_command(
                     cancel,
                 )
                 .await
+                .map(Report::Deploy)
         }
         Command::Rollback {
             service,
             docker_config,
-        } => {
-            controller
-                .rollback(&service, docker_config.map(PathBuf::from), progress, cancel)
-                .await
-        }
+        } => controller
+            .rollback(&service, docker_config.map(PathBuf::from), progress, cancel)
+            .await
+            .map(Report::Rollback),
     };
-    result.map_err(|err| err.to_string())
+    result.map_err(|err: ControlError| ErrorReply::new(err.kind(), err.to_string()))
 }
 
 #[cfg(test)]

@@ -10,15 +10,19 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use tokio::time::Instant;
+
 use tokio_util::sync::CancellationToken;
 
+use super::color::Color;
+use super::cutover::{Gate, Record, Target};
 use super::health;
 use super::identity::{self, Named};
+use super::report::{DeployReport, DeployTimings, RollbackReport, SwapBackReport};
 use super::state::{now_unix, ContainerState, DeployRecord, PreviousState};
-use super::{check_health, drain, next_color, ControlError, Controller, Progress};
+use super::{check_health, next_color, Activation, ControlError, Controller, Progress};
 use crate::config::{ContainerSettings, Service};
 use crate::docker::{ContainerInfo, ContainerSpec, Engine};
 use crate::upstream::Upstream;
@@ -67,7 +71,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<DeployReport, ControlError> {
         let _busy = self.claim(service)?;
         let result = self
             .deploy_claimed(service, choice, docker_config, progress, cancel)
@@ -78,7 +82,7 @@ impl Controller {
 
     /// Keeps `status`'s docker line current: an operation that reached the
     /// engine shows it answers; one that lost it says so.
-    fn note_engine_outcome(&self, result: &Result<Value, ControlError>) {
+    fn note_engine_outcome<T>(&self, result: &Result<T, ControlError>) {
         match result {
             Ok(_) => self.set_docker_status("ok".into()),
             Err(ControlError::Docker(err)) if err.is_unreachable() => {
@@ -96,7 +100,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<DeployReport, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let image = choice.resolve(&container);
@@ -123,8 +127,8 @@ impl Controller {
         // Recorded before the create: a crash from here on may leave a
         // container the engine finishes creating after the restart's
         // reconciliation looked (see `State::starting`).
-        self.update_record(service, |record| record.starting = Some(spec.name.clone()));
-        self.save_state().await?;
+        self.commit_record(service, |record| record.starting = Some(spec.name.clone()))
+            .await?;
         progress.emit(
             "starting",
             format!("starting {image} as {color} ({})", spec.name),
@@ -191,14 +195,35 @@ impl Controller {
             },
             &config.server.limits,
         );
-        let previous_record = self.record(service);
-        self.record_switch(service, current.as_deref(), &container, &image, "switched");
-        let activation = match self.activate(service, upstream).await {
-            Ok(activation) => activation,
+        let target = Target {
+            service,
+            upstream,
+            settings: &settings,
+            gate: Gate::Passed,
+            record: Some(Record {
+                container: &container,
+                image: &image,
+                message: "switched",
+                supersede: Some(&engine),
+            }),
+        };
+        let announce = |activation: &Activation| {
+            format!(
+                "switched {service} to {color} ({image}): swap {} ns after a {} µs state write{}",
+                activation.swap.as_nanos(),
+                activation.persist.as_micros(),
+                activation
+                    .old
+                    .as_ref()
+                    .map(|o| format!(", was {}", o.label))
+                    .unwrap_or_default()
+            )
+        };
+        let handover = match self.cut_over(target, progress, announce).await {
+            Ok(handover) => handover,
             Err(err) => {
-                // Nothing switched (the state write comes before the swap):
-                // put the record back and leave no container.
-                self.update_record(service, |record| *record = previous_record);
+                // Nothing switched and the records are as they were: leave
+                // no container.
                 let reason =
                     format!("the switch could not be recorded, so traffic was not moved: {err}");
                 return Err(self
@@ -214,60 +239,36 @@ impl Controller {
                     .await);
             }
         };
-        let old = activation.old.clone();
-        progress.emit(
-            "switched",
-            format!(
-                "switched {service} to {color} ({image}): swap {} ns after a {} µs state write{}",
-                activation.swap.as_nanos(),
-                activation.persist.as_micros(),
-                old.as_ref()
-                    .map(|o| format!(", was {}", o.label))
-                    .unwrap_or_default()
-            ),
-        );
-        if let Some(superseded) = previous_record.previous {
-            self.retire_superseded(&engine, &superseded, &container, progress)
-                .await;
-        }
-
-        let drain_started = Instant::now();
-        let drain_report = match &old {
-            Some(old) => Some(drain(old, &settings, progress).await),
-            None => None,
-        };
-        let drain_ms = drain_started.elapsed().as_millis() as u64;
-        if let Some(old) = &old {
-            self.keep_warm(service, old, &container, progress);
-        }
+        let (activation, drain_report) = (&handover.activation, handover.drain);
+        let drain_ms = handover.drain_time.as_millis() as u64;
         self.prune_images(service, &engine, container.retain).await;
         if let Err(err) = self.save_state().await {
             tracing::error!(service, error = %err, "could not record the deploy in the state file");
         }
         progress.emit("done", format!("deployed {image} to {service} as {color}"));
-        Ok(json!({
-            "service": service,
-            "color": color,
-            "image": image,
-            "container": started.id,
-            "upstream": addr.to_string(),
-            "deploy_id": deploy_id,
-            "timings": {
-                "start_ms": start_ms,
-                "healthy_ms": healthy_ms,
-                "persist_us": activation.persist.as_micros() as u64,
-                "swap_ns": activation.swap.as_nanos() as u64,
-                "drain_ms": drain_ms,
-                "total_ms": began.elapsed().as_millis() as u64,
+        Ok(DeployReport {
+            service: service.to_string(),
+            color: color.to_string(),
+            image,
+            container: started.id,
+            upstream: addr.to_string(),
+            deploy_id,
+            timings: DeployTimings {
+                start_ms,
+                healthy_ms,
+                persist_us: activation.persist.as_micros() as u64,
+                swap_ns: activation.swap.as_nanos() as u64,
+                drain_ms,
+                total_ms: began.elapsed().as_millis() as u64,
             },
-            "drain": drain_report,
-        }))
+            drain: drain_report,
+        })
     }
 
     /// Records a switch to `image` that is about to be published: the
     /// outgoing upstream becomes the warm previous colour, the image goes to
     /// the front of the history.
-    fn record_switch(
+    pub(super) fn record_switch(
         &self,
         service: &str,
         outgoing: Option<&Upstream>,
@@ -287,8 +288,10 @@ impl Controller {
     /// The container a deploy was creating is now known to the engine
     /// listing (or gone): stop watching for it.
     async fn forget_starting(&self, service: &str) {
-        self.update_record(service, |record| record.starting = None);
-        if let Err(err) = self.save_state().await {
+        if let Err(err) = self
+            .commit_record(service, |record| record.starting = None)
+            .await
+        {
             tracing::error!(service, error = %err, "could not update the state file");
         }
     }
@@ -367,13 +370,15 @@ impl Controller {
             Some(old) => format!("{} ({}) keeps serving, untouched", old.label, old.addr),
             None => "no colour was serving before".to_string(),
         };
-        self.update_record(service, |record| {
-            record.last_deploy = Some(deploy_record(image, false, &reason));
-            if removed {
-                record.starting = None;
-            }
-        });
-        if let Err(err) = self.save_state().await {
+        let recorded = self
+            .commit_record(service, |record| {
+                record.last_deploy = Some(deploy_record(image, false, &reason));
+                if removed {
+                    record.starting = None;
+                }
+            })
+            .await;
+        if let Err(err) = recorded {
             tracing::error!(service, error = %err, "could not record the failed deploy");
         }
         ControlError::DeployFailed {
@@ -521,7 +526,7 @@ impl Controller {
     /// superseded by the colour that just stopped serving: stops and
     /// removes it. A failure is logged; the container is no longer named
     /// anywhere, so the next reconciliation removes it.
-    async fn retire_superseded(
+    pub(super) async fn retire_superseded(
         &self,
         engine: &Engine,
         superseded: &PreviousState,
@@ -549,7 +554,7 @@ impl Controller {
 
     /// Keeps the old colour's container running for `keep_previous`, then
     /// retires it (unless a rollback made it active again by then).
-    fn keep_warm(
+    pub(super) fn keep_warm(
         self: &Arc<Self>,
         service: &str,
         old: &Upstream,
@@ -633,8 +638,10 @@ impl Controller {
         match result {
             Ok(()) => {
                 tracing::info!(service, container = %short(container_id), "retired previous colour");
-                self.update_record(service, |record| record.previous = None);
-                if let Err(err) = self.save_state().await {
+                if let Err(err) = self
+                    .commit_record(service, |record| record.previous = None)
+                    .await
+                {
                     tracing::error!(service, error = %err, "could not record the retirement");
                 }
             }
@@ -667,7 +674,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<RollbackReport, ControlError> {
         let _busy = self.claim(service)?;
         let result = self
             .rollback_claimed(service, docker_config, progress, cancel)
@@ -683,7 +690,7 @@ impl Controller {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<RollbackReport, ControlError> {
         let (config, settings) = self.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let engine = self.engine().await?;
@@ -697,9 +704,10 @@ impl Controller {
             if let Some(warm) = warm_container(&engine, &previous, container.port).await {
                 return self
                     .swap_back(
-                        service, previous, warm, &config, &settings, &container, current, progress,
+                        service, previous, warm, &config, &settings, &container, progress,
                     )
-                    .await;
+                    .await
+                    .map(RollbackReport::Instant);
             }
             progress.emit(
                 "rollback",
@@ -717,7 +725,7 @@ impl Controller {
                     .cloned()
             })
             .ok_or_else(|| {
-                ControlError::Failed(format!(
+                ControlError::Refused(format!(
                     "nothing to roll back to: {service} has no previous colour or image"
                 ))
             })?;
@@ -730,6 +738,7 @@ impl Controller {
             cancel,
         )
         .await
+        .map(RollbackReport::Redeploy)
     }
 
     /// The instant rollback: the previous container is still running.
@@ -742,9 +751,8 @@ impl Controller {
         config: &crate::config::Config,
         settings: &Service,
         container: &ContainerSettings,
-        current: Option<Arc<Upstream>>,
         progress: &Progress,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<SwapBackReport, ControlError> {
         let addr = warm.host_addr.unwrap_or(previous.addr);
         progress.emit(
             "rollback",
@@ -753,7 +761,6 @@ impl Controller {
                 previous.color
             ),
         );
-        check_health(addr, settings, progress).await?;
         let Some(state) = previous.container.clone() else {
             return Err(ControlError::Failed(
                 "previous colour has no container".into(),
@@ -762,50 +769,39 @@ impl Controller {
         let image = state.image.clone();
         let upstream =
             Upstream::for_container(addr, previous.color.clone(), state, &config.server.limits);
-        let previous_record = self.record(service);
-        self.record_switch(
+        let target = Target {
             service,
-            current.as_deref(),
-            container,
-            &image,
-            "rolled back",
-        );
-        let activation = match self.activate(service, upstream).await {
-            Ok(activation) => activation,
-            Err(err) => {
-                // Nothing switched: the warm colour stays the rollback target.
-                self.update_record(service, |record| *record = previous_record);
-                return Err(err);
-            }
+            upstream,
+            settings,
+            gate: Gate::Probe,
+            // On failure the warm colour stays the rollback target.
+            record: Some(Record {
+                container,
+                image: &image,
+                message: "rolled back",
+                supersede: None,
+            }),
         };
-        let old = activation.old.clone();
-        progress.emit(
-            "switched",
+        let announce = |activation: &Activation| {
             format!(
                 "rolled {service} back to {} ({image}): swap {} ns",
                 previous.color,
                 activation.swap.as_nanos()
-            ),
-        );
-        let drain_report = match &old {
-            Some(old) => Some(drain(old, settings, progress).await),
-            None => None,
+            )
         };
-        if let Some(old) = &old {
-            self.keep_warm(service, old, container, progress);
-        }
+        let handover = self.cut_over(target, progress, announce).await?;
         if let Err(err) = self.save_state().await {
             tracing::error!(service, error = %err, "could not record the rollback");
         }
-        Ok(json!({
-            "service": service,
-            "color": previous.color,
-            "image": image,
-            "instant": true,
-            "upstream": addr.to_string(),
-            "timings": activation.timings(),
-            "drain": drain_report,
-        }))
+        Ok(SwapBackReport {
+            service: service.to_string(),
+            color: previous.color,
+            image,
+            instant: true,
+            upstream: addr.to_string(),
+            timings: handover.activation.timings(),
+            drain: handover.drain,
+        })
     }
 
     /// Start-up reconciliation against Docker: keep the active container if
@@ -1161,12 +1157,14 @@ impl Controller {
                 }
             }
             // Unless a new deploy has recorded its own container since.
-            controller.update_record(&service, |record| {
-                if record.starting.as_ref() == Some(&name) {
-                    record.starting = None;
-                }
-            });
-            if let Err(err) = controller.save_state().await {
+            let recorded = controller
+                .commit_record(&service, |record| {
+                    if record.starting.as_ref() == Some(&name) {
+                        record.starting = None;
+                    }
+                })
+                .await;
+            if let Err(err) = recorded {
                 tracing::error!(service, error = %err, "could not update the state file");
             }
         });
@@ -1239,7 +1237,10 @@ fn container_spec(
     env.extend(settings.env.iter().map(|(k, v)| format!("{k}={v}")));
     let host_port = settings
         .host_ports
-        .map(|[blue, green]| if color == "blue" { blue } else { green });
+        .map(|[blue, green]| match Color::parse(color) {
+            Some(Color::Blue) => blue,
+            _ => green,
+        });
     Ok(ContainerSpec {
         name: format!("cutover-{service}-{color}-{deploy_id}"),
         image: image.to_string(),

@@ -20,9 +20,12 @@
 //! from this instant), then drain the old upstream: wait for its in-flight
 //! requests, give its WebSocket tunnels a grace period, and close them.
 
+pub mod color;
+mod cutover;
 mod deploy;
 pub mod health;
 pub mod identity;
+pub mod report;
 pub mod state;
 pub mod watch;
 
@@ -31,10 +34,10 @@ pub use deploy::ImageChoice;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use serde::Serialize;
-use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::acme::{self, CertStatus};
@@ -43,7 +46,12 @@ use crate::docker::{DockerError, Engine};
 use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
+use color::Color;
 use health::ProbeError;
+use report::{
+    ActiveStatus, DrainReport, ErrorKind, PauseReport, PreviousStatus, ReloadReport, RenewReport,
+    ServiceStatus, StatusReport, SwapTimings, SwitchReport,
+};
 use state::{now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore};
 
 /// One progress line of a running operation, streamed to the admin client.
@@ -118,8 +126,35 @@ pub enum ControlError {
         cleanup: String,
         logs: String,
     },
+    /// The operation was tried and failed.
     #[error("{0}")]
     Failed(String),
+    /// The request cannot be done as asked (nothing to roll back to, no
+    /// automatic certificate to renew, a malformed argument).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ControlError {
+    /// Which kind of failure this is, for the admin reply and the CLI's
+    /// exit code.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ControlError::Busy(_) => ErrorKind::Busy,
+            ControlError::UnknownService(_)
+            | ControlError::AlreadyPaused(_)
+            | ControlError::NotPaused(_)
+            | ControlError::Config(_)
+            | ControlError::NoConfigFile
+            | ControlError::NotAContainerService(_)
+            | ControlError::Refused(_) => ErrorKind::Refused,
+            ControlError::Unhealthy { .. }
+            | ControlError::State(_)
+            | ControlError::Docker(_)
+            | ControlError::DeployFailed { .. }
+            | ControlError::Failed(_) => ErrorKind::Failed,
+        }
+    }
 }
 
 /// What [`Controller::activate`] did.
@@ -134,12 +169,12 @@ pub struct Activation {
 }
 
 impl Activation {
-    /// Timings for a result document.
-    pub fn timings(&self) -> Value {
-        json!({
-            "persist_us": self.persist.as_micros() as u64,
-            "swap_ns": self.swap.as_nanos() as u64,
-        })
+    /// Timings for a report.
+    pub fn timings(&self) -> SwapTimings {
+        SwapTimings {
+            persist_us: self.persist.as_micros() as u64,
+            swap_ns: self.swap.as_nanos() as u64,
+        }
     }
 }
 
@@ -307,6 +342,17 @@ impl Controller {
         }
     }
 
+    /// Changes a service's record and writes the state file: the one way an
+    /// operation records a fact that must survive a crash.
+    pub(crate) async fn commit_record(
+        &self,
+        service: &str,
+        change: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<(), StateError> {
+        self.update_record(service, change);
+        self.save_state().await
+    }
+
     /// Writes the current snapshot and records to the state file.
     pub(crate) async fn save_state(&self) -> Result<(), StateError> {
         let _writer = self.writer.lock().await;
@@ -385,44 +431,44 @@ impl Controller {
     /// Moves `service` to the upstream at `to`: health check (unless
     /// `force`), persist, swap, drain. Returns a summary for the caller.
     pub async fn switch(
-        &self,
+        self: &Arc<Self>,
         service: &str,
         to: SocketAddr,
         force: bool,
         progress: &Progress,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<SwitchReport, ControlError> {
         let _busy = self.claim(service)?;
         let (config, settings) = self.service_config(service)?;
-        if force {
-            progress.emit("health", format!("skipping health check of {to} (--force)"));
-        } else {
-            check_health(to, &settings, progress).await?;
-        }
-        let current = self.active(service);
-        let color = next_color(current.as_deref());
-        let upstream = Upstream::new(to, color, &config.server.limits);
-        let activation = self.activate(service, Arc::clone(&upstream)).await?;
-        let old = activation.old.clone();
-        progress.emit(
-            "switched",
+        let color = next_color(self.active(service).as_deref());
+        let target = cutover::Target {
+            service,
+            upstream: Upstream::new(to, color, &config.server.limits),
+            settings: &settings,
+            gate: if force {
+                cutover::Gate::Skipped
+            } else {
+                cutover::Gate::Probe
+            },
+            record: None,
+        };
+        let announce = |activation: &Activation| {
             format!(
                 "switched {service} to {color} ({to}){}",
-                old.as_ref()
+                activation
+                    .old
+                    .as_ref()
                     .map(|o| format!(", was {} ({})", o.label, o.addr))
                     .unwrap_or_default()
-            ),
-        );
-        let drain = match old {
-            Some(old) => Some(drain(&old, &settings, progress).await),
-            None => None,
+            )
         };
-        Ok(json!({
-            "service": service,
-            "color": color,
-            "upstream": to.to_string(),
-            "timings": activation.timings(),
-            "drain": drain,
-        }))
+        let handover = self.cut_over(target, progress, announce).await?;
+        Ok(SwitchReport {
+            service: service.to_string(),
+            color: color.to_string(),
+            upstream: to.to_string(),
+            timings: handover.activation.timings(),
+            drain: handover.drain,
+        })
     }
 
     /// The service's active upstream right now.
@@ -512,7 +558,7 @@ impl Controller {
 
     /// Holds new requests for `service` until [`resume`](Self::resume)
     /// (or each request's `pause_timeout`, then 503).
-    pub async fn pause(&self, service: &str) -> Result<Value, ControlError> {
+    pub async fn pause(&self, service: &str) -> Result<PauseReport, ControlError> {
         let _writer = self.writer.lock().await;
         let (current, slot) = self.current_slot(service)?;
         if slot.pause.is_some() {
@@ -527,11 +573,14 @@ impl Controller {
         );
         self.shared.snapshot.store(Arc::new(next));
         tracing::info!(service, "paused");
-        Ok(json!({ "service": service, "paused": true }))
+        Ok(PauseReport {
+            service: service.to_string(),
+            paused: true,
+        })
     }
 
     /// Releases every request held by [`pause`](Self::pause).
-    pub async fn resume(&self, service: &str) -> Result<Value, ControlError> {
+    pub async fn resume(&self, service: &str) -> Result<PauseReport, ControlError> {
         let _writer = self.writer.lock().await;
         let (current, slot) = self.current_slot(service)?;
         let Some(gate) = slot.pause.clone() else {
@@ -549,12 +598,15 @@ impl Controller {
         self.shared.snapshot.store(Arc::new(next));
         gate.release();
         tracing::info!(service, "resumed");
-        Ok(json!({ "service": service, "paused": false }))
+        Ok(PauseReport {
+            service: service.to_string(),
+            paused: false,
+        })
     }
 
     /// Re-reads the config file (and certificates). An invalid file or
     /// certificate changes nothing and the error names file:line.
-    pub async fn reload(&self, progress: &Progress) -> Result<Value, ControlError> {
+    pub async fn reload(&self, progress: &Progress) -> Result<ReloadReport, ControlError> {
         let current = self.shared.snapshot.load_full();
         let path = current
             .config
@@ -580,7 +632,9 @@ impl Controller {
             resolver.replace(certs);
         }
         progress.emit("reloaded", format!("reloaded {}", path.display()));
-        Ok(json!({ "config": path.display().to_string() }))
+        Ok(ReloadReport {
+            config: path.display().to_string(),
+        })
     }
 
     /// Follows a reloaded config's automatic names and `[acme]` settings.
@@ -599,9 +653,13 @@ impl Controller {
     }
 
     /// Orders a new certificate for an automatic name now (`cutover renew`).
-    pub async fn renew(&self, name: &str, progress: &Progress) -> Result<Value, ControlError> {
+    pub async fn renew(
+        &self,
+        name: &str,
+        progress: &Progress,
+    ) -> Result<RenewReport, ControlError> {
         let acme = self.acme.as_ref().ok_or_else(|| {
-            ControlError::Failed("no site has tls = \"acme\": there is nothing to renew".into())
+            ControlError::Refused("no site has tls = \"acme\": there is nothing to renew".into())
         })?;
         let status = acme
             .renew(name, || {
@@ -616,7 +674,9 @@ impl Controller {
                 status.issuer.as_deref().unwrap_or("-")
             ),
         );
-        Ok(json!({ "certificate": status }))
+        Ok(RenewReport {
+            certificate: status,
+        })
     }
 
     /// Every certificate: the automatic ones, then the `[[tls]]` files.
@@ -639,7 +699,7 @@ impl Controller {
 
     /// Per-service facts for `cutover status`, with one live health probe
     /// of each active upstream (so "health" is now, not remembered).
-    pub async fn status(&self, only: Option<&str>) -> Result<Value, ControlError> {
+    pub async fn status(&self, only: Option<&str>) -> Result<StatusReport, ControlError> {
         let saved = match &self.state {
             Some(store) => store.read().await.ok(),
             None => None,
@@ -672,8 +732,12 @@ impl Controller {
                 })
             });
         for (name, health) in futures_util::future::join_all(probes).await {
-            if let Some(active) = report["services"][&name]["active"].as_object_mut() {
-                active.insert("health".into(), Value::String(health));
+            if let Some(active) = report
+                .services
+                .get_mut(&name)
+                .and_then(|service| service.active.as_mut())
+            {
+                active.health = Some(health);
             }
         }
         Ok(report)
@@ -685,7 +749,7 @@ impl Controller {
         &self,
         only: Option<&str>,
         since: &HashMap<String, u64>,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<StatusReport, ControlError> {
         let snapshot = self.shared.snapshot.load_full();
         if let Some(name) = only {
             if snapshot.service(name).is_none() {
@@ -693,7 +757,7 @@ impl Controller {
             }
         }
         let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
-        let mut services = serde_json::Map::new();
+        let mut services = std::collections::BTreeMap::new();
         for name in snapshot.config.services.keys() {
             if only.is_some_and(|only| only != name) {
                 continue;
@@ -701,44 +765,45 @@ impl Controller {
             let Some(slot) = snapshot.service(name) else {
                 continue;
             };
-            let active = slot.active.as_ref().map(|upstream| {
-                json!({
-                    "color": upstream.label,
-                    "upstream": upstream.addr.to_string(),
-                    "in_flight": upstream.in_flight(),
-                    "websockets": upstream.tunnels(),
-                    "container": upstream.container.as_ref().map(|c| c.id.clone()),
-                    "image": upstream.container.as_ref().map(|c| c.image.clone()),
-                    "since": since.get(name),
-                    "active_for_s": since.get(name).map(|since| now_unix().saturating_sub(*since)),
-                })
+            let active = slot.active.as_ref().map(|upstream| ActiveStatus {
+                color: upstream.label.clone(),
+                upstream: upstream.addr.to_string(),
+                in_flight: upstream.in_flight(),
+                websockets: upstream.tunnels(),
+                container: upstream.container.as_ref().map(|c| c.id.clone()),
+                image: upstream.container.as_ref().map(|c| c.image.clone()),
+                since: since.get(name).copied(),
+                active_for_s: since
+                    .get(name)
+                    .map(|since| now_unix().saturating_sub(*since)),
+                health: None,
             });
             let record = self.record(name);
             let now = now_unix();
-            let previous = record.previous.as_ref().map(|previous| {
-                json!({
-                    "color": previous.color,
-                    "upstream": previous.addr.to_string(),
-                    "container": previous.container.as_ref().map(|c| c.id.clone()),
-                    "image": previous.container.as_ref().map(|c| c.image.clone()),
-                    "warm_for_s": previous.retire_at.saturating_sub(now),
-                })
+            let previous = record.previous.as_ref().map(|previous| PreviousStatus {
+                color: previous.color.clone(),
+                upstream: previous.addr.to_string(),
+                container: previous.container.as_ref().map(|c| c.id.clone()),
+                image: previous.container.as_ref().map(|c| c.image.clone()),
+                warm_for_s: previous.retire_at.saturating_sub(now),
             });
+            let managed = snapshot
+                .config
+                .services
+                .get(name)
+                .is_some_and(|s| s.container.is_some());
             services.insert(
                 name.clone(),
-                json!({
-                    "active": active,
-                    "previous": previous,
-                    "last_deploy": record.last_deploy,
-                    // A container being created, or whose create was cut
-                    // short by a crash or an engine outage and is watched
-                    // for so it can be removed.
-                    "starting": record.starting,
-                    "paused": slot.pause.is_some(),
-                    "pinned": slot.pinned,
-                    "busy": busy.contains(name),
-                    "managed": snapshot.config.services.get(name).is_some_and(|s| s.container.is_some()),
-                }),
+                ServiceStatus {
+                    active,
+                    previous,
+                    last_deploy: record.last_deploy,
+                    starting: record.starting,
+                    paused: slot.pause.is_some(),
+                    pinned: slot.pinned,
+                    busy: busy.contains(name),
+                    managed,
+                },
             );
         }
         let docker = self
@@ -746,11 +811,11 @@ impl Controller {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
-        let mut report = json!({ "services": services, "docker": docker });
-        if only.is_none() {
-            report["certificates"] = json!(self.certificates());
-        }
-        Ok(report)
+        Ok(StatusReport {
+            services,
+            docker,
+            certificates: only.is_none().then(|| self.certificates()),
+        })
     }
 }
 
@@ -779,12 +844,9 @@ fn warn_on_restart_only_changes(old: &Config, new: &Config) {
     }
 }
 
-/// The colour a new upstream gets: the other one.
+/// The colour a new upstream gets: the other one (see [`Color::after`]).
 pub(crate) fn next_color(current: Option<&Upstream>) -> &'static str {
-    match current.map(|u| u.label.as_str()) {
-        Some("blue") => "green",
-        _ => "blue",
-    }
+    Color::after(current.map(|u| u.label.as_str())).as_str()
 }
 
 pub(crate) async fn check_health(
@@ -831,7 +893,7 @@ pub(crate) async fn check_health(
 /// finish on the old upstream (cutover never cuts a request itself); the
 /// old upstream's connections are no longer pooled, so each closes when
 /// its request ends.
-pub async fn drain(old: &Arc<Upstream>, settings: &Service, progress: &Progress) -> Value {
+pub async fn drain(old: &Arc<Upstream>, settings: &Service, progress: &Progress) -> DrainReport {
     let started = Instant::now();
     let deadline = started + settings.drain_timeout;
     let mut drained = old.in_flight() == 0;
@@ -883,12 +945,12 @@ pub async fn drain(old: &Arc<Upstream>, settings: &Service, progress: &Progress)
             );
         }
     }
-    json!({
-        "drained": drained,
-        "drain_ms": drain_ms,
-        "still_in_flight": left,
-        "websockets_at_switch": tunnels,
-    })
+    DrainReport {
+        drained,
+        drain_ms,
+        still_in_flight: left,
+        websockets_at_switch: tunnels,
+    }
 }
 
 #[cfg(test)]
@@ -957,5 +1019,83 @@ mod tests {
         assert_eq!(controller.active("web").map(|u| u.addr), Some(green));
         let saved = store.load().expect("state file");
         assert_eq!(saved.services["web"].addr, green);
+    }
+
+    /// A service `web` with the given extra settings, and an upstream for it.
+    fn drain_fixture(extra: &str) -> (Service, Arc<Upstream>) {
+        let text = format!("[service.web]\nupstream = \"127.0.0.1:9000\"\n{extra}\n");
+        let dir = std::env::temp_dir();
+        let config = Config::parse(&text, "proxy.toml", &dir).expect("config");
+        let settings = config.services["web"].clone();
+        let addr = "127.0.0.1:9000".parse().expect("addr");
+        let old = Upstream::new(addr, "blue", &config.server.limits);
+        (settings, old)
+    }
+
+    /// The messages a drain emitted for `step`.
+    fn steps(events: &mut tokio::sync::mpsc::UnboundedReceiver<Event>, step: &str) -> usize {
+        let mut count = 0;
+        while let Ok(event) = events.try_recv() {
+            count += usize::from(event.step == step);
+        }
+        count
+    }
+
+    /// A request that outlives the drain timeout is left running, and the
+    /// drain gives up at exactly the timeout (tokio's clock, paused: no
+    /// wall-clock wait, no margin).
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_at_the_drain_timeout() {
+        let (settings, old) = drain_fixture("drain_timeout = \"30s\"");
+        let request = old.begin_request();
+        let (sink, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let started = Instant::now();
+        let report = drain(&old, &settings, &Progress::new(sink)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(
+            report,
+            DrainReport {
+                drained: false,
+                drain_ms: 30_000,
+                still_in_flight: 1,
+                websockets_at_switch: 0,
+            }
+        );
+        // One "draining" line a second, then the timeout line.
+        assert_eq!(steps(&mut events, "drain"), 31);
+        drop(request);
+    }
+
+    /// A drain ends the moment the last request does, not at a poll tick.
+    #[tokio::test(start_paused = true)]
+    async fn drain_ends_when_the_last_request_ends() {
+        let (settings, old) = drain_fixture("drain_timeout = \"30s\"");
+        let request = old.begin_request();
+        let started = Instant::now();
+        let finish = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            drop(request);
+        });
+        let report = drain(&old, &settings, &Progress::log_only()).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(2_500));
+        assert!(report.drained, "{report:?}");
+        assert_eq!((report.drain_ms, report.still_in_flight), (2_500, 0));
+        finish.await.expect("request task");
+    }
+
+    /// WebSockets still open after the drain get `websocket_grace`, then
+    /// are closed.
+    #[tokio::test(start_paused = true)]
+    async fn drain_closes_websockets_after_the_grace() {
+        let (settings, old) = drain_fixture("websocket_grace = \"10s\"");
+        let tunnel = old.begin_tunnel();
+        let closed = old.tunnel_token();
+        let started = Instant::now();
+        let report = drain(&old, &settings, &Progress::log_only()).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert!(report.drained, "no request was in flight: {report:?}");
+        assert_eq!(report.websockets_at_switch, 1);
+        assert!(closed.is_cancelled(), "the tunnel was told to close");
+        drop(tunnel);
     }
 }

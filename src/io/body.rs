@@ -560,6 +560,73 @@ mod tests {
         );
     }
 
+    /// The min-rate limit fires at its exact deadline, on tokio's paused
+    /// clock: one byte every 20 ms against 1000 B/s with a 100 ms grace.
+    /// After 5 bytes (t = 100 ms) the deadline is 100 + 5 = 105 ms, before
+    /// the sixth byte at 120 ms.
+    #[tokio::test(start_paused = true)]
+    async fn min_rate_fires_at_its_deadline() {
+        let body = LimitedBody::new(trickle(Duration::from_millis(20), 10_000), 1 << 20, {
+            Duration::from_secs(5)
+        })
+        .with_min_rate(MinRate {
+            bytes_per_sec: 1000,
+            grace: Duration::from_millis(100),
+        });
+        let started = Instant::now();
+        let err = body.collect().await.expect_err("too slow");
+        assert_eq!(started.elapsed(), Duration::from_millis(105));
+        assert_eq!(
+            err.downcast_ref::<BodyLimitError>(),
+            Some(&BodyLimitError::TooSlow(1000))
+        );
+    }
+
+    /// A body exactly at the minimum rate is never cut: 10 bytes, one
+    /// every 100 ms, against 10 B/s after a 100 ms grace, each byte lands
+    /// at its deadline minus the grace.
+    #[tokio::test(start_paused = true)]
+    async fn min_rate_spares_a_body_at_the_rate() {
+        let body = LimitedBody::new(trickle(Duration::from_millis(100), 10), 1 << 20, {
+            Duration::from_secs(5)
+        })
+        .with_min_rate(MinRate {
+            bytes_per_sec: 10,
+            grace: Duration::from_millis(100),
+        });
+        let started = Instant::now();
+        let collected = body.collect().await.expect("at the rate").to_bytes();
+        assert_eq!(collected.len(), 10);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    /// The gap limit restarts with every chunk: a body that pauses 40 ms
+    /// between chunks under a 50 ms stall timeout is fine; its end counts
+    /// from the last chunk.
+    #[tokio::test(start_paused = true)]
+    async fn stall_timer_restarts_with_every_chunk() {
+        let then_stall = futures_util::stream::unfold(0usize, |sent| async move {
+            if sent == 3 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            let frame = Frame::data(Bytes::from_static(b"x"));
+            Some((Ok::<_, std::convert::Infallible>(frame), sent + 1))
+        });
+        let body = LimitedBody::new(
+            http_body_util::StreamBody::new(then_stall),
+            1 << 20,
+            Duration::from_millis(50),
+        );
+        let started = Instant::now();
+        let err = body.collect().await.expect_err("stalled after 3 bytes");
+        assert_eq!(started.elapsed(), Duration::from_millis(120 + 50));
+        assert_eq!(
+            err.downcast_ref::<BodyLimitError>(),
+            Some(&BodyLimitError::Stalled(Duration::from_millis(50)))
+        );
+    }
+
     /// One step of a scripted HTTP/2 request body.
     #[derive(Clone, Copy)]
     enum Step {

@@ -13,6 +13,10 @@ use crate::config::Config;
 pub struct Listeners {
     pub http: Option<TcpListener>,
     pub https: Option<TcpListener>,
+    /// The admin socket, bound by the caller (`admin::bind`) at the config's
+    /// `admin_socket`, so clients can connect before `run` serves it;
+    /// `None`: `run` binds it.
+    pub admin: Option<tokio::net::UnixListener>,
 }
 
 impl Listeners {
@@ -26,7 +30,11 @@ impl Listeners {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        Ok(Listeners { http, https })
+        Ok(Listeners {
+            http,
+            https,
+            admin: None,
+        })
     }
 }
 

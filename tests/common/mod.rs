@@ -96,12 +96,15 @@ pub async fn start_proxy_on(config_text: &str, ip: &str) -> TestProxy {
     } else {
         Some(TcpListener::bind((ip, 0)).await.expect("bind https"))
     };
-    run_proxy(http, https, config)
+    run_proxy(http, https, config).await
 }
 
 /// Runs `config` on listeners the caller bound (when the test needs their
 /// ports first, or a config file).
-pub fn run_proxy(
+/// The admin socket, when the config has one, is bound here too, before
+/// `run`: a command sent at once waits in the socket's queue instead of
+/// failing, so no test polls for readiness.
+pub async fn run_proxy(
     http: TcpListener,
     https: Option<TcpListener>,
     config: cutover::Config,
@@ -109,9 +112,18 @@ pub fn run_proxy(
     let http_addr = http.local_addr().expect("addr");
     let https_addr = https.as_ref().map(|l| l.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
+    // A socket that cannot be bound is left to `run`, which then fails
+    // with its own error (the tests of that error start the proxy here).
+    let admin = match &config.server.admin_socket {
+        Some(path) => cutover::admin::bind(path, config.server.admin_group.as_deref())
+            .await
+            .ok(),
+        None => None,
+    };
     let listeners = cutover::Listeners {
         http: Some(http),
         https,
+        admin,
     };
     let handle = tokio::spawn(cutover::run(listeners, config, async move {
         let _ = rx.await;
@@ -129,25 +141,20 @@ pub async fn admin_call(
     socket: &Path,
     command: cutover::admin::Command,
     limit: Duration,
-) -> Result<serde_json::Value, String> {
+) -> Result<cutover::admin::proto::Report, String> {
     tokio::time::timeout(limit, cutover::admin::call(socket, &command, |_, _| {}))
         .await
         .expect("admin command timed out")
         .map_err(|err| err.to_string())
 }
 
-/// Waits (up to [`IO_TIMEOUT`]) until the admin socket answers `status`:
-/// `run` binds it after the TCP listeners.
+/// Waits (up to [`IO_TIMEOUT`]) until the admin socket answers `status`.
+/// [`run_proxy`] binds it before `run`, so the first call waits in the
+/// socket's queue until `run` serves it: no polling.
 pub async fn wait_for_admin(socket: &Path) {
-    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-    let status = || cutover::admin::Command::Status { service: None };
-    while admin_call(socket, status(), IO_TIMEOUT).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "admin socket {} never answered",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let status = cutover::admin::Command::Status { service: None };
+    if let Err(err) = admin_call(socket, status, IO_TIMEOUT).await {
+        panic!("admin socket {} did not answer: {err}", socket.display());
     }
 }
 
@@ -208,6 +215,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: &'static str,
     pub records: Arc<Mutex<Vec<Recorded>>>,
+    /// How many requests were recorded: the "request arrived" signal.
+    arrived: tokio::sync::watch::Receiver<usize>,
 }
 
 impl Upstream {
@@ -230,18 +239,17 @@ impl Upstream {
         records.into_iter().next().expect("one")
     }
 
-    /// Waits (bounded) until at least `n` requests were recorded.
+    /// Waits (bounded) until at least `n` requests were recorded: woken by
+    /// each recorded request, no polling.
     pub async fn wait_for(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-        while self.count() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "upstream {} saw {} requests, expected {n}",
-                self.name,
-                self.count()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut arrived = self.arrived.clone();
+        let seen = tokio::time::timeout(IO_TIMEOUT, arrived.wait_for(|count| *count >= n)).await;
+        assert!(
+            matches!(seen, Ok(Ok(_))),
+            "upstream {} saw {} requests, expected {n}",
+            self.name,
+            self.count()
+        );
     }
 }
 
@@ -257,20 +265,23 @@ pub async fn start_upstream(name: &'static str) -> Upstream {
         .expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     let records = Arc::new(Mutex::new(Vec::new()));
+    let (count, arrived) = tokio::sync::watch::channel(0usize);
+    let count = Arc::new(count);
     let upstream = Upstream {
         addr,
         name,
         records: Arc::clone(&records),
+        arrived,
     };
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let records = Arc::clone(&records);
+            let (records, count) = (Arc::clone(&records), Arc::clone(&count));
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    upstream_handle(name, Arc::clone(&records), req)
+                    upstream_handle(name, Arc::clone(&records), Arc::clone(&count), req)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -285,6 +296,7 @@ pub async fn start_upstream(name: &'static str) -> Upstream {
 async fn upstream_handle(
     name: &'static str,
     records: Arc<Mutex<Vec<Recorded>>>,
+    count: Arc<tokio::sync::watch::Sender<usize>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
@@ -296,6 +308,7 @@ async fn upstream_handle(
         headers: parts.headers.clone(),
         body: body.clone(),
     });
+    count.send_modify(|count| *count += 1);
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
     let (status, body) = if path == "/echo" {

@@ -16,7 +16,8 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -189,10 +190,16 @@ impl Proxy {
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or_else(|| panic!("status printed nothing: {out}"));
-        let reply: serde_json::Value =
-            serde_json::from_str(last).unwrap_or_else(|e| panic!("status JSON {last:?}: {e}"));
-        assert_eq!(reply["type"], "ok", "{out}");
-        reply["result"].clone()
+        let reply: cutover::admin::Reply =
+            serde_json::from_str(last).unwrap_or_else(|e| panic!("status reply {last:?}: {e}"));
+        let cutover::admin::Reply::Ok { result } = reply else {
+            panic!("status did not answer ok: {out}");
+        };
+        // The result is a typed status report; the deploy tests read its
+        // JSON form, which is what scripts see.
+        serde_json::from_value::<cutover::admin::proto::StatusReport>(result.clone())
+            .unwrap_or_else(|e| panic!("status result is not a StatusReport ({e}): {out}"));
+        result
     }
 }
 

@@ -6,7 +6,8 @@
 //! containers and images are removed, then the temporary directory.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use serde_json::Value;
 

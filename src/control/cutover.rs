@@ -1,0 +1,136 @@
+//! The one cut-over step that switch, deploy and rollback share:
+//! health gate → (record) → persist → swap → drain → keep warm.
+//!
+//! Each operation prepares its new upstream its own way (a switch names an
+//! address, a deploy starts a container, a rollback finds the warm previous
+//! one), then hands it to [`Controller::cut_over`]. The rules every cut-over
+//! keeps live here once: traffic moves only to an upstream that passed its
+//! health gate, the state file is written before the swap (so a failed
+//! write moves nothing and the records are put back), and the old upstream
+//! is drained before its container is scheduled for retirement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::report::DrainReport;
+use super::{check_health, drain, Activation, ControlError, Controller, Progress};
+use crate::config::{ContainerSettings, Service};
+use crate::docker::Engine;
+use crate::upstream::Upstream;
+
+/// How the new upstream proves it is healthy before traffic moves.
+pub(crate) enum Gate {
+    /// Probe it now with the service's health check.
+    Probe,
+    /// The operator skipped the check (`switch --force`).
+    Skipped,
+    /// The caller already proved it (a deploy watches its container while
+    /// probing).
+    Passed,
+}
+
+/// What a cut-over to a container records: the outgoing upstream becomes
+/// the warm previous colour, `image` the newest in the history, with
+/// `message` as the last deploy's outcome.
+pub(crate) struct Record<'a> {
+    pub container: &'a ContainerSettings,
+    pub image: &'a str,
+    pub message: &'a str,
+    /// A deploy: the warm previous colour from before it is superseded by
+    /// the one that just stopped serving, and is stopped right after the
+    /// swap, through this engine. `None` for a rollback, whose swap makes
+    /// that warm colour the active one.
+    pub supersede: Option<&'a Engine>,
+}
+
+/// What to cut over to, and how.
+pub(crate) struct Target<'a> {
+    pub service: &'a str,
+    pub upstream: Arc<Upstream>,
+    pub settings: &'a Service,
+    pub gate: Gate,
+    /// `None` for a plain switch, which keeps no deploy records.
+    pub record: Option<Record<'a>>,
+}
+
+/// What [`Controller::cut_over`] did.
+pub(crate) struct Handover {
+    pub activation: Activation,
+    /// `None` when nothing was active before.
+    pub drain: Option<DrainReport>,
+    /// Time spent draining.
+    pub drain_time: Duration,
+}
+
+impl Controller {
+    /// Moves the target's service to its upstream: health gate, then (with a `record`)
+    /// the records, persist and swap, the `switched` line that
+    /// `announce` words, the drain of the old upstream and, for a
+    /// container, keeping it warm for `keep_previous`.
+    ///
+    /// Fails only before the swap; the records are then as they were.
+    pub(crate) async fn cut_over(
+        self: &Arc<Self>,
+        target: Target<'_>,
+        progress: &Progress,
+        announce: impl FnOnce(&Activation) -> String,
+    ) -> Result<Handover, ControlError> {
+        let Target {
+            service,
+            upstream,
+            settings,
+            gate,
+            record,
+        } = target;
+        match gate {
+            Gate::Probe => check_health(upstream.addr, settings, progress).await?,
+            Gate::Skipped => progress.emit(
+                "health",
+                format!("skipping health check of {} (--force)", upstream.addr),
+            ),
+            Gate::Passed => {}
+        }
+        let outgoing = self.active(service);
+        let saved_record = self.record(service);
+        if let Some(record) = &record {
+            self.record_switch(
+                service,
+                outgoing.as_deref(),
+                record.container,
+                record.image,
+                record.message,
+            );
+        }
+        let activation = match self.activate(service, upstream).await {
+            Ok(activation) => activation,
+            Err(err) => {
+                // Nothing switched (the state write comes before the swap).
+                self.update_record(service, |record| *record = saved_record.clone());
+                return Err(err);
+            }
+        };
+        progress.emit("switched", announce(&activation));
+        if let Some((engine, record)) = record.as_ref().and_then(|r| Some((r.supersede?, r))) {
+            if let Some(superseded) = &saved_record.previous {
+                self.retire_superseded(engine, superseded, record.container, progress)
+                    .await;
+            }
+        }
+        let drain_started = Instant::now();
+        let drain_report = match &activation.old {
+            Some(old) => Some(drain(old, settings, progress).await),
+            None => None,
+        };
+        let drain_time = drain_started.elapsed();
+        if let (Some(old), Some(record)) = (&activation.old, &record) {
+            self.keep_warm(service, old, record.container, progress);
+        }
+        Ok(Handover {
+            activation,
+            drain: drain_report,
+            drain_time,
+        })
+    }
+}

@@ -1,0 +1,229 @@
+//! What the controller's operations return, as typed values: the reports
+//! the admin socket sends back (serialized with serde) and the error kinds
+//! a failure is sorted into. The admin protocol (`admin::proto`) re-exports
+//! these, so the server, the CLI, the tests and the benches share one
+//! definition instead of reading JSON by string key.
+//!
+//! These are plain data: no behaviour beyond (de)serialization, so the
+//! admin layer can depend on them without reaching into the controller.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::DeployRecord;
+use crate::acme::CertStatus;
+
+/// How a failed admin command failed; each kind has its own CLI exit code
+/// (see `docs/admin-protocol.md`), so CI scripts can branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The operation ran and failed (unhealthy new upstream, failed
+    /// deploy, engine error, state file not writable). Nothing moved.
+    Failed,
+    /// The request itself was refused: malformed, unknown service,
+    /// nothing to roll back to, a config that does not validate.
+    Refused,
+    /// Another deploy, rollback or switch of the service is running; the
+    /// same request may succeed later.
+    Busy,
+}
+
+/// Timings of the persist-then-swap step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapTimings {
+    /// Time to write the state file (temp, fsync, rename, fsync dir).
+    pub persist_us: u64,
+    /// Time of the swap itself: one `ArcSwap::store`.
+    pub swap_ns: u64,
+}
+
+/// What draining the old upstream did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReport {
+    /// Every in-flight request ended before the drain timeout.
+    pub drained: bool,
+    pub drain_ms: u64,
+    /// Requests still running on the old upstream at the drain timeout.
+    pub still_in_flight: usize,
+    /// WebSocket tunnels open on the old upstream when traffic moved.
+    pub websockets_at_switch: usize,
+}
+
+/// The result of `switch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchReport {
+    pub service: String,
+    pub color: String,
+    pub upstream: String,
+    pub timings: SwapTimings,
+    /// `None` when the service had no active upstream before.
+    pub drain: Option<DrainReport>,
+}
+
+/// Timings of a deploy, from the image check to the end of the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployTimings {
+    pub start_ms: u64,
+    pub healthy_ms: u64,
+    pub persist_us: u64,
+    pub swap_ns: u64,
+    pub drain_ms: u64,
+    pub total_ms: u64,
+}
+
+/// The result of `deploy` (and of a rollback that had to start the
+/// previous image again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployReport {
+    pub service: String,
+    pub color: String,
+    pub image: String,
+    pub container: String,
+    pub upstream: String,
+    pub deploy_id: String,
+    pub timings: DeployTimings,
+    pub drain: Option<DrainReport>,
+}
+
+/// The result of an instant rollback: traffic went back to the warm
+/// previous colour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwapBackReport {
+    pub service: String,
+    pub color: String,
+    pub image: String,
+    /// Always `true`: tells this report from a [`DeployReport`].
+    pub instant: bool,
+    pub upstream: String,
+    pub timings: SwapTimings,
+    pub drain: Option<DrainReport>,
+}
+
+/// The result of `rollback`: an instant swap back, or a redeploy of the
+/// previous image when its container was gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RollbackReport {
+    /// Listed first: only this variant has the `instant` field.
+    Instant(SwapBackReport),
+    Redeploy(DeployReport),
+}
+
+/// The result of `pause` and `resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseReport {
+    pub service: String,
+    pub paused: bool,
+}
+
+/// The result of `reload`: the config file that was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub config: String,
+}
+
+/// The result of `renew`: the new certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenewReport {
+    pub certificate: CertStatus,
+}
+
+/// The result of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub services: BTreeMap<String, ServiceStatus>,
+    /// "not used", "ok", or why the engine is unreachable.
+    pub docker: String,
+    /// Every certificate; only in the report of all services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<Vec<CertStatus>>,
+}
+
+/// One service in a [`StatusReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// `None`: the service has no upstream and answers 503.
+    pub active: Option<ActiveStatus>,
+    /// The warm previous colour, while it is kept for a rollback.
+    pub previous: Option<PreviousStatus>,
+    pub last_deploy: Option<DeployRecord>,
+    /// A container being created, or whose create was cut short by a crash
+    /// or an engine outage and is watched for so it can be removed.
+    pub starting: Option<String>,
+    pub paused: bool,
+    /// The active upstream was chosen by a switch or deploy, not the config.
+    pub pinned: bool,
+    /// A deploy, rollback or switch of the service is running.
+    pub busy: bool,
+    /// The service runs containers (it has an `image`).
+    pub managed: bool,
+}
+
+/// The active upstream of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveStatus {
+    pub color: String,
+    pub upstream: String,
+    pub in_flight: usize,
+    pub websockets: usize,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    /// Unix seconds when it became active (from the state file).
+    pub since: Option<u64>,
+    pub active_for_s: Option<u64>,
+    /// "healthy" or "unhealthy: why", from one probe made for this report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+}
+
+/// The warm previous colour of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousStatus {
+    pub color: String,
+    pub upstream: String,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    /// Seconds until its container is retired.
+    pub warm_for_s: u64,
+}
+
+/// The result of any command, as the admin server sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Report {
+    Status(StatusReport),
+    Switch(SwitchReport),
+    Pause(PauseReport),
+    Reload(ReloadReport),
+    Renew(RenewReport),
+    Deploy(DeployReport),
+    Rollback(RollbackReport),
+}
+
+impl Report {
+    /// The status report, if this is one.
+    pub fn into_status(self) -> Option<StatusReport> {
+        match self {
+            Report::Status(report) => Some(report),
+            _ => None,
+        }
+    }
+
+    /// The switch report, if this is one.
+    pub fn into_switch(self) -> Option<SwitchReport> {
+        match self {
+            Report::Switch(report) => Some(report),
+            _ => None,
+        }
+    }
+
+    /// The deploy report, if this is one.
+    pub fn into_deploy(self) -> Option<DeployReport> {
+        match self {
+            Report::Deploy(report) => Some(report),
+            _ => None,
+        }
+    }
+}
