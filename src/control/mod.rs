@@ -749,6 +749,7 @@ impl Controller {
         let mut report = json!({ "services": services, "docker": docker });
         if only.is_none() {
             report["certificates"] = json!(self.certificates());
+            report["workers"] = self.shared.workers.report();
         }
         Ok(report)
     }
@@ -914,6 +915,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
+            workers: crate::routing::WorkerLoad::new(0),
         });
         let store = StateStore::new(dir.path());
         let write_lock = store.write_lock();
