@@ -77,12 +77,18 @@ impl RuntimeMode {
     pub fn from_env() -> Result<RuntimeMode, String> {
         match std::env::var(RUNTIME_VAR) {
             Err(std::env::VarError::NotPresent) => Ok(RuntimeMode::PerCore),
-            Ok(value) if value == "per-core" => Ok(RuntimeMode::PerCore),
-            Ok(value) if value == "work-stealing" => Ok(RuntimeMode::WorkStealing),
-            Ok(value) => Err(format!(
-                "{RUNTIME_VAR}={value:?}: expected \"per-core\" or \"work-stealing\""
-            )),
+            Ok(value) => RuntimeMode::parse(&value),
             Err(err) => Err(format!("{RUNTIME_VAR}: {err}")),
+        }
+    }
+
+    fn parse(value: &str) -> Result<RuntimeMode, String> {
+        match value {
+            "per-core" => Ok(RuntimeMode::PerCore),
+            "work-stealing" => Ok(RuntimeMode::WorkStealing),
+            other => Err(format!(
+                "{RUNTIME_VAR}={other:?}: expected \"per-core\" or \"work-stealing\""
+            )),
         }
     }
 
@@ -269,5 +275,45 @@ struct Open {
 impl Drop for Open {
     fn drop(&mut self) {
         self.server.shared().workers.closed(self.worker);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_names_parse_and_others_are_refused() {
+        assert_eq!(RuntimeMode::parse("per-core"), Ok(RuntimeMode::PerCore));
+        assert_eq!(
+            RuntimeMode::parse("work-stealing"),
+            Ok(RuntimeMode::WorkStealing)
+        );
+        let err = RuntimeMode::parse("threads").expect_err("unknown name");
+        assert!(err.contains("CUTOVER_RUNTIME=\"threads\""), "{err}");
+    }
+
+    #[test]
+    fn worker_threads_follow_workers_and_mode() {
+        assert_eq!(RuntimeMode::PerCore.worker_threads(3), 3);
+        assert_eq!(
+            RuntimeMode::PerCore.worker_threads(1),
+            0,
+            "one worker serves in place"
+        );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let expected = if cores > 1 { cores } else { 0 };
+        assert_eq!(RuntimeMode::PerCore.worker_threads(0), expected);
+        assert_eq!(RuntimeMode::WorkStealing.worker_threads(4), 0);
+    }
+
+    #[test]
+    fn current_worker_is_none_off_the_workers() {
+        assert_eq!(current_worker(), None);
+        let on_worker = std::thread::spawn(|| {
+            WORKER.with(|worker| worker.set(Some(3)));
+            current_worker()
+        });
+        assert_eq!(on_worker.join().ok().flatten(), Some(3));
     }
 }
