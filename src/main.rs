@@ -309,7 +309,32 @@ fn print_status(result: &Value) {
     if let Some(docker) = result.get("docker").and_then(Value::as_str) {
         println!("docker: {docker}");
     }
+    print_workers(result);
     print_certificates(result);
+}
+
+/// One line for the worker threads: each one's open connections (and
+/// accepted since start), so an uneven spread shows.
+fn print_workers(result: &Value) {
+    let Some(workers) = result.get("workers").and_then(Value::as_array) else {
+        return;
+    };
+    if workers.is_empty() {
+        return;
+    }
+    let each: Vec<String> = workers
+        .iter()
+        .map(|worker| {
+            let count = |key| worker.get(key).and_then(Value::as_u64).unwrap_or(0);
+            format!(
+                "#{} {} open ({} accepted)",
+                count("worker"),
+                count("open"),
+                count("accepted")
+            )
+        })
+        .collect();
+    println!("workers: {}", each.join(", "));
 }
 
 /// One line per certificate: name, source, state, issuer, expiry, next

@@ -153,6 +153,8 @@ impl Workers {
     /// Starts `count` worker threads serving with `server`'s settings.
     pub fn start(count: usize, server: &Server) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
+        // Ends the threads already started if a later one cannot start.
+        let stop_on_error = stop.clone().drop_guard();
         let mut inboxes = Vec::with_capacity(count);
         let mut ended = Vec::with_capacity(count);
         for index in 0..count {
@@ -174,6 +176,7 @@ impl Workers {
             inboxes.push(inbox);
             ended.push(ended_rx);
         }
+        stop_on_error.disarm();
         tracing::info!(workers = count, "serving on one thread per worker");
         Ok(Workers {
             dispatch: Arc::new(Dispatch {
