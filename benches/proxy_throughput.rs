@@ -9,7 +9,10 @@
 //! - The targets, measured one after another in one run on one machine:
 //!   `direct` (the upstream itself), cutover (the release binary cargo builds
 //!   for this bench, one catch-all site; once with `RUST_LOG=warn` and once
-//!   with `RUST_LOG=info`, i.e. with its access log written to a file),
+//!   with `RUST_LOG=info`, i.e. with its access log written to a file; with
+//!   more than one worker also once on tokio's work-stealing runtime,
+//!   `CUTOVER_RUNTIME=work-stealing`, beside the default thread-per-core
+//!   workers, so both are measured in the same run),
 //!   nginx (keep-alive upstream pool, no access log) and HAProxy
 //!   (`http-reuse always`), all configured by `support/proxies.rs`. Every
 //!   proxy gets `BENCH_WORKERS` worker threads (default 1, so the comparison
@@ -41,8 +44,10 @@
 //! `BENCH_WARMUP_SECONDS` (default 1), `BENCH_CONNECTIONS` (default 64),
 //! `BENCH_GENERATORS` (`wrk,builtin` by default; either one alone works),
 //! `BENCH_CUTOVER_INFO=0` to skip the `RUST_LOG=info` cutover row,
-//! `BENCH_WORKERS` (1; 0 = one per core), `BENCH_CUTOVER_BIN` to measure
-//! another cutover binary.
+//! `BENCH_WORKERS` (1; 0 = one per core), `BENCH_CUTOVER_RUNTIMES=0` to skip
+//! the work-stealing cutover row (measured only when `BENCH_WORKERS` is not
+//! 1: with one worker both runtimes serve the same way), `BENCH_CUTOVER_BIN`
+//! to measure another cutover binary.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -96,6 +101,8 @@ struct Settings {
     cutover_info_row: bool,
     /// Worker threads per proxy; 0 = one per core.
     workers: usize,
+    /// Also measure cutover on the work-stealing runtime.
+    compare_runtimes: bool,
 }
 
 /// The load generator that produced a measurement.
@@ -128,13 +135,15 @@ impl Settings {
         if wanted.contains("builtin") || generators.is_empty() {
             generators.push(Generator::Builtin);
         }
+        let workers = env_or("BENCH_WORKERS", 1);
         Settings {
             seconds: env_or("BENCH_SECONDS", 5).max(1),
             warmup_seconds: env_or("BENCH_WARMUP_SECONDS", 1),
             connections: env_or("BENCH_CONNECTIONS", 64).max(1),
             generators,
             cutover_info_row: env_or("BENCH_CUTOVER_INFO", 1) != 0,
-            workers: env_or("BENCH_WORKERS", 1),
+            workers,
+            compare_runtimes: workers != 1 && env_or("BENCH_CUTOVER_RUNTIMES", 1) != 0,
         }
     }
 
@@ -256,6 +265,10 @@ struct Row {
     outcome: Result<Measurement, String>,
 }
 
+/// The row of cutover on tokio's work-stealing runtime (the default row,
+/// "cutover (RUST_LOG=warn)", runs thread-per-core workers).
+const WORK_STEALING_ROW: &str = "cutover work-stealing runtime (RUST_LOG=warn)";
+
 fn run_all(settings: &Settings) -> Vec<Row> {
     let scratch = tempfile::tempdir().expect("create a temporary directory for configs and logs");
     let upstream = origin::Origin::spawn();
@@ -263,20 +276,35 @@ fn run_all(settings: &Settings) -> Vec<Row> {
 
     rows.extend(measure("direct", upstream.addr, upstream.pid(), settings));
 
-    let mut variants = vec![("cutover (RUST_LOG=warn)", Kind::Cutover, "warn")];
-    if settings.cutover_info_row {
-        variants.push(("cutover (RUST_LOG=info, access log)", Kind::Cutover, "info"));
+    // (row, proxy, cutover's RUST_LOG, cutover's CUTOVER_RUNTIME)
+    let mut variants = vec![("cutover (RUST_LOG=warn)", Kind::Cutover, "warn", None)];
+    if settings.compare_runtimes {
+        variants.push((
+            WORK_STEALING_ROW,
+            Kind::Cutover,
+            "warn",
+            Some("work-stealing"),
+        ));
     }
-    variants.push(("nginx", Kind::Nginx, "warn"));
-    variants.push(("haproxy", Kind::Haproxy, "warn"));
-    for (name, kind, cutover_log) in variants {
+    if settings.cutover_info_row {
+        variants.push((
+            "cutover (RUST_LOG=info, access log)",
+            Kind::Cutover,
+            "info",
+            None,
+        ));
+    }
+    variants.push(("nginx", Kind::Nginx, "warn", None));
+    variants.push(("haproxy", Kind::Haproxy, "warn", None));
+    for (index, (name, kind, cutover_log, cutover_runtime)) in variants.into_iter().enumerate() {
         let options = proxies::Options {
             workers: settings.workers,
             cutover_log,
+            cutover_runtime,
         };
         let dir = scratch
             .path()
-            .join(format!("{}-{cutover_log}", kind.name()));
+            .join(format!("{index}-{}-{cutover_log}", kind.name()));
         let started = proxies::start(kind, &dir, upstream.addr, options);
         rows.extend(measure_started(name, started, settings));
     }
@@ -577,6 +605,15 @@ mod report {
                 ms(added_nginx),
                 if latency_ok { "MEETS" } else { "MISSES" },
             );
+            if let Some(stealing) = find(WORK_STEALING_ROW, generator) {
+                let _ = writeln!(
+                    text,
+                    "  runtimes: thread-per-core {:.0} req/s vs work-stealing {:.0} req/s ({:.2}x)",
+                    cutover.requests_per_second,
+                    stealing.requests_per_second,
+                    cutover.requests_per_second / stealing.requests_per_second,
+                );
+            }
             if let (Some(ours), Some(theirs)) = (cutover.cpu, nginx.cpu) {
                 let _ = writeln!(
                     text,

@@ -216,6 +216,7 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
         |c, h| format!("cutover {c:.2} vs HAProxy {h:.2} ({:.2}×)", c / h),
         |c, h| c >= 1.1 * h,
     ));
+    list.push(all_cores_target(results));
     let tls = rows(results, "tls_throughput");
     let h2 = |target| {
         num(
@@ -285,6 +286,38 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
         |g, b| g < b / 2.0,
     ));
     list
+}
+
+/// req/s with every proxy on all cores (thread-per-core workers by
+/// default), with the work-stealing runtime's figure beside it when the
+/// bench measured both.
+fn all_cores_target(results: &[(&str, &str, Option<Value>)]) -> Target {
+    let all = rows(results, "proxy_throughput_all_cores");
+    let generator = if find(&all, "direct", &[("generator", "wrk")]).is_some() {
+        "wrk"
+    } else {
+        "builtin"
+    };
+    let req_s = |target| {
+        num(
+            find(&all, target, &[("generator", generator)]),
+            "requests_per_second",
+        )
+    };
+    let stealing = req_s("cutover work-stealing runtime");
+    compare(
+        "h1 req/s, all cores ≥ 1.0× nginx",
+        req_s("cutover (RUST_LOG=warn)"),
+        req_s("nginx"),
+        |c, n| {
+            let mut text = format!("cutover {c:.0} vs nginx {n:.0} req/s ({:.2}×)", c / n);
+            if let Some(s) = stealing {
+                text.push_str(&format!("; work-stealing runtime {s:.0} ({:.2}×)", s / n));
+            }
+            format!("{text}, {generator}")
+        },
+        |c, n| c >= n,
+    )
 }
 
 /// A target comparing two measured figures; "not measured" if either is

@@ -19,8 +19,8 @@ use crate::admin;
 use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
 use crate::control::{identity, watch, Controller};
-use crate::proxy::{Listeners, Server};
-use crate::routing::{Shared, Snapshot};
+use crate::proxy::{Listeners, RuntimeMode, Server, Workers};
+use crate::routing::{Shared, Snapshot, WorkerLoad};
 use crate::tls::acme::AcmeCerts;
 use crate::tls::{self, CertStore, SniResolver};
 
@@ -43,6 +43,10 @@ pub enum ServerError {
     State(#[from] StateError),
     #[error("{0}")]
     Acme(#[from] acme::SetupError),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Serves until `shutdown` completes, then drains: stops accepting, lets
@@ -57,6 +61,9 @@ pub async fn run(
         return Err(ServerError::NoListeners);
     }
     let config = Arc::new(config);
+    let worker_threads = RuntimeMode::from_env()
+        .map_err(ServerError::Runtime)?
+        .worker_threads(config.server.workers);
     let acme_certs = AcmeCerts::new();
     let (acceptor, resolver) = match &listeners.https {
         Some(_) => {
@@ -76,6 +83,7 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         acme: Arc::clone(&acme_certs),
+        workers: WorkerLoad::new(worker_threads),
     });
     let acme = match &config.acme {
         Some(_) => Some(acme::Manager::new(
@@ -123,7 +131,15 @@ pub async fn run(
         }
     }
 
-    let server = Server::new(Arc::clone(&shared), config.server.limits.clone());
+    let mut server = Server::new(Arc::clone(&shared), config.server.limits.clone());
+    // Dropped (threads ended) whenever `run` ends, even if aborted.
+    let workers = match worker_threads {
+        0 => None,
+        count => Some(Workers::start(count, &server).map_err(ServerError::Workers)?),
+    };
+    if let Some(workers) = &workers {
+        server = server.dispatching_to(workers);
+    }
     if let Some(listener) = listeners.http {
         server.spawn_accept_loop(listener, None);
     }
@@ -147,6 +163,9 @@ pub async fn run(
             ?deadline,
             "shutdown deadline passed; closing remaining connections"
         );
+    }
+    if let Some(workers) = workers {
+        workers.stop().await;
     }
     Ok(())
 }

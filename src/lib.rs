@@ -41,4 +41,5 @@ mod upstream;
 
 pub use app::{run, ServerError};
 pub use config::Config;
-pub use proxy::Listeners;
+pub use proxy::{Listeners, RuntimeMode, RUNTIME_VAR};
+pub use routing::workers::WorkerStatus;

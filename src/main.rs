@@ -298,7 +298,26 @@ fn print_status(status: &StatusReport) {
         }
     }
     println!("docker: {}", status.docker);
+    print_workers(&status.workers);
     print_certificates(status.certificates.as_deref().unwrap_or_default());
+}
+
+/// One line for the worker threads: each one's open connections (and
+/// accepted since start), so an uneven spread shows.
+fn print_workers(workers: &[cutover::WorkerStatus]) {
+    if workers.is_empty() {
+        return;
+    }
+    let each: Vec<String> = workers
+        .iter()
+        .map(|worker| {
+            format!(
+                "#{} {} open ({} accepted)",
+                worker.worker, worker.open, worker.accepted
+            )
+        })
+        .collect();
+    println!("workers: {}", each.join(", "));
 }
 
 /// One line per certificate: name, source, state, issuer, expiry, next
@@ -389,12 +408,23 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One worker: a current-thread runtime has no work-stealing or
-    // cross-thread wake-ups to pay for.
-    let mut runtime = match config.server.workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        workers => {
+    let mode = match cutover::RuntimeMode::from_env() {
+        Ok(mode) => mode,
+        Err(err) => {
+            eprintln!("cutover: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut runtime = match (mode, config.server.workers) {
+        // Per core, `run` starts a thread with a runtime of its own per
+        // worker; this one keeps the controller, the admin socket and the
+        // accept loops (with one worker, the connections too: a
+        // current-thread runtime has no cross-thread wake-ups to pay for).
+        (cutover::RuntimeMode::PerCore, _) | (_, 1) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        (cutover::RuntimeMode::WorkStealing, 0) => tokio::runtime::Builder::new_multi_thread(),
+        (cutover::RuntimeMode::WorkStealing, workers) => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             runtime.worker_threads(workers);
             runtime

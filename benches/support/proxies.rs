@@ -48,6 +48,9 @@ pub struct Options {
     pub workers: usize,
     /// cutover's `RUST_LOG`: `warn`, or `info` to include its access log.
     pub cutover_log: &'static str,
+    /// cutover's `CUTOVER_RUNTIME` (`per-core` or `work-stealing`); `None`
+    /// leaves cutover's default.
+    pub cutover_runtime: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
         Options {
             workers: 1,
             cutover_log: "warn",
+            cutover_runtime: None,
         }
     }
 }
@@ -202,6 +206,10 @@ fn cutover_command(
         .args(["serve", "--config"])
         .arg(path)
         .env("RUST_LOG", options.cutover_log);
+    match options.cutover_runtime {
+        Some(runtime) => command.env("CUTOVER_RUNTIME", runtime),
+        None => command.env_remove("CUTOVER_RUNTIME"),
+    };
     Ok(command)
 }
 

@@ -815,6 +815,11 @@ impl Controller {
             services,
             docker,
             certificates: only.is_none().then(|| self.certificates()),
+            workers: if only.is_none() {
+                self.shared.workers.report()
+            } else {
+                Vec::new()
+            },
         })
     }
 }
@@ -976,6 +981,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
+            workers: crate::routing::WorkerLoad::new(0),
         });
         let store = StateStore::new(dir.path());
         let write_lock = store.write_lock();

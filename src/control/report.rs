@@ -139,6 +139,10 @@ pub struct StatusReport {
     /// Every certificate; only in the report of all services.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<Vec<CertStatus>>,
+    /// Each worker thread's connections; only in the report of all
+    /// services, and only with more than one worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<crate::routing::workers::WorkerStatus>,
 }
 
 /// One service in a [`StatusReport`].

@@ -11,6 +11,10 @@ mod request;
 mod serve;
 mod static_dir;
 mod strict;
+mod workers;
 
 pub use listen::Listeners;
 pub use serve::Server;
+#[allow(unused_imports)] // the per-worker upstream pool will use it
+pub(crate) use workers::current_worker;
+pub use workers::{RuntimeMode, Workers, RUNTIME_VAR};

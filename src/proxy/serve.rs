@@ -24,6 +24,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use crate::config::Limits;
 use crate::io::slowio::StallTimeout;
 use crate::proxy::request::{self, ClientConn};
+use crate::proxy::workers::{Accepted, Dispatch, Workers};
 use crate::routing::Shared;
 use crate::tls::acme::ACME_TLS_ALPN;
 
@@ -71,6 +72,9 @@ pub struct Server {
     /// accept loop waits instead of accepting more (mini-redis's pattern).
     connections: Arc<Semaphore>,
     limits: Limits,
+    /// Set when connections are served on worker threads (see
+    /// [`crate::proxy::workers`]): the accept loops hand them over there.
+    dispatch: Option<Arc<Dispatch>>,
 }
 
 impl Server {
@@ -80,7 +84,18 @@ impl Server {
             builder: connection_builder(&limits),
             shared,
             limits,
+            dispatch: None,
         }
+    }
+
+    /// This server, handing every accepted connection to `workers`.
+    pub fn dispatching_to(mut self, workers: &Workers) -> Server {
+        self.dispatch = Some(workers.dispatch());
+        self
+    }
+
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// Accepts connections on `listener` (TLS ones when `tls` is set) until
@@ -110,15 +125,44 @@ impl Server {
                 _ = shutdown.cancelled() => return,
             };
             let (stream, addr) = accepted;
-            let server = self.clone();
-            let tls = tls.clone();
-            self.shared
-                .tasks
-                .spawn(async move { server.serve_tcp(stream, addr, tls, permit).await });
+            self.hand_off(stream, addr, tls.clone(), permit);
         }
     }
 
-    async fn serve_tcp(
+    /// Serves an accepted connection: on a task of this runtime, or on a
+    /// worker thread when there are workers.
+    fn hand_off(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let Some(dispatch) = &self.dispatch else {
+            let server = self.clone();
+            self.shared
+                .tasks
+                .spawn(async move { server.serve_tcp(stream, addr, tls, permit).await });
+            return;
+        };
+        // Out of this runtime's reactor; the worker registers it with its own.
+        match stream.into_std() {
+            Ok(stream) => dispatch.hand_off(
+                self,
+                Accepted {
+                    stream,
+                    addr,
+                    tls,
+                    permit,
+                },
+            ),
+            Err(err) => {
+                tracing::warn!(client.addr = %addr, error = %err, "cannot hand a connection to a worker")
+            }
+        }
+    }
+
+    pub(super) async fn serve_tcp(
         self,
         stream: TcpStream,
         addr: SocketAddr,

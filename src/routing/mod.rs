@@ -7,6 +7,7 @@
 
 pub mod snapshot;
 pub mod table;
+pub mod workers;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::tls::acme::AcmeCerts;
 
 pub use snapshot::{PauseGate, ServiceSlot, Snapshot};
+pub use workers::WorkerLoad;
 
 /// State every connection and the controller share.
 pub struct Shared {
@@ -30,4 +32,7 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// ACME challenge answers (HTTP-01 is answered on the request path).
     pub acme: Arc<AcmeCerts>,
+    /// Connections per data-plane worker thread: the acceptor's choice of
+    /// worker and `cutover status` read it.
+    pub workers: WorkerLoad,
 }

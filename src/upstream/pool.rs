@@ -104,7 +104,6 @@ thread_local! {
 /// releases go to that worker's own idle stack and it takes from there, so
 /// with one runtime per worker a connection is used by the runtime whose
 /// reactor it is registered with, and workers never contend on one lock.
-#[allow(dead_code)] // called by the thread-per-core workers once they land
 pub fn set_worker(index: usize) {
     WORKER.with(|worker| worker.set(index));
 }
