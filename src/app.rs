@@ -130,9 +130,11 @@ pub async fn run(
     if let Some(acme) = &acme {
         acme.start(&config);
     }
+    crate::sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
 
     shutdown.await;
     tracing::info!("shutting down: no new connections, draining in-flight requests");
+    crate::sd_notify::notify("STOPPING=1");
     shared.shutdown.cancel();
     shared.tasks.close();
     let deadline = config.server.shutdown_timeout;

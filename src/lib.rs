@@ -19,6 +19,7 @@
 //! | `acme/` | automatic certificates: ACME orders, storage, renewal |
 //! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
 //! | `config/`, `errors` | configuration, error chains |
+//! | `sd_notify` | readiness reports to systemd (`Type=notify`) |
 //!
 //! The data plane (`proxy`) and the control plane (`control`) never import
 //! each other; they meet in `routing` and `upstream`.
@@ -36,9 +37,10 @@ pub mod errors;
 mod io;
 mod proxy;
 mod routing;
+pub mod sd_notify;
 mod tls;
 mod upstream;
 
 pub use app::{run, ServerError};
 pub use config::Config;
-pub use proxy::Listeners;
+pub use proxy::{Inherited, ListenError, Listeners};

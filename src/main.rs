@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use cutover::admin::Command as AdminCommand;
-use cutover::{Config, Listeners};
+use cutover::{Config, Inherited, ListenError, Listeners};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -123,9 +123,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts (the log writer is one): taking inherited
+    // sockets edits the environment.
+    let inherited = matches!(cli.command, Command::Serve { .. }).then(Inherited::from_env);
     let _log_writer = init_logging();
     match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config } => {
+            serve(&config, inherited.unwrap_or_else(|| Ok(Inherited::none())))
+        }
         Command::Check { config } => cutover::check::run(&config),
         Command::Status { service, admin } => client(&admin, AdminCommand::Status { service }),
         Command::Switch {
@@ -405,7 +410,16 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
+/// Serves `path`'s config on the inherited sockets (see [`Inherited`]),
+/// binding the addresses none was inherited for.
+fn serve(path: &std::path::Path, inherited: Result<Inherited, ListenError>) -> ExitCode {
+    let inherited = match inherited {
+        Ok(inherited) => inherited,
+        Err(err) => {
+            eprintln!("cutover: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(err) => {
@@ -432,7 +446,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let listeners = Listeners::bind(&config).await?;
+        let listeners = Listeners::open(&config, inherited).await?;
         cutover::run(listeners, config, shutdown_signal()).await?;
         anyhow::Ok(())
     });

@@ -555,6 +555,15 @@ impl Controller {
     /// Re-reads the config file (and certificates). An invalid file or
     /// certificate changes nothing and the error names file:line.
     pub async fn reload(&self, progress: &Progress) -> Result<Value, ControlError> {
+        // systemd shows the unit as reloading until READY=1 comes back,
+        // which it does whether or not the new config was taken.
+        crate::sd_notify::notify("RELOADING=1");
+        let result = self.reload_config(progress).await;
+        crate::sd_notify::notify("READY=1");
+        result
+    }
+
+    async fn reload_config(&self, progress: &Progress) -> Result<Value, ControlError> {
         let current = self.shared.snapshot.load_full();
         let path = current
             .config

@@ -12,5 +12,5 @@ mod serve;
 mod static_dir;
 mod strict;
 
-pub use listen::Listeners;
+pub use listen::{Inherited, ListenError, Listeners};
 pub use serve::Server;
