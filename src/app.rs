@@ -20,7 +20,8 @@ use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
 use crate::control::{identity, watch, Controller};
 use crate::proxy::{Listeners, Server};
-use crate::routing::{Shared, Snapshot};
+use crate::rebind::LiveListeners;
+use crate::routing::{RedirectPort, Shared, Snapshot};
 use crate::tls::acme::AcmeCerts;
 use crate::tls::{self, CertStore, SniResolver};
 
@@ -72,7 +73,7 @@ pub async fn run(
         .map(|a| a.port());
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
-        https_port,
+        https_port: RedirectPort::new(https_port),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         acme: Arc::clone(&acme_certs),
@@ -121,12 +122,19 @@ pub async fn run(
     }
 
     let server = Server::new(Arc::clone(&shared), config.server.limits.clone());
-    if let Some(listener) = listeners.http {
-        server.spawn_accept_loop(listener, None);
-    }
-    if let Some(listener) = listeners.https {
-        server.spawn_accept_loop(listener, acceptor);
-    }
+    let http = listeners
+        .http
+        .map(|listener| server.spawn_accept_loop(listener, None));
+    let https = listeners
+        .https
+        .map(|listener| server.spawn_accept_loop(listener, acceptor.clone()));
+    controller.set_listening(Box::new(LiveListeners::new(
+        server,
+        acceptor,
+        Arc::clone(&shared),
+        (config.server.http, http),
+        (config.server.https, https),
+    )));
     if let Some(acme) = &acme {
         acme.start(&config);
     }

@@ -10,6 +10,7 @@
 //! | part | what it owns |
 //! |---|---|
 //! | [`app`] | start-up wiring: [`run`] |
+//! | `rebind` | listener address changes on reload (bind new, then close old) |
 //! | `check` | `cutover check` |
 //! | `admin/` | the admin protocol, its socket server and client |
 //! | `control/` | the controller (single writer), deploys, health, state file, watcher |
@@ -36,6 +37,7 @@ pub mod docker;
 pub mod errors;
 mod io;
 mod proxy;
+mod rebind;
 mod routing;
 pub mod sd_notify;
 mod tls;

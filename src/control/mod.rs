@@ -23,6 +23,7 @@
 mod deploy;
 pub mod health;
 pub mod identity;
+pub mod listening;
 pub mod state;
 pub mod watch;
 
@@ -44,6 +45,7 @@ use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
 use health::ProbeError;
+use listening::{ListenChange, Listening};
 use state::{now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore};
 
 /// One progress line of a running operation, streamed to the admin client.
@@ -163,6 +165,12 @@ pub struct Controller {
     /// This cutover's identity on the engine (see [`identity`]): the label
     /// on every container it starts.
     instance: String,
+    /// The listening sockets, for reloads that move them; set once they
+    /// serve (see [`Controller::set_listening`]).
+    listening: std::sync::OnceLock<Box<dyn Listening>>,
+    /// One reload at a time (the watcher and `cutover reload` can race):
+    /// each compares against the config the previous one published.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// What the controller remembers about a service besides its active
@@ -209,7 +217,17 @@ impl Controller {
             engine: tokio::sync::Mutex::new(None),
             docker_status: Mutex::new("not used".into()),
             instance,
+            listening: std::sync::OnceLock::new(),
+            reloading: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Lets reloads move the listeners; until this is called (and in
+    /// servers that never call it) a changed address waits for a restart.
+    pub fn set_listening(&self, listening: Box<dyn Listening>) {
+        if self.listening.set(listening).is_err() {
+            tracing::warn!("listeners were already set; keeping the first");
+        }
     }
 
     /// The Docker engine, connecting on first use. A failure is remembered
@@ -557,6 +575,7 @@ impl Controller {
     pub async fn reload(&self, progress: &Progress) -> Result<Value, ControlError> {
         // systemd shows the unit as reloading until READY=1 comes back,
         // which it does whether or not the new config was taken.
+        let _one_at_a_time = self.reloading.lock().await;
         crate::sd_notify::notify("RELOADING=1");
         let result = self.reload_config(progress).await;
         crate::sd_notify::notify("READY=1");
@@ -579,6 +598,7 @@ impl Controller {
             None => None,
         };
         warn_on_restart_only_changes(&current.config, &config);
+        let listen_change = self.prepare_listeners(&current.config, &config)?;
         self.reconfigure_acme(&config)?;
         let _writer = self.writer.lock().await;
         let latest = self.shared.snapshot.load_full();
@@ -588,8 +608,37 @@ impl Controller {
         if let (Some(resolver), Some(certs)) = (&self.tls, certs) {
             resolver.replace(certs);
         }
+        for change in listen_change
+            .map(|change| change.commit())
+            .unwrap_or_default()
+        {
+            progress.emit("listen", change);
+        }
         progress.emit("reloaded", format!("reloaded {}", path.display()));
         Ok(json!({ "config": path.display().to_string() }))
+    }
+
+    /// Binds the listener addresses a reloaded config changes (see
+    /// [`listening`]); a bind failure rejects the reload.
+    fn prepare_listeners(
+        &self,
+        old: &Config,
+        new: &Config,
+    ) -> Result<Option<Box<dyn ListenChange>>, ControlError> {
+        if old.server.http == new.server.http && old.server.https == new.server.https {
+            return Ok(None);
+        }
+        let Some(listening) = self.listening.get() else {
+            tracing::warn!("listener addresses changed; they take effect on restart");
+            return Ok(None);
+        };
+        listening
+            .prepare(new.server.http, new.server.https)
+            .map(Some)
+            .map_err(|err| {
+                tracing::error!("reload rejected, old listeners keep serving: {err}");
+                ControlError::Config(format!("{err}; the old listeners keep serving"))
+            })
     }
 
     /// Follows a reloaded config's automatic names and `[acme]` settings.
@@ -776,12 +825,10 @@ fn load_certs(config: &Config) -> Result<CertStore, ControlError> {
 }
 
 fn warn_on_restart_only_changes(old: &Config, new: &Config) {
-    let listeners_changed = old.server.http != new.server.http
-        || old.server.https != new.server.https
-        || old.server.admin_socket != new.server.admin_socket
+    let admin_changed = old.server.admin_socket != new.server.admin_socket
         || old.server.admin_group != new.server.admin_group;
-    if listeners_changed {
-        tracing::warn!("listener or admin socket addresses changed; they take effect on restart");
+    if admin_changed {
+        tracing::warn!("admin socket or group changed; they take effect on restart");
     }
     if old.server.state_dir != new.server.state_dir || old.server.instance != new.server.instance {
         tracing::warn!("state_dir or instance changed; they take effect on restart");
@@ -919,7 +966,7 @@ mod tests {
         let config = Arc::new(Config::parse(text, "proxy.toml", dir.path()).expect("config"));
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
-            https_port: None,
+            https_port: crate::routing::RedirectPort::new(None),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),

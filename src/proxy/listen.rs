@@ -79,7 +79,7 @@ async fn listener(
                 .map(Some)
                 .map_err(ListenError::Bind)
         }
-        Some((addr, None)) => bind(addr).await.map(Some).map_err(ListenError::Bind),
+        Some((addr, None)) => bind(addr).map(Some).map_err(ListenError::Bind),
     }
 }
 
@@ -195,8 +195,8 @@ impl InheritedSocket {
 /// later. nginx asks for 511; the kernel caps this at net.core.somaxconn.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds and listens on one address.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds and listens on one address (within a tokio runtime).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?

@@ -12,5 +12,5 @@ mod serve;
 mod static_dir;
 mod strict;
 
-pub use listen::{Inherited, ListenError, Listeners};
+pub use listen::{bind, Inherited, ListenError, Listeners};
 pub use serve::Server;

@@ -84,19 +84,31 @@ impl Server {
     }
 
     /// Accepts connections on `listener` (TLS ones when `tls` is set) until
-    /// shutdown, on a task the shutdown waits for.
-    pub fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    /// shutdown, on a task the shutdown waits for. Cancelling the returned
+    /// token closes this listener alone (a reload moved its address);
+    /// connections it accepted are served on.
+    pub fn spawn_accept_loop(
+        &self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+    ) -> CancellationToken {
         if let Ok(addr) = listener.local_addr() {
             let scheme = if tls.is_some() { "https" } else { "http" };
             tracing::info!(listen.addr = %addr, scheme, "listening");
         }
+        let stop = self.shared.shutdown.child_token();
         self.shared
             .tasks
-            .spawn(self.clone().accept_loop(listener, tls));
+            .spawn(self.clone().accept_loop(listener, tls, stop.clone()));
+        stop
     }
 
-    async fn accept_loop(self, listener: TcpListener, tls: Option<TlsAcceptor>) {
-        let shutdown = self.shared.shutdown.clone();
+    async fn accept_loop(
+        self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let permit = tokio::select! {
                 permit = Arc::clone(&self.connections).acquire_owned() => match permit {
