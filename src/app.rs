@@ -7,6 +7,8 @@
 //! below them (see `docs/architecture.md`).
 
 use std::future::Future;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -19,8 +21,9 @@ use crate::admin;
 use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
 use crate::control::{identity, watch, Controller};
+use crate::handoff::Upgrader;
 use crate::proxy::{Listeners, Server};
-use crate::rebind::LiveListeners;
+use crate::rebind::{Kind, LiveListeners};
 use crate::routing::{RedirectPort, Shared, Snapshot};
 use crate::tls::acme::AcmeCerts;
 use crate::tls::{self, CertStore, SniResolver};
@@ -46,6 +49,21 @@ pub enum ServerError {
     Acme(#[from] acme::SetupError),
 }
 
+/// What `cutover serve` adds to [`run`]: an admin socket handed over by
+/// an upgrade, a call when the server is ready, and `cutover upgrade`
+/// itself (off for servers run in-process, whose executable is not
+/// `cutover`).
+#[derive(Default)]
+pub struct Startup {
+    /// An admin socket already listening: used instead of binding
+    /// `admin_socket` (an upgrade's predecessor handed it over).
+    pub admin: Option<std::os::unix::net::UnixListener>,
+    /// Called once, when the server serves.
+    pub on_ready: Option<Box<dyn FnOnce() + Send>>,
+    /// Whether `cutover upgrade` may start a new process (see `handoff`).
+    pub upgradable: bool,
+}
+
 /// Serves until `shutdown` completes, then drains: stops accepting, lets
 /// in-flight requests finish (bounded by `server.shutdown_timeout`), closes
 /// keep-alive connections, and returns.
@@ -53,6 +71,17 @@ pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with(listeners, config, shutdown, Startup::default()).await
+}
+
+/// [`run`], with what `cutover serve` adds ([`Startup`]). After a
+/// successful `cutover upgrade` it drains and returns as on `shutdown`.
+pub async fn run_with(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    startup: Startup,
 ) -> Result<(), ServerError> {
     if listeners.http.is_none() && listeners.https.is_none() {
         return Err(ServerError::NoListeners);
@@ -75,6 +104,7 @@ pub async fn run(
         snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
         https_port: RedirectPort::new(https_port),
         shutdown: CancellationToken::new(),
+        handed_over: AtomicBool::new(false),
         tasks: TaskTracker::new(),
         acme: Arc::clone(&acme_certs),
     });
@@ -100,8 +130,21 @@ pub async fn run(
     let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone(), instance);
     controller.restore().await?;
     controller.reconcile().await;
+    let mut admin_socket = None;
     if let Some(path) = &config.server.admin_socket {
-        let listener = admin::bind(path, config.server.admin_group.as_deref()).await?;
+        let listener = match startup.admin {
+            Some(handed_over) => handed_over
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(handed_over))
+                .map_err(|source| admin::AdminError::Io {
+                    path: path.clone(),
+                    source,
+                })?,
+            None => admin::bind(path, config.server.admin_group.as_deref()).await?,
+        };
+        if startup.upgradable {
+            admin_socket = listener.as_fd().try_clone_to_owned().ok();
+        }
         shared.tasks.spawn(admin::serve(
             listener,
             path.clone(),
@@ -122,27 +165,54 @@ pub async fn run(
     }
 
     let server = Server::new(Arc::clone(&shared), config.server.limits.clone());
-    let http = listeners
-        .http
-        .map(|listener| server.spawn_accept_loop(listener, None));
-    let https = listeners
-        .https
-        .map(|listener| server.spawn_accept_loop(listener, acceptor.clone()));
-    controller.set_listening(Box::new(LiveListeners::new(
-        server,
-        acceptor,
-        Arc::clone(&shared),
-        (config.server.http, http),
-        (config.server.https, https),
-    )));
+    let live = Arc::new(LiveListeners::new(server, acceptor, Arc::clone(&shared)));
+    if let Some(listener) = listeners.http {
+        live.start(Kind::Http, config.server.http, listener);
+    }
+    if let Some(listener) = listeners.https {
+        live.start(Kind::Https, config.server.https, listener);
+    }
+    controller.set_listening(Arc::clone(&live) as _);
+    let upgraded = CancellationToken::new();
+    let upgrader = match (&config.source, startup.upgradable) {
+        (Some(source), true) => {
+            let upgrader = Arc::new(Upgrader::new(
+                Arc::clone(&live),
+                admin_socket,
+                source.clone(),
+                upgraded.clone(),
+            ));
+            controller.set_upgrader(Arc::clone(&upgrader) as _);
+            Some(upgrader)
+        }
+        _ => None,
+    };
     if let Some(acme) = &acme {
         acme.start(&config);
     }
     crate::sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    if let Some(on_ready) = startup.on_ready {
+        on_ready();
+    }
 
-    shutdown.await;
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
-    crate::sd_notify::notify("STOPPING=1");
+    tokio::select! {
+        () = shutdown => {}
+        () = upgraded.cancelled() => {}
+    }
+    // The sockets close with their accept loops, as without an upgrader.
+    live.release();
+    if let Some(upgrader) = &upgrader {
+        upgrader.release();
+    }
+    if upgraded.is_cancelled() {
+        shared.handed_over.store(true, Ordering::Relaxed);
+        // The new process is the service now (it sent READY=1 and its
+        // MAINPID): a STOPPING=1 from here would stop the unit.
+        tracing::info!("handed over to the new process: draining in-flight requests");
+    } else {
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        crate::sd_notify::notify("STOPPING=1");
+    }
     shared.shutdown.cancel();
     shared.tasks.close();
     let deadline = config.server.shutdown_timeout;

@@ -10,6 +10,7 @@
 //! | part | what it owns |
 //! |---|---|
 //! | [`app`] | start-up wiring: [`run`] |
+//! | `handoff` | `cutover upgrade`: sockets passed to a new process (`SCM_RIGHTS`) |
 //! | `rebind` | listener address changes on reload (bind new, then close old) |
 //! | `check` | `cutover check` |
 //! | `admin/` | the admin protocol, its socket server and client |
@@ -35,6 +36,7 @@ pub mod config;
 mod control;
 pub mod docker;
 pub mod errors;
+pub mod handoff;
 mod io;
 mod proxy;
 mod rebind;
@@ -43,6 +45,6 @@ pub mod sd_notify;
 mod tls;
 mod upstream;
 
-pub use app::{run, ServerError};
+pub use app::{run, run_with, ServerError, Startup};
 pub use config::Config;
 pub use proxy::{Inherited, ListenError, Listeners};

@@ -6,6 +6,7 @@
 //! ones still in its queue when it closes are reset by the kernel.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::TcpListener;
@@ -33,39 +34,61 @@ struct Live {
 }
 
 /// One kind of listener: the address the config names (`None` also when
-/// the caller bound it without one, as tests do) and its accept loop.
+/// the caller bound it without one, as tests do), its accept loop, and a
+/// duplicate of its socket for an upgrade's hand-off.
 #[derive(Default)]
 struct Slot {
     configured: Option<SocketAddr>,
     serving: Option<CancellationToken>,
+    socket: Option<OwnedFd>,
 }
 
-impl Slot {
-    pub fn new(configured: Option<SocketAddr>, serving: Option<CancellationToken>) -> Slot {
-        Slot {
-            configured,
-            serving,
-        }
-    }
+/// Which listener.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Http,
+    Https,
 }
 
 impl LiveListeners {
-    pub fn new(
-        server: Server,
-        tls: Option<TlsAcceptor>,
-        shared: Arc<Shared>,
-        http: (Option<SocketAddr>, Option<CancellationToken>),
-        https: (Option<SocketAddr>, Option<CancellationToken>),
-    ) -> LiveListeners {
+    /// No listener yet: [`start`](Self::start) each.
+    pub fn new(server: Server, tls: Option<TlsAcceptor>, shared: Arc<Shared>) -> LiveListeners {
         LiveListeners {
-            live: Arc::new(Mutex::new(Live {
-                http: Slot::new(http.0, http.1),
-                https: Slot::new(https.0, https.1),
-            })),
+            live: Arc::new(Mutex::new(Live::default())),
             server,
             tls,
             shared,
         }
+    }
+
+    /// Serves `listener` as the `kind` listener for address `configured`.
+    pub fn start(&self, kind: Kind, configured: Option<SocketAddr>, listener: TcpListener) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let (slot, tls) = match kind {
+            Kind::Http => (&mut live.http, None),
+            Kind::Https => (&mut live.https, self.tls.clone()),
+        };
+        slot.configured = configured;
+        slot.socket = listener.as_fd().try_clone_to_owned().ok();
+        slot.serving = Some(self.server.spawn_accept_loop(listener, tls));
+    }
+
+    /// Duplicates of the listening sockets, for a hand-off.
+    pub fn sockets(&self) -> std::io::Result<Vec<OwnedFd>> {
+        let live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        [&live.http.socket, &live.https.socket]
+            .into_iter()
+            .flatten()
+            .map(OwnedFd::try_clone)
+            .collect()
+    }
+
+    /// Drops the duplicates (shutdown has started), so the sockets close
+    /// when the accept loops stop, as they would without them.
+    pub fn release(&self) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        live.http.socket = None;
+        live.https.socket = None;
     }
 }
 
@@ -176,8 +199,12 @@ fn apply(
         .map_or_else(|| "none".to_string(), |addr| addr.to_string());
     let (configured, serving, line) = match step {
         Step::Keep => return None,
-        Step::Close => (None, None, format!("{scheme} listener on {was} closed")),
+        Step::Close => {
+            slot.socket = None;
+            (None, None, format!("{scheme} listener on {was} closed"))
+        }
         Step::Move(addr, listener) => {
+            slot.socket = listener.as_fd().try_clone_to_owned().ok();
             let serving = server.spawn_accept_loop(listener, tls);
             (
                 Some(addr),

@@ -83,6 +83,12 @@ pub enum Command {
     Reload {},
     /// Order a new certificate for an automatic (`tls = "acme"`) name now.
     Renew { name: String },
+    /// Hand the listening sockets to a new process running `binary` (this
+    /// server's executable when absent), then drain and exit.
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+    },
 }
 
 /// One reply line.
@@ -219,7 +225,12 @@ pub async fn serve(
             }
         }
     }
-    let _ = std::fs::remove_file(&path);
+    // After an upgrade the new process serves this same socket (it was
+    // handed over): the path is its now. Anyone else: remove it.
+    drop(listener);
+    if UnixStream::connect(&path).await.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Answers requests on one connection, one at a time, until it closes.
@@ -374,6 +385,11 @@ async fn run_command(
         Command::Resume { service } => controller.resume(&service).await,
         Command::Reload {} => controller.reload(progress).await,
         Command::Renew { name } => controller.renew(&name, progress).await,
+        Command::Upgrade { binary } => {
+            controller
+                .upgrade(binary.map(PathBuf::from), progress)
+                .await
+        }
         Command::Deploy {
             service,
             image,

@@ -25,6 +25,7 @@ pub mod health;
 pub mod identity;
 pub mod listening;
 pub mod state;
+pub mod upgrade;
 pub mod watch;
 
 pub use deploy::ImageChoice;
@@ -47,6 +48,7 @@ use crate::upstream::Upstream;
 use health::ProbeError;
 use listening::{ListenChange, Listening};
 use state::{now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore};
+use upgrade::Upgrade;
 
 /// One progress line of a running operation, streamed to the admin client.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -167,7 +169,9 @@ pub struct Controller {
     instance: String,
     /// The listening sockets, for reloads that move them; set once they
     /// serve (see [`Controller::set_listening`]).
-    listening: std::sync::OnceLock<Box<dyn Listening>>,
+    listening: std::sync::OnceLock<Arc<dyn Listening>>,
+    /// The hand-off to a new process, for `cutover upgrade`.
+    upgrader: std::sync::OnceLock<Arc<dyn Upgrade>>,
     /// One reload at a time (the watcher and `cutover reload` can race):
     /// each compares against the config the previous one published.
     reloading: tokio::sync::Mutex<()>,
@@ -218,13 +222,14 @@ impl Controller {
             docker_status: Mutex::new("not used".into()),
             instance,
             listening: std::sync::OnceLock::new(),
+            upgrader: std::sync::OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Lets reloads move the listeners; until this is called (and in
     /// servers that never call it) a changed address waits for a restart.
-    pub fn set_listening(&self, listening: Box<dyn Listening>) {
+    pub fn set_listening(&self, listening: Arc<dyn Listening>) {
         if self.listening.set(listening).is_err() {
             tracing::warn!("listeners were already set; keeping the first");
         }
@@ -618,6 +623,40 @@ impl Controller {
         Ok(json!({ "config": path.display().to_string() }))
     }
 
+    /// Lets `cutover upgrade` hand this process's sockets to a new one.
+    pub fn set_upgrader(&self, upgrader: Arc<dyn Upgrade>) {
+        if self.upgrader.set(upgrader).is_err() {
+            tracing::warn!("upgrader was already set; keeping the first");
+        }
+    }
+
+    /// Hands the sockets to a new process (see [`upgrade`]). Refused while
+    /// a deploy, rollback or switch runs; while it runs, those and reloads
+    /// wait or are refused, so the new process starts from the state file
+    /// as it stands.
+    pub async fn upgrade(
+        &self,
+        binary: Option<std::path::PathBuf>,
+        progress: &Progress,
+    ) -> Result<Value, ControlError> {
+        let upgrader = self.upgrader.get().ok_or_else(|| {
+            ControlError::Failed(
+                "this server cannot hand over: it was not started by `cutover serve`".into(),
+            )
+        })?;
+        let _no_reloads = self.reloading.lock().await;
+        let names: Vec<String> = self.current_config().services.keys().cloned().collect();
+        let _claims = names
+            .iter()
+            .map(|name| self.claim(name))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| ControlError::Failed(format!("upgrade refused: {err}")))?;
+        upgrader
+            .upgrade(binary, progress)
+            .await
+            .map_err(ControlError::Failed)
+    }
+
     /// Binds the listener addresses a reloaded config changes (see
     /// [`listening`]); a bind failure rejects the reload.
     fn prepare_listeners(
@@ -968,6 +1007,7 @@ mod tests {
             snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
             https_port: crate::routing::RedirectPort::new(None),
             shutdown: CancellationToken::new(),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
         });

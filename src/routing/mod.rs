@@ -8,7 +8,7 @@
 pub mod snapshot;
 pub mod table;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -27,6 +27,10 @@ pub struct Shared {
     pub https_port: RedirectPort,
     /// Cancelled at shutdown; tunnels watch it.
     pub shutdown: CancellationToken,
+    /// Set before `shutdown` when a new process took over the sockets
+    /// (`cutover upgrade`): HTTP/1.1 connections then linger for their
+    /// next request and close after it, instead of closing while idle.
+    pub handed_over: AtomicBool,
     /// Tracks spawned tunnel tasks so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// ACME challenge answers (HTTP-01 is answered on the request path).
