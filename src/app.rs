@@ -20,7 +20,7 @@ use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
-use crate::control::{identity, watch, Controller};
+use crate::control::{identity, watch, Controller, Progress};
 use crate::handoff::Upgrader;
 use crate::proxy::{Listeners, Server};
 use crate::rebind::{Kind, LiveListeners};
@@ -183,6 +183,7 @@ pub async fn run_with(
                 upgraded.clone(),
             ));
             controller.set_upgrader(Arc::clone(&upgrader) as _);
+            upgrade_on_sigusr2(Arc::clone(&controller), upgraded.clone());
             Some(upgrader)
         }
         _ => None,
@@ -226,6 +227,34 @@ pub async fn run_with(
         );
     }
     Ok(())
+}
+
+/// `kill -USR2` does what `cutover upgrade` (without `--binary`) does:
+/// the executable at this server's path takes over. The outcome goes to
+/// the log only; a failed upgrade leaves this process serving.
+fn upgrade_on_sigusr2(controller: Arc<Controller>, upgraded: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr2 = match signal(SignalKind::user_defined2()) {
+        Ok(usr2) => usr2,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGUSR2; use `cutover upgrade`");
+            return;
+        }
+    };
+    let shutdown = controller.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => {}
+                () = shutdown.cancelled() => return,
+                () = upgraded.cancelled() => return,
+            }
+            tracing::info!("SIGUSR2: handing over to a new process");
+            if let Err(err) = controller.upgrade(None, &Progress::log_only()).await {
+                tracing::error!(error = %err, "upgrade on SIGUSR2 failed");
+            }
+        }
+    });
 }
 
 fn tls_acceptor(

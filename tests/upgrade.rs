@@ -59,6 +59,8 @@ struct Server {
     https: SocketAddr,
     socket: PathBuf,
     pids: Pids,
+    /// The process the test started.
+    first: u32,
 }
 
 /// Starts `cutover serve` (the real binary) on free ports, with a file
@@ -79,13 +81,16 @@ async fn start_server() -> Server {
         ),
     )
     .expect("config");
+    let log = std::fs::File::create(dir.path().join("log")).expect("log file");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(dir.path().join("proxy.toml"))
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start cutover");
+    let first = child.id();
     let pids = Pids::default();
     pids.add(child.id());
     // Reaped when it exits (after handing over), so it is no zombie.
@@ -98,6 +103,7 @@ async fn start_server() -> Server {
         https,
         socket,
         pids,
+        first,
     }
 }
 
@@ -351,4 +357,64 @@ async fn a_failing_new_process_leaves_the_old_one_serving() {
     assert!(ok, "{text}");
     server.pids.add(pid.expect("pid"));
     assert!(serves().await, "the new process does not serve");
+}
+
+/// `kill -USR2` hands over as `cutover upgrade` does: the first process
+/// exits, a new one serves the same sockets and admin socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_hands_over_like_cutover_upgrade() {
+    let server = start_server().await;
+    let killed = Command::new("kill")
+        .args(["-USR2", &server.first.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let log_path = server.dir.path().join("log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let new_pid = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let pid = log.lines().find_map(|l| {
+            l.split("(pid ")
+                .nth(1)?
+                .split(')')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        });
+        if let (Some(pid), true) = (pid, log.contains("serves after")) {
+            break pid;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no hand-off: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    server.pids.add(new_pid);
+    // The first process exits once drained (its reaper thread waits on it).
+    let gone = |pid: u32| {
+        !Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    while !gone(server.first) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first process did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!gone(new_pid), "the new process is not running");
+    let response = raw_exchange(
+        server.http,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    admin_call(
+        &server.socket,
+        cutover::admin::Command::Status { service: None },
+        IO_TIMEOUT,
+    )
+    .await
+    .expect("the admin socket answers after the hand-off");
 }
