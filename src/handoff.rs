@@ -51,6 +51,10 @@ pub struct Upgrader {
     /// the socket closes with the server as before.
     admin: Mutex<Option<OwnedFd>>,
     config: PathBuf,
+    /// This executable's path, read at start: once the file is replaced
+    /// (the usual way to install a new version), Linux reports the running
+    /// one as "PATH (deleted)".
+    executable: std::io::Result<PathBuf>,
     /// Cancelled once the new process serves: this one then drains.
     upgraded: CancellationToken,
 }
@@ -66,6 +70,7 @@ impl Upgrader {
             listeners,
             admin: Mutex::new(admin),
             config,
+            executable: std::env::current_exe(),
             upgraded,
         }
     }
@@ -94,8 +99,10 @@ impl Upgrader {
     ) -> Result<Value, String> {
         let binary = match binary {
             Some(binary) => binary,
-            None => std::env::current_exe()
-                .map_err(|err| format!("cannot find this server's executable: {err}"))?,
+            None => match &self.executable {
+                Ok(path) => path.clone(),
+                Err(err) => return Err(format!("cannot find this server's executable: {err}")),
+            },
         };
         let mut sockets = self
             .listeners

@@ -42,6 +42,7 @@ impl Drop for Pids {
         for pid in self.0.lock().unwrap().iter() {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
                 .status();
         }
     }
