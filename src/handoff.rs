@@ -312,7 +312,7 @@ fn receive() -> Result<HandedOver, ListenError> {
             other => return Err(fail("message", &format!("unknown socket kind {other:?}"))),
         }
     }
-    let inherited = match Inherited::from_listeners(tcp) {
+    let inherited = match Inherited::from_predecessor(tcp) {
         Ok(inherited) => inherited,
         Err(err) => {
             predecessor.failed(&err.to_string());

@@ -196,6 +196,19 @@ async fn inherited_sockets_are_matched_by_address() {
         .await
         .expect_err("a stray socket is refused");
     assert!(err.to_string().contains("matches neither"), "{err}");
+
+    // Handed over by an upgrading predecessor whose config named it: closed.
+    let stray = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let stray_addr = stray.local_addr().unwrap();
+    let inherited = cutover::Inherited::from_predecessor(vec![stray]).expect("inherited");
+    let listeners = cutover::Listeners::open(&config, inherited)
+        .await
+        .expect("a stray handed-over socket is closed, not an error");
+    assert!(listeners.http.is_some());
+    assert!(
+        TcpStream::connect(stray_addr).is_err(),
+        "{stray_addr} still listens"
+    );
 }
 
 /// `serve` reports READY=1 (with its pid) to $NOTIFY_SOCKET once it

@@ -37,11 +37,17 @@ impl Listeners {
     /// The config's listeners: each address served by the inherited socket
     /// listening on it, or bound here when none was inherited for it.
     ///
-    /// An inherited socket that matches neither address is an error, not a
-    /// warning: the kernel would queue connections on it that nobody ever
-    /// accepts, so clients would hang instead of being refused.
+    /// A `LISTEN_FDS` socket that matches neither address is an error, not
+    /// a warning: the service manager keeps it open, so the kernel would
+    /// queue connections on it that nobody ever accepts, and clients would
+    /// hang instead of being refused. One handed over by an upgrading
+    /// predecessor (whose config no longer names it) is closed instead:
+    /// the predecessor closes its copy as it drains.
     pub async fn open(config: &Config, inherited: Inherited) -> Result<Listeners, ListenError> {
-        let mut sockets = inherited.sockets;
+        let Inherited {
+            mut sockets,
+            strict,
+        } = inherited;
         let mut take = |addr: SocketAddr| {
             sockets
                 .iter()
@@ -50,6 +56,11 @@ impl Listeners {
         };
         let http = config.server.http.map(|addr| (addr, take(addr)));
         let https = config.server.https.map(|addr| (addr, take(addr)));
+        if !strict {
+            for unused in sockets.drain(..) {
+                tracing::info!(socket = %unused.describe(), "handed-over socket no longer configured: closed");
+            }
+        }
         if let Some(unused) = sockets.first() {
             return Err(ListenError::Unused {
                 socket: unused.describe(),
@@ -111,6 +122,9 @@ fn show(addr: &Option<SocketAddr>) -> String {
 #[derive(Debug, Default)]
 pub struct Inherited {
     sockets: Vec<InheritedSocket>,
+    /// Whether a socket matching no listener is an error (see
+    /// [`Listeners::open`]).
+    strict: bool,
 }
 
 #[derive(Debug)]
@@ -157,17 +171,36 @@ impl Inherited {
                 .ok_or_else(|| ListenError::Inherit(format!("{label}: already taken")))?;
             sockets.push(InheritedSocket::new(listener, label)?);
         }
-        Ok(Inherited { sockets })
+        Ok(Inherited {
+            sockets,
+            strict: true,
+        })
     }
 
-    /// Sockets received some other way (a hand-off from a running cutover).
+    /// Sockets passed some other way than the environment, with the same
+    /// rules as `LISTEN_FDS` (a socket matching no listener is an error).
     pub fn from_listeners(listeners: Vec<std::net::TcpListener>) -> Result<Inherited, ListenError> {
+        Inherited::labelled(listeners, true)
+    }
+
+    /// Sockets handed over by an upgrading predecessor: one the config no
+    /// longer names is closed, not an error.
+    pub fn from_predecessor(
+        listeners: Vec<std::net::TcpListener>,
+    ) -> Result<Inherited, ListenError> {
+        Inherited::labelled(listeners, false)
+    }
+
+    fn labelled(
+        listeners: Vec<std::net::TcpListener>,
+        strict: bool,
+    ) -> Result<Inherited, ListenError> {
         let sockets = listeners
             .into_iter()
             .enumerate()
             .map(|(index, listener)| InheritedSocket::new(listener, format!("socket #{index}")))
             .collect::<Result<_, _>>()?;
-        Ok(Inherited { sockets })
+        Ok(Inherited { sockets, strict })
     }
 
     pub fn is_empty(&self) -> bool {
