@@ -4,6 +4,9 @@
 //! closed, so changing a port needs no restart and refuses nothing on the
 //! new port. Connections the old listener accepted are served to the end;
 //! ones still in its queue when it closes are reset by the kernel.
+//!
+//! It also keeps a duplicate of each listening socket, which is what
+//! `cutover upgrade` hands to the new process (see `handoff`).
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
