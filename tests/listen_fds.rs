@@ -290,3 +290,45 @@ fn example_units_pass_systemd_analyze_verify() {
         "verify did not flag a bad Type="
     );
 }
+
+/// A server started on a socket-activated listener hands it on to an
+/// upgrade's new process (which must not read the stale LISTEN_FDS).
+#[test]
+fn a_socket_activated_server_upgrades() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = write_config(dir.path(), addr, "admin_socket = \"admin.sock\"");
+    let log = dir.path().join("stderr");
+    let _activator = socket_activate(&[addr], &config, &log);
+    assert!(get(connect_when_listening(addr)).starts_with("HTTP/1.1 200"));
+    let out = Command::new(BIN)
+        .args(["upgrade", "--json", "--socket"])
+        .arg(dir.path().join("admin.sock"))
+        .output()
+        .expect("run cutover upgrade");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let new_pid = stdout.lines().find_map(|line| {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        value["result"]["pid"].as_u64()
+    });
+    // Stop the new process whatever the assertions below say.
+    struct Kill(Option<u64>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+    }
+    let _kill = Kill(new_pid);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\nlog: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    for _ in 0..3 {
+        let response = get(TcpStream::connect(addr).expect("connect after the upgrade"));
+        assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
+    }
+}
