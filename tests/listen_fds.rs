@@ -131,11 +131,19 @@ fn serves_on_an_inherited_socket_and_its_queued_connections() {
     }
     let later = get(TcpStream::connect(addr).expect("connect"));
     assert!(later.starts_with("HTTP/1.1 200"), "{later:?}");
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        log.contains("using an inherited socket") && log.contains("fd 3 (web)"),
-        "cutover did not say it took fd 3: {log}"
-    );
+    // Logs go through a writer thread: wait for the line, bounded.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("using an inherited socket") && text.contains("fd 3 (web)") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cutover did not say it took fd 3: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A passed socket that matches neither configured address stops the
