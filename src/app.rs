@@ -128,6 +128,11 @@ pub async fn run_with(
         );
     }
     let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone(), instance);
+    let upgraded = CancellationToken::new();
+    if startup.upgradable && config.source.is_some() {
+        // Early: until a handler is installed, SIGUSR2 kills the process.
+        upgrade_on_sigusr2(Arc::clone(&controller), upgraded.clone());
+    }
     controller.restore().await?;
     controller.reconcile().await;
     let mut admin_socket = None;
@@ -173,7 +178,6 @@ pub async fn run_with(
         live.start(Kind::Https, config.server.https, listener);
     }
     controller.set_listening(Arc::clone(&live) as _);
-    let upgraded = CancellationToken::new();
     let upgrader = match (&config.source, startup.upgradable) {
         (Some(source), true) => {
             let upgrader = Arc::new(Upgrader::new(
@@ -183,7 +187,6 @@ pub async fn run_with(
                 upgraded.clone(),
             ));
             controller.set_upgrader(Arc::clone(&upgrader) as _);
-            upgrade_on_sigusr2(Arc::clone(&controller), upgraded.clone());
             Some(upgrader)
         }
         _ => None,

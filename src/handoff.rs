@@ -97,6 +97,9 @@ impl Upgrader {
         binary: Option<PathBuf>,
         progress: &Progress,
     ) -> Result<Value, String> {
+        if self.upgraded.is_cancelled() {
+            return Err("this process has already handed over to a new one and is draining".into());
+        }
         let binary = match binary {
             Some(binary) => binary,
             None => match &self.executable {
