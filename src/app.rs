@@ -7,6 +7,8 @@
 //! below them (see `docs/architecture.md`).
 
 use std::future::Future;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -18,9 +20,11 @@ use crate::acme;
 use crate::admin;
 use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
-use crate::control::{identity, watch, Controller};
+use crate::control::{identity, watch, Controller, Progress};
+use crate::handoff::Upgrader;
 use crate::proxy::{Listeners, RuntimeMode, Server, Workers};
-use crate::routing::{Shared, Snapshot, WorkerLoad};
+use crate::rebind::{Kind, LiveListeners};
+use crate::routing::{RedirectPort, Shared, Snapshot, WorkerLoad};
 use crate::tls::acme::AcmeCerts;
 use crate::tls::{self, CertStore, SniResolver};
 
@@ -49,13 +53,39 @@ pub enum ServerError {
     Workers(std::io::Error),
 }
 
+/// What `cutover serve` adds to [`run`]: an admin socket handed over by
+/// an upgrade, a call when the server is ready, and `cutover upgrade`
+/// itself (off for servers run in-process, whose executable is not
+/// `cutover`).
+#[derive(Default)]
+pub struct Startup {
+    /// An admin socket already listening: used instead of binding
+    /// `admin_socket` (an upgrade's predecessor handed it over).
+    pub admin: Option<std::os::unix::net::UnixListener>,
+    /// Called once, when the server serves.
+    pub on_ready: Option<Box<dyn FnOnce() + Send>>,
+    /// Whether `cutover upgrade` may start a new process (see `handoff`).
+    pub upgradable: bool,
+}
+
 /// Serves until `shutdown` completes, then drains: stops accepting, lets
 /// in-flight requests finish (bounded by `server.shutdown_timeout`), closes
 /// keep-alive connections, and returns.
 pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with(listeners, config, shutdown, Startup::default()).await
+}
+
+/// [`run`], with what `cutover serve` adds ([`Startup`]). After a
+/// successful `cutover upgrade` it drains and returns as on `shutdown`.
+pub async fn run_with(
     mut listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
+    startup: Startup,
 ) -> Result<(), ServerError> {
     if listeners.http.is_none() && listeners.https.is_none() {
         return Err(ServerError::NoListeners);
@@ -79,8 +109,9 @@ pub async fn run(
         .map(|a| a.port());
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
-        https_port,
+        https_port: RedirectPort::new(https_port),
         shutdown: CancellationToken::new(),
+        handed_over: AtomicBool::new(false),
         tasks: TaskTracker::new(),
         acme: Arc::clone(&acme_certs),
         workers: WorkerLoad::new(worker_threads),
@@ -105,13 +136,29 @@ pub async fn run(
         );
     }
     let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone(), instance);
+    let upgraded = CancellationToken::new();
+    if startup.upgradable && config.source.is_some() {
+        // Early: until a handler is installed, SIGUSR2 kills the process.
+        upgrade_on_sigusr2(Arc::clone(&controller), upgraded.clone());
+    }
     controller.restore().await?;
     controller.reconcile().await;
+    let mut admin_socket = None;
     if let Some(path) = &config.server.admin_socket {
-        let listener = match listeners.admin.take() {
-            Some(listener) => listener,
-            None => admin::bind(path, config.server.admin_group.as_deref()).await?,
+        let listener = match (listeners.admin.take(), startup.admin) {
+            (Some(listener), _) => listener,
+            (None, Some(handed_over)) => handed_over
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(handed_over))
+                .map_err(|source| admin::AdminError::Io {
+                    path: path.clone(),
+                    source,
+                })?,
+            (None, None) => admin::bind(path, config.server.admin_group.as_deref()).await?,
         };
+        if startup.upgradable {
+            admin_socket = listener.as_fd().try_clone_to_owned().ok();
+        }
         shared.tasks.spawn(admin::serve(
             listener,
             path.clone(),
@@ -140,18 +187,53 @@ pub async fn run(
     if let Some(workers) = &workers {
         server = server.dispatching_to(workers);
     }
+    let live = Arc::new(LiveListeners::new(server, acceptor, Arc::clone(&shared)));
     if let Some(listener) = listeners.http {
-        server.spawn_accept_loop(listener, None);
+        live.start(Kind::Http, config.server.http, listener);
     }
     if let Some(listener) = listeners.https {
-        server.spawn_accept_loop(listener, acceptor);
+        live.start(Kind::Https, config.server.https, listener);
     }
+    controller.set_listening(Arc::clone(&live) as _);
+    let upgrader = match (&config.source, startup.upgradable) {
+        (Some(source), true) => {
+            let upgrader = Arc::new(Upgrader::new(
+                Arc::clone(&live),
+                admin_socket,
+                source.clone(),
+                upgraded.clone(),
+            ));
+            controller.set_upgrader(Arc::clone(&upgrader) as _);
+            Some(upgrader)
+        }
+        _ => None,
+    };
     if let Some(acme) = &acme {
         acme.start(&config);
     }
+    crate::sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
+    if let Some(on_ready) = startup.on_ready {
+        on_ready();
+    }
 
-    shutdown.await;
-    tracing::info!("shutting down: no new connections, draining in-flight requests");
+    tokio::select! {
+        () = shutdown => {}
+        () = upgraded.cancelled() => {}
+    }
+    // The sockets close with their accept loops, as without an upgrader.
+    live.release();
+    if let Some(upgrader) = &upgrader {
+        upgrader.release();
+    }
+    if upgraded.is_cancelled() {
+        shared.handed_over.store(true, Ordering::Relaxed);
+        // The new process is the service now (it sent READY=1 and its
+        // MAINPID): a STOPPING=1 from here would stop the unit.
+        tracing::info!("handed over to the new process: draining in-flight requests");
+    } else {
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        crate::sd_notify::notify("STOPPING=1");
+    }
     shared.shutdown.cancel();
     shared.tasks.close();
     let deadline = config.server.shutdown_timeout;
@@ -168,6 +250,34 @@ pub async fn run(
         workers.stop().await;
     }
     Ok(())
+}
+
+/// `kill -USR2` does what `cutover upgrade` (without `--binary`) does:
+/// the executable at this server's path takes over. The outcome goes to
+/// the log only; a failed upgrade leaves this process serving.
+fn upgrade_on_sigusr2(controller: Arc<Controller>, upgraded: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr2 = match signal(SignalKind::user_defined2()) {
+        Ok(usr2) => usr2,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGUSR2; use `cutover upgrade`");
+            return;
+        }
+    };
+    let shutdown = controller.shutdown_token();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => {}
+                () = shutdown.cancelled() => return,
+                () = upgraded.cancelled() => return,
+            }
+            tracing::info!("SIGUSR2: handing over to a new process");
+            if let Err(err) = controller.upgrade(None, &Progress::log_only()).await {
+                tracing::error!(error = %err, "upgrade on SIGUSR2 failed");
+            }
+        }
+    });
 }
 
 fn tls_acceptor(

@@ -10,6 +10,8 @@
 //! | part | what it owns |
 //! |---|---|
 //! | [`app`] | start-up wiring: [`run`] |
+//! | `handoff` | `cutover upgrade`: sockets passed to a new process (`SCM_RIGHTS`) |
+//! | `rebind` | listener address changes on reload (bind new, then close old) |
 //! | `check` | `cutover check` |
 //! | `admin/` | the admin protocol, its socket server and client |
 //! | `control/` | the controller (single writer), deploys, health, state file, watcher |
@@ -19,6 +21,7 @@
 //! | `acme/` | automatic certificates: ACME orders, storage, renewal |
 //! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
 //! | `config/`, `errors` | configuration, error chains |
+//! | `sd_notify` | readiness reports to systemd (`Type=notify`) |
 //!
 //! The data plane (`proxy`) and the control plane (`control`) never import
 //! each other; they meet in `routing` and `upstream`.
@@ -33,13 +36,16 @@ pub mod config;
 mod control;
 pub mod docker;
 pub mod errors;
+pub mod handoff;
 mod io;
 mod proxy;
+mod rebind;
 mod routing;
+pub mod sd_notify;
 mod tls;
 mod upstream;
 
-pub use app::{run, ServerError};
+pub use app::{run, run_with, ServerError, Startup};
 pub use config::Config;
-pub use proxy::{Listeners, RuntimeMode, RUNTIME_VAR};
+pub use proxy::{Inherited, ListenError, Listeners, RuntimeMode, RUNTIME_VAR};
 pub use routing::workers::WorkerStatus;

@@ -12,7 +12,8 @@ use cutover::admin::proto::{
     StatusReport,
 };
 use cutover::admin::{ClientError, Command as AdminCommand};
-use cutover::{Config, Listeners};
+use cutover::handoff::{self, Predecessor};
+use cutover::{Config, Inherited, ListenError, Listeners, Startup};
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +93,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Replace the running server by a new process (a new binary) without
+    /// closing its sockets: the new one serves, then the old one drains and
+    /// exits. Exit 0 only when the new process serves.
+    Upgrade {
+        /// The new executable (default: the running server's own path,
+        /// which is the new binary once it has been replaced on disk).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Order a new certificate for a `tls = "acme"` name now; the current
     /// one serves until the new one is in place (and stays if it fails).
     Renew {
@@ -126,9 +138,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts (the log writer is one): taking inherited
+    // sockets edits the environment.
+    let inherited = matches!(cli.command, Command::Serve { .. }).then(inherited_sockets);
     let _log_writer = init_logging();
     match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve { config } => {
+            serve(&config, inherited.unwrap_or_else(|| Ok(Sockets::default())))
+        }
         Command::Check { config } => cutover::check::run(&config),
         Command::Status { service, admin } => client(&admin, AdminCommand::Status { service }),
         Command::Switch {
@@ -141,6 +158,17 @@ fn main() -> ExitCode {
         Command::Resume { service, admin } => client(&admin, AdminCommand::Resume { service }),
         Command::Reload { admin } => client(&admin, AdminCommand::Reload {}),
         Command::Renew { name, admin } => client(&admin, AdminCommand::Renew { name }),
+        Command::Upgrade { binary, admin } => client(
+            &admin,
+            AdminCommand::Upgrade {
+                binary: binary.map(|path| {
+                    std::path::absolute(&path)
+                        .unwrap_or(path)
+                        .display()
+                        .to_string()
+                }),
+            },
+        ),
         Command::Deploy {
             service,
             image,
@@ -400,13 +428,54 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
+/// What `serve` starts from besides the config: sockets passed by systemd
+/// (`LISTEN_FDS`) or by an upgrading predecessor, which then waits for
+/// this process's report.
+#[derive(Default)]
+struct Sockets {
+    inherited: Inherited,
+    admin: Option<std::os::unix::net::UnixListener>,
+    predecessor: Option<Predecessor>,
+}
+
+/// Takes the sockets this process was given, from an upgrade's hand-off
+/// or `LISTEN_FDS`. Edits the environment: call before threads start.
+fn inherited_sockets() -> Result<Sockets, ListenError> {
+    match handoff::from_env() {
+        Some(handed_over) => handed_over.map(|h| Sockets {
+            inherited: h.inherited,
+            admin: h.admin,
+            predecessor: Some(h.predecessor),
+        }),
+        None => Inherited::from_env().map(|inherited| Sockets {
+            inherited,
+            ..Sockets::default()
+        }),
+    }
+}
+
+/// Serves `path`'s config on the inherited sockets (see [`Inherited`]),
+/// binding the addresses none was inherited for. Started by an upgrade,
+/// it reports ready or its error to the old process.
+fn serve(path: &std::path::Path, sockets: Result<Sockets, ListenError>) -> ExitCode {
+    let sockets = match sockets {
+        Ok(sockets) => sockets,
+        Err(err) => {
+            eprintln!("cutover: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let predecessor = sockets.predecessor.map(std::sync::Arc::new);
+    let fail = |message: &str, code: u8| {
+        eprintln!("{message}");
+        if let Some(predecessor) = &predecessor {
+            predecessor.failed(message);
+        }
+        ExitCode::from(code)
+    };
     let config = match Config::load(path) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::from(2);
-        }
+        Err(err) => return fail(&err.to_string(), 2),
     };
     let mode = match cutover::RuntimeMode::from_env() {
         Ok(mode) => mode,
@@ -432,22 +501,26 @@ fn serve(path: &std::path::Path) -> ExitCode {
     };
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("cannot start runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return fail(&format!("cannot start runtime: {err}"), 1),
+    };
+    let ready = predecessor.clone();
+    let startup = Startup {
+        admin: sockets.admin,
+        on_ready: Some(Box::new(move || {
+            if let Some(predecessor) = ready {
+                predecessor.ready();
+            }
+        })),
+        upgradable: true,
     };
     let result = runtime.block_on(async {
-        let listeners = Listeners::bind(&config).await?;
-        cutover::run(listeners, config, shutdown_signal()).await?;
+        let listeners = Listeners::open(&config, sockets.inherited).await?;
+        cutover::run_with(listeners, config, shutdown_signal(), startup).await?;
         anyhow::Ok(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("cutover: {err:#}");
-            ExitCode::FAILURE
-        }
+        Err(err) => fail(&format!("cutover: {err:#}"), 1),
     }
 }
 

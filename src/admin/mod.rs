@@ -134,7 +134,12 @@ pub async fn serve(
             }
         }
     }
-    let _ = std::fs::remove_file(&path);
+    // After an upgrade the new process serves this same socket (it was
+    // handed over): the path is its now. Anyone else: remove it.
+    drop(listener);
+    if UnixStream::connect(&path).await.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Answers requests on one connection, one at a time, until it closes.
@@ -309,6 +314,10 @@ async fn run_command(
         Command::Resume { service } => controller.resume(&service).await.map(Report::Pause),
         Command::Reload {} => controller.reload(progress).await.map(Report::Reload),
         Command::Renew { name } => controller.renew(&name, progress).await.map(Report::Renew),
+        Command::Upgrade { binary } => controller
+            .upgrade(binary.map(PathBuf::from), progress)
+            .await
+            .map(Report::Upgrade),
         Command::Deploy {
             service,
             image,

@@ -64,6 +64,12 @@ pub enum Command {
     Reload {},
     /// Order a new certificate for an automatic (`tls = "acme"`) name now.
     Renew { name: String },
+    /// Hand the listening sockets to a new process running `binary` (this
+    /// server's executable when absent), then drain and exit.
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+    },
 }
 
 /// One reply line: zero or more `progress`, then one `ok` or `error`.
@@ -150,6 +156,7 @@ pub fn decode_report(command: &Command, result: Value) -> Result<Report, serde_j
         Command::Renew { .. } => Report::Renew(serde_json::from_value(result)?),
         Command::Deploy { .. } => Report::Deploy(serde_json::from_value(result)?),
         Command::Rollback { .. } => Report::Rollback(serde_json::from_value(result)?),
+        Command::Upgrade { .. } => Report::Upgrade(serde_json::from_value(result)?),
     })
 }
 

@@ -25,8 +25,10 @@ mod cutover;
 mod deploy;
 pub mod health;
 pub mod identity;
+pub mod listening;
 pub mod report;
 pub mod state;
+pub mod upgrade;
 pub mod watch;
 
 pub use deploy::ImageChoice;
@@ -48,11 +50,13 @@ use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
 use color::Color;
 use health::ProbeError;
+use listening::{ListenChange, Listening};
 use report::{
     ActiveStatus, DrainReport, ErrorKind, PauseReport, PreviousStatus, ReloadReport, RenewReport,
-    ServiceStatus, StatusReport, SwapTimings, SwitchReport,
+    ServiceStatus, StatusReport, SwapTimings, SwitchReport, UpgradeReport,
 };
 use state::{now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore};
+use upgrade::Upgrade;
 
 /// One progress line of a running operation, streamed to the admin client.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -198,6 +202,14 @@ pub struct Controller {
     /// This cutover's identity on the engine (see [`identity`]): the label
     /// on every container it starts.
     instance: String,
+    /// The listening sockets, for reloads that move them; set once they
+    /// serve (see [`Controller::set_listening`]).
+    listening: std::sync::OnceLock<Arc<dyn Listening>>,
+    /// The hand-off to a new process, for `cutover upgrade`.
+    upgrader: std::sync::OnceLock<Arc<dyn Upgrade>>,
+    /// One reload at a time (the watcher and `cutover reload` can race):
+    /// each compares against the config the previous one published.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 /// What the controller remembers about a service besides its active
@@ -244,7 +256,18 @@ impl Controller {
             engine: tokio::sync::Mutex::new(None),
             docker_status: Mutex::new("not used".into()),
             instance,
+            listening: std::sync::OnceLock::new(),
+            upgrader: std::sync::OnceLock::new(),
+            reloading: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Lets reloads move the listeners; until this is called (and in
+    /// servers that never call it) a changed address waits for a restart.
+    pub fn set_listening(&self, listening: Arc<dyn Listening>) {
+        if self.listening.set(listening).is_err() {
+            tracing::warn!("listeners were already set; keeping the first");
+        }
     }
 
     /// The Docker engine, connecting on first use. A failure is remembered
@@ -607,6 +630,16 @@ impl Controller {
     /// Re-reads the config file (and certificates). An invalid file or
     /// certificate changes nothing and the error names file:line.
     pub async fn reload(&self, progress: &Progress) -> Result<ReloadReport, ControlError> {
+        // systemd shows the unit as reloading until READY=1 comes back,
+        // which it does whether or not the new config was taken.
+        let _one_at_a_time = self.reloading.lock().await;
+        crate::sd_notify::notify("RELOADING=1");
+        let result = self.reload_config(progress).await;
+        crate::sd_notify::notify("READY=1");
+        result
+    }
+
+    async fn reload_config(&self, progress: &Progress) -> Result<ReloadReport, ControlError> {
         let current = self.shared.snapshot.load_full();
         let path = current
             .config
@@ -622,6 +655,7 @@ impl Controller {
             None => None,
         };
         warn_on_restart_only_changes(&current.config, &config);
+        let listen_change = self.prepare_listeners(&current.config, &config)?;
         self.reconfigure_acme(&config)?;
         let _writer = self.writer.lock().await;
         let latest = self.shared.snapshot.load_full();
@@ -631,10 +665,73 @@ impl Controller {
         if let (Some(resolver), Some(certs)) = (&self.tls, certs) {
             resolver.replace(certs);
         }
+        for change in listen_change
+            .map(|change| change.commit())
+            .unwrap_or_default()
+        {
+            progress.emit("listen", change);
+        }
         progress.emit("reloaded", format!("reloaded {}", path.display()));
         Ok(ReloadReport {
             config: path.display().to_string(),
         })
+    }
+
+    /// Lets `cutover upgrade` hand this process's sockets to a new one.
+    pub fn set_upgrader(&self, upgrader: Arc<dyn Upgrade>) {
+        if self.upgrader.set(upgrader).is_err() {
+            tracing::warn!("upgrader was already set; keeping the first");
+        }
+    }
+
+    /// Hands the sockets to a new process (see [`upgrade`]). Refused while
+    /// a deploy, rollback or switch runs; while it runs, those and reloads
+    /// wait or are refused, so the new process starts from the state file
+    /// as it stands.
+    pub async fn upgrade(
+        &self,
+        binary: Option<std::path::PathBuf>,
+        progress: &Progress,
+    ) -> Result<UpgradeReport, ControlError> {
+        let upgrader = self.upgrader.get().ok_or_else(|| {
+            ControlError::Failed(
+                "this server cannot hand over: it was not started by `cutover serve`".into(),
+            )
+        })?;
+        let _no_reloads = self.reloading.lock().await;
+        let names: Vec<String> = self.current_config().services.keys().cloned().collect();
+        // A running deploy, rollback or switch makes this busy (exit 3).
+        let _claims = names
+            .iter()
+            .map(|name| self.claim(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        upgrader
+            .upgrade(binary, progress)
+            .await
+            .map_err(ControlError::Failed)
+    }
+
+    /// Binds the listener addresses a reloaded config changes (see
+    /// [`listening`]); a bind failure rejects the reload.
+    fn prepare_listeners(
+        &self,
+        old: &Config,
+        new: &Config,
+    ) -> Result<Option<Box<dyn ListenChange>>, ControlError> {
+        if old.server.http == new.server.http && old.server.https == new.server.https {
+            return Ok(None);
+        }
+        let Some(listening) = self.listening.get() else {
+            tracing::warn!("listener addresses changed; they take effect on restart");
+            return Ok(None);
+        };
+        listening
+            .prepare(new.server.http, new.server.https)
+            .map(Some)
+            .map_err(|err| {
+                tracing::error!("reload rejected, old listeners keep serving: {err}");
+                ControlError::Config(format!("{err}; the old listeners keep serving"))
+            })
     }
 
     /// Follows a reloaded config's automatic names and `[acme]` settings.
@@ -837,12 +934,10 @@ fn load_certs(config: &Config) -> Result<CertStore, ControlError> {
 }
 
 fn warn_on_restart_only_changes(old: &Config, new: &Config) {
-    let listeners_changed = old.server.http != new.server.http
-        || old.server.https != new.server.https
-        || old.server.admin_socket != new.server.admin_socket
+    let admin_changed = old.server.admin_socket != new.server.admin_socket
         || old.server.admin_group != new.server.admin_group;
-    if listeners_changed {
-        tracing::warn!("listener or admin socket addresses changed; they take effect on restart");
+    if admin_changed {
+        tracing::warn!("admin socket or group changed; they take effect on restart");
     }
     if old.server.state_dir != new.server.state_dir || old.server.instance != new.server.instance {
         tracing::warn!("state_dir or instance changed; they take effect on restart");
@@ -977,8 +1072,9 @@ mod tests {
         let config = Arc::new(Config::parse(text, "proxy.toml", dir.path()).expect("config"));
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
-            https_port: None,
+            https_port: crate::routing::RedirectPort::new(None),
             shutdown: CancellationToken::new(),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
             workers: crate::routing::WorkerLoad::new(0),

@@ -193,6 +193,15 @@ pub struct PreviousStatus {
     pub warm_for_s: u64,
 }
 
+/// What `cutover upgrade` did: the new process that now serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    pub pid: u32,
+    pub binary: String,
+    /// From starting the new process to its `ready`.
+    pub ready_ms: u64,
+}
+
 /// The result of any command, as the admin server sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
@@ -204,6 +213,7 @@ pub enum Report {
     Renew(RenewReport),
     Deploy(DeployReport),
     Rollback(RollbackReport),
+    Upgrade(UpgradeReport),
 }
 
 impl Report {

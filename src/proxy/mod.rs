@@ -13,7 +13,7 @@ mod static_dir;
 mod strict;
 mod workers;
 
-pub use listen::Listeners;
+pub use listen::{bind, Inherited, ListenError, Listeners};
 pub use serve::Server;
 #[allow(unused_imports)] // the per-worker upstream pool will use it
 pub(crate) use workers::current_worker;

@@ -239,7 +239,7 @@ async fn dispatch(
     // port 80: they are routed, not redirected.
     let challenge = req.uri().path().starts_with(HTTP01_PATH_PREFIX);
     if !conn.tls && site.https_redirect && !challenge {
-        let response = https_redirect(&host, shared.https_port, req.uri());
+        let response = https_redirect(&host, shared.https_port.get(), req.uri());
         return Ok(Produced::Local(response));
     }
     let route = routes::route(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;

@@ -99,19 +99,31 @@ impl Server {
     }
 
     /// Accepts connections on `listener` (TLS ones when `tls` is set) until
-    /// shutdown, on a task the shutdown waits for.
-    pub fn spawn_accept_loop(&self, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    /// shutdown, on a task the shutdown waits for. Cancelling the returned
+    /// token closes this listener alone (a reload moved its address);
+    /// connections it accepted are served on.
+    pub fn spawn_accept_loop(
+        &self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+    ) -> CancellationToken {
         if let Ok(addr) = listener.local_addr() {
             let scheme = if tls.is_some() { "https" } else { "http" };
             tracing::info!(listen.addr = %addr, scheme, "listening");
         }
+        let stop = self.shared.shutdown.child_token();
         self.shared
             .tasks
-            .spawn(self.clone().accept_loop(listener, tls));
+            .spawn(self.clone().accept_loop(listener, tls, stop.clone()));
+        stop
     }
 
-    async fn accept_loop(self, listener: TcpListener, tls: Option<TlsAcceptor>) {
-        let shutdown = self.shared.shutdown.clone();
+    async fn accept_loop(
+        self,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let permit = tokio::select! {
                 permit = Arc::clone(&self.connections).acquire_owned() => match permit {
@@ -176,7 +188,7 @@ impl Server {
         match tls {
             None => {
                 let conn = ClientConn::new(addr, false);
-                self.serve(stream, conn).await;
+                self.serve(stream, conn, true).await;
             }
             Some(acceptor) => {
                 // Boxed: rustls' handshake state is large and needed briefly.
@@ -192,7 +204,8 @@ impl Server {
                     }
                     Ok(Ok(stream)) => {
                         let conn = ClientConn::new(addr, true);
-                        self.serve(stream, conn).await;
+                        let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
+                        self.serve(stream, conn, http1).await;
                     }
                     Ok(Err(err)) => {
                         tracing::debug!(client.addr = %addr, error = %err, "TLS handshake failed")
@@ -206,7 +219,8 @@ impl Server {
     /// Serves HTTP on one connection until it closes, or shuts it down
     /// gracefully (in-flight requests finish, then hyper closes it) when the
     /// server stops or no request has started for `idle_timeout`.
-    async fn serve<IO>(self, io: IO, conn: ClientConn)
+    /// `http1`: the connection speaks HTTP/1.1 (no ALPN `h2`).
+    async fn serve<IO>(self, io: IO, conn: ClientConn, http1: bool)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -216,12 +230,27 @@ impl Server {
         let touched = Arc::clone(&idle);
         let service = service_fn(move |req| {
             touched.touch();
-            request::handle(Arc::clone(&shared), conn.clone(), req)
+            // After a hand-off, an HTTP/1.1 client is told to reconnect
+            // (to the new process) once this response is done.
+            let close = req.version() != hyper::Version::HTTP_2
+                && shared.handed_over.load(Ordering::Relaxed);
+            let response = request::handle(Arc::clone(&shared), conn.clone(), req);
+            async move {
+                let mut response = response.await?;
+                if close && response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                    response.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let watch = Watch {
             shutdown: self.shared.shutdown.clone(),
             idle,
             idle_timeout: self.limits.idle_timeout,
+            linger: http1.then(|| Arc::clone(&self.shared)),
         };
         let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = if tls {
             let connection = self
@@ -287,7 +316,16 @@ struct Watch {
     shutdown: CancellationToken,
     idle: Arc<IdleClock>,
     idle_timeout: Duration,
+    /// For HTTP/1.1 connections: whether this shutdown is a hand-off
+    /// (`Shared::handed_over`), after which they linger (see `drive`).
+    linger: Option<Arc<Shared>>,
 }
+
+/// How long an idle HTTP/1.1 keep-alive connection stays open after a
+/// hand-off to a new process, for its next request (answered with
+/// `Connection: close`). Closing it at once would fail a request the
+/// client is sending at that instant: HTTP/1.1 has no GOAWAY.
+const HANDOFF_LINGER: Duration = Duration::from_secs(2);
 
 impl Watch {
     /// Drives `connection` to completion, asking it to finish gracefully
@@ -323,6 +361,17 @@ impl Watch {
         .await;
         if let Some(result) = finished {
             return result;
+        }
+        let handed_over = self
+            .linger
+            .as_ref()
+            .is_some_and(|shared| shared.handed_over.load(Ordering::Relaxed));
+        if handed_over && self.shutdown.is_cancelled() {
+            let linger = tokio::time::sleep(HANDOFF_LINGER);
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                () = linger => {}
+            }
         }
         begin_shutdown(connection.as_mut());
         connection.await

@@ -9,6 +9,7 @@ pub mod snapshot;
 pub mod table;
 pub mod workers;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -25,9 +26,13 @@ pub struct Shared {
     /// The current routing snapshot; replaced whole by reloads and switches.
     pub snapshot: ArcSwap<Snapshot>,
     /// Port of the HTTPS listener, for building redirect URLs.
-    pub https_port: Option<u16>,
+    pub https_port: RedirectPort,
     /// Cancelled at shutdown; tunnels watch it.
     pub shutdown: CancellationToken,
+    /// Set before `shutdown` when a new process took over the sockets
+    /// (`cutover upgrade`): HTTP/1.1 connections then linger for their
+    /// next request and close after it, instead of closing while idle.
+    pub handed_over: AtomicBool,
     /// Tracks spawned tunnel tasks so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// ACME challenge answers (HTTP-01 is answered on the request path).
@@ -35,4 +40,27 @@ pub struct Shared {
     /// Connections per data-plane worker thread: the acceptor's choice of
     /// worker and `cutover status` read it.
     pub workers: WorkerLoad,
+}
+
+/// The HTTPS listener's port, read per redirect and changed when a reload
+/// moves the listener.
+#[derive(Debug)]
+pub struct RedirectPort(AtomicU32);
+
+/// Stored for "no HTTPS listener": outside the `u16` range.
+const NO_PORT: u32 = u32::MAX;
+
+impl RedirectPort {
+    pub fn new(port: Option<u16>) -> RedirectPort {
+        RedirectPort(AtomicU32::new(port.map_or(NO_PORT, u32::from)))
+    }
+
+    pub fn get(&self) -> Option<u16> {
+        u16::try_from(self.0.load(Ordering::Relaxed)).ok()
+    }
+
+    pub fn set(&self, port: Option<u16>) {
+        self.0
+            .store(port.map_or(NO_PORT, u32::from), Ordering::Relaxed);
+    }
 }
