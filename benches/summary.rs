@@ -197,17 +197,26 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
         ratio("haproxy"),
     );
     let mut list = Vec::new();
+    let instructions = rows(results, "instructions");
+    let per_request = |target| num(find(&instructions, target, &[]), "instructions_per_request");
     list.push(compare(
-        "h1 req/s ≥ 1.0× nginx's (ratio to direct, one worker)",
+        "instructions per proxied h1 request ≤ 0.9× nginx's",
+        per_request("cutover"),
+        per_request("nginx"),
+        |c, n| format!("cutover {c:.0} vs nginx {n:.0} ({:.2}×)", c / n),
+        |c, n| c <= 0.9 * n,
+    ));
+    list.push(compare(
+        "h1 req/s ≥ 1.1× nginx's (ratio to direct, one worker)",
         cutover,
-        nginx.map(|n| n * 1.0),
+        nginx,
         |c, n| {
             format!(
                 "cutover {c:.2} vs nginx {n:.2} of direct ({:.2}×), {generator}",
                 c / n
             )
         },
-        |c, n| c >= n,
+        |c, n| c >= 1.1 * n,
     ));
     list.push(compare(
         "h1 ratio to direct ≥ 1.1× HAProxy's",
@@ -225,11 +234,11 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
         )
     };
     list.push(compare(
-        "h2/TLS req/s ≥ HAProxy's",
+        "h2/TLS req/s ≥ 1.1× HAProxy's",
         h2("cutover"),
         h2("haproxy"),
         |c, h| format!("cutover {c:.0} vs HAProxy {h:.0} req/s ({:.2}×)", c / h),
-        |c, h| c >= h,
+        |c, h| c >= 1.1 * h,
     ));
     list.push(compare(
         "p99 added latency ≤ nginx's (h1, one worker)",
@@ -256,6 +265,25 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
         |c, limit| c < limit,
     ));
     let opened = num(cutover_memory, "connections_opened").unwrap_or(0.0);
+    let kib = |row| num(row, "kib_per_connection");
+    list.push(compare(
+        "memory per idle HTTP/1.1 connection ≤ 4 KiB",
+        kib(cutover_memory).filter(|_| opened >= 10_000.0),
+        Some(4.0),
+        |c, _| {
+            format!(
+                "cutover {c:.1} KiB (nginx {}, HAProxy {})",
+                kib(nginx_memory).map_or("-".into(), |n| format!("{n:.1}")),
+                kib(find(&memory, "haproxy", &[])).map_or("-".into(), |h| format!("{h:.1}")),
+            )
+        },
+        |c, limit| c <= limit,
+    ));
+    list.push(Target {
+        name: "memory per idle TLS connection ≤ 8 KiB (h1 and h2)",
+        measured: "not measured: the TLS idle scenarios are not in this build".into(),
+        met: None,
+    });
     list.push(compare(
         "RSS < 60 MiB with 10,000 idle connections",
         num(cutover_memory, "rss_with_connections_mib").filter(|_| opened >= 10_000.0),

@@ -100,7 +100,7 @@ async fn start_server() -> Server {
     // Reaped when it exits (after handing over), so it is no zombie.
     std::thread::spawn(move || child.wait());
     let socket = dir.path().join("admin.sock");
-    wait_for_admin(&socket).await;
+    wait_for_process_admin(&socket).await;
     Server {
         dir,
         http,

@@ -401,6 +401,9 @@ fn config(upstream: SocketAddr) -> String {
     format!(
         r#"
 [server]
+# One worker: these tests count upstream connections, and each
+# worker keeps its own idle stack.
+workers = 1
 
 [[site]]
 hosts = ["*"]

@@ -175,6 +175,9 @@ fn config(upstream: SocketAddr) -> String {
     format!(
         r#"
 [server]
+# One worker: these tests count upstream connections, and each
+# worker keeps its own idle stack.
+workers = 1
 
 [[site]]
 hosts = ["*"]
@@ -214,8 +217,8 @@ async fn time_to_gateway_timeout(proxy: SocketAddr, path: &str) -> Duration {
 /// A proxy with a 1 s `upstream_timeout` in front of `upstream`.
 async fn proxy_with_upstream_timeout(upstream: SocketAddr) -> TestProxy {
     let config = config(upstream).replace(
-        "[server]",
-        "[server]\n[server.limits]\nupstream_timeout = \"1s\"",
+        "workers = 1\n",
+        "workers = 1\n[server.limits]\nupstream_timeout = \"1s\"",
     );
     start_proxy(&config).await
 }
@@ -399,8 +402,8 @@ async fn upstream_dying_mid_body_resets_the_http2_stream() {
 async fn upstream_stalling_mid_body_is_cut_at_the_upstream_timeout() {
     let upstream = start_scripted(Script::StallMidBody).await;
     let config = config(upstream.addr).replace(
-        "[server]",
-        "[server]\n[server.limits]\nupstream_timeout = \"300ms\"",
+        "workers = 1\n",
+        "workers = 1\n[server.limits]\nupstream_timeout = \"300ms\"",
     );
     let proxy = start_proxy(&config).await;
     // Without a stall clock on the upstream connection this read would wait

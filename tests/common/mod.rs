@@ -148,6 +148,28 @@ pub async fn admin_call(
         .map_err(|err| err.to_string())
 }
 
+/// Waits (bounded) until a `cutover serve` *process* answers on its admin
+/// socket: unlike [`run_proxy`], a separate process binds the socket when
+/// it gets there, so this one polls.
+pub async fn wait_for_process_admin(socket: &Path) {
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    let status = || cutover::admin::Command::Status { service: None };
+    while tokio::time::timeout(
+        IO_TIMEOUT,
+        cutover::admin::call(socket, &status(), |_, _| {}),
+    )
+    .await
+    .map_or(true, |reply| reply.is_err())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "admin socket {} never answered",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (up to [`IO_TIMEOUT`]) until the admin socket answers `status`.
 /// [`run_proxy`] binds it before `run`, so the first call waits in the
 /// socket's queue until `run` serves it: no polling.
