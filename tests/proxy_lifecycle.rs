@@ -247,9 +247,11 @@ upstream = "{}"
 
 /// The proxy under a paused clock: one catch-all site to `upstream`, with
 /// `limits` in `[server.limits]` (and TLS, for HTTP/2).
+/// One worker: tokio's paused clock belongs to the test's runtime, and
+/// connections served on worker threads would run on real time.
 async fn paused_proxy(upstream: std::net::SocketAddr, limits: &str) -> TestProxy {
     start_proxy(&format!(
-        "[server.limits]\n{limits}\n{TLS_LOCALHOST}\n[[site]]\nhosts = [\"*\"]\n\
+        "[server]\nworkers = 1\n[server.limits]\n{limits}\n{TLS_LOCALHOST}\n[[site]]\nhosts = [\"*\"]\n\
          service = \"app\"\n[service.app]\nupstream = \"{upstream}\"\n"
     ))
     .await

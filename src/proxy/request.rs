@@ -686,7 +686,7 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
                 log.status = response.status().as_u16();
                 let end = RequestEnd {
                     log: Some(log),
-                    guard: None,
+                    _in_flight: None,
                 };
                 response.map(|body| TrackedBody::new(body, end).boxed_unsync())
             }
@@ -698,7 +698,7 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
             });
             let end = RequestEnd {
                 log,
-                guard: Some(guard),
+                _in_flight: Some(guard),
             };
             response.map(|body| TrackedBody::new(body, end).boxed_unsync())
         }
@@ -708,10 +708,9 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
 /// What is released and logged when a response body ends.
 struct RequestEnd {
     log: Option<AccessLog>,
-    /// Dropped with this record at the end of the body, releasing the
-    /// in-flight count.
-    #[allow(dead_code)]
-    guard: Option<InFlight>,
+    /// Held only to be dropped with this record at the end of the body,
+    /// which releases the upstream's in-flight count.
+    _in_flight: Option<InFlight>,
 }
 
 impl OnBodyEnd for RequestEnd {
