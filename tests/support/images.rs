@@ -57,15 +57,33 @@ pub async fn build_testapp_image_with_env(
         .rm(true)
         .forcerm(true)
         .build();
-    let mut output = Vec::new();
-    let mut stream = docker.build_image(options, None, Some(bollard::body_full(context.into())));
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(info) => output.extend(info.stream),
-            Err(err) => panic!("building image {tag} failed: {err}\n{}", output.concat()),
+    // Bounded retry of one engine race only: a build that reuses a cached
+    // layer another test's image removal deleted at the same moment fails
+    // with "failed to get digest"; building again creates the layer anew.
+    let context: Vec<u8> = context;
+    for attempt in 1..=3 {
+        let mut output = Vec::new();
+        let body = Some(bollard::body_full(context.clone().into()));
+        let mut stream = docker.build_image(options.clone(), None, body);
+        let mut failure = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => output.extend(info.stream),
+                Err(err) => {
+                    failure = Some(err.to_string());
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => return tag.to_string(),
+            Some(err) if attempt < 3 && err.contains("failed to get digest") => {
+                eprintln!("building image {tag}: engine cache race ({err}); building again");
+            }
+            Some(err) => panic!("building image {tag} failed: {err}\n{}", output.concat()),
         }
     }
-    tag.to_string()
+    unreachable!("the last attempt returns or panics")
 }
 
 /// The static test app binary, built with cargo on first call. Cargo's own lock
