@@ -534,18 +534,17 @@ async fn forward(
                 ));
             };
             spawn_tunnel(shared, &upstream, client_upgrade, connection);
-            let mut parts = Response::new(()).into_parts().0;
-            parts.status = head.status;
-            parts.headers = head.headers;
-            let protocol = parts.headers.get(header::UPGRADE).cloned();
-            forward::strip_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            let mut response = Response::new(body::empty());
+            *response.status_mut() = head.status;
+            let headers = response.headers_mut();
+            *headers = head.headers;
+            let protocol = headers.get(header::UPGRADE).cloned();
+            forward::strip_hop_by_hop(headers);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             if let Some(protocol) = protocol {
-                parts.headers.insert(header::UPGRADE, protocol);
+                headers.insert(header::UPGRADE, protocol);
             }
-            return Ok(Produced::Local(Response::from_parts(parts, body::empty())));
+            return Ok(Produced::Local(response));
         }
         Answer::Response(head, body) => (head, body),
     };

@@ -510,21 +510,26 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_connection_the_upstream_closed_is_not_checked_out() {
-        let (pool, server) = pool_with_one_idle().await;
-        drop(server);
-        // The close reaches the kernel at once on loopback; the peek sees it
-        // whatever the runtime has noticed.
+    /// Waits (bounded) until the idle connection's peek sees what the
+    /// upstream did: on loopback it reaches the kernel at once, whatever
+    /// the runtime has noticed.
+    async fn wait_until_idle_is_unclean(pool: &Pool, never: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while pool
             .lock_idle()
             .first()
             .is_some_and(|idle| idle.conn.is_clean())
         {
-            assert!(Instant::now() < deadline, "close never seen");
+            assert!(Instant::now() < deadline, "{never}");
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_checked_out() {
+        let (pool, server) = pool_with_one_idle().await;
+        drop(server);
+        wait_until_idle_is_unclean(&pool, "close never seen").await;
         assert!(pool.checkout(false).is_none());
     }
 
@@ -535,15 +540,7 @@ mod tests {
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .await
             .expect("write");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pool
-            .lock_idle()
-            .first()
-            .is_some_and(|idle| idle.conn.is_clean())
-        {
-            assert!(Instant::now() < deadline, "bytes never seen");
-            tokio::task::yield_now().await;
-        }
+        wait_until_idle_is_unclean(&pool, "bytes never seen").await;
         assert!(pool.checkout(false).is_none());
     }
 }
