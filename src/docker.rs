@@ -3,7 +3,9 @@
 //! This is the only module that knows about `bollard`. Everything else in cutover
 //! talks to [`Engine`] in terms of [`ContainerSpec`] and [`ContainerInfo`], so the
 //! rest of the crate never has to care about query builders, `Option`-heavy API
-//! models or the shape of engine error responses.
+//! models or the shape of engine error responses. The controller holds it as a
+//! [`ContainerRuntime`], the small trait of the operations a deploy needs, so
+//! its decisions can be unit-tested against a fake engine.
 //!
 //! A few facts about the engine shape the code here:
 //!
@@ -35,6 +37,7 @@ use bollard::query_parameters::{
     RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::Docker;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tracing::{debug, warn};
@@ -553,6 +556,126 @@ impl Engine {
             }),
             Err(err) => Err(err),
         }
+    }
+}
+
+/// The operations the deploy state machine needs from a container engine,
+/// and nothing else: the seam between its decisions and Docker.
+/// [`Engine`] is the real one; the controller's unit tests drive the
+/// deploy, rollback, reconciliation and retirement logic with an in-memory
+/// fake (and tokio's paused clock), while the Docker suites keep proving
+/// the whole against a real engine.
+///
+/// Object-safe (boxed futures), so the controller holds an
+/// `Arc<dyn ContainerRuntime>` and is not generic over it. Each method
+/// behaves as the [`Engine`] method of the same name documents.
+pub trait ContainerRuntime: Send + Sync {
+    fn ping(&self) -> BoxFuture<'_, Result<(), DockerError>>;
+    fn image_exists<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<bool, DockerError>>;
+    fn pull<'a>(
+        &'a self,
+        image: &'a str,
+        docker_config: Option<&'a Path>,
+        progress: &'a mut (dyn FnMut(String) + Send),
+    ) -> BoxFuture<'a, Result<(), DockerError>>;
+    fn create_and_start<'a>(
+        &'a self,
+        spec: &'a ContainerSpec,
+    ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>>;
+    fn start<'a>(
+        &'a self,
+        id: &'a str,
+        container_port: u16,
+    ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>>;
+    fn inspect<'a>(
+        &'a self,
+        id: &'a str,
+        container_port: u16,
+    ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>>;
+    fn stop_and_remove<'a>(
+        &'a self,
+        id: &'a str,
+        stop_timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), DockerError>>;
+    fn remove_force<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), DockerError>>;
+    fn logs_tail<'a>(
+        &'a self,
+        id: &'a str,
+        lines: usize,
+    ) -> BoxFuture<'a, Result<Vec<String>, DockerError>>;
+    /// One service's managed containers (every instance's), with the host
+    /// address of `container_port`.
+    fn list_service<'a>(
+        &'a self,
+        service: &'a str,
+        container_port: u16,
+    ) -> BoxFuture<'a, Result<Vec<ContainerInfo>, DockerError>>;
+    fn remove_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<(), DockerError>>;
+}
+
+impl ContainerRuntime for Engine {
+    fn ping(&self) -> BoxFuture<'_, Result<(), DockerError>> {
+        Box::pin(Engine::ping(self))
+    }
+    fn image_exists<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<bool, DockerError>> {
+        Box::pin(Engine::image_exists(self, image))
+    }
+    fn pull<'a>(
+        &'a self,
+        image: &'a str,
+        docker_config: Option<&'a Path>,
+        progress: &'a mut (dyn FnMut(String) + Send),
+    ) -> BoxFuture<'a, Result<(), DockerError>> {
+        Box::pin(Engine::pull(self, image, docker_config, progress))
+    }
+    fn create_and_start<'a>(
+        &'a self,
+        spec: &'a ContainerSpec,
+    ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>> {
+        Box::pin(Engine::create_and_start(self, spec))
+    }
+    fn start<'a>(
+        &'a self,
+        id: &'a str,
+        container_port: u16,
+    ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>> {
+        Box::pin(Engine::start(self, id, container_port))
+    }
+    fn inspect<'a>(
+        &'a self,
+        id: &'a str,
+        container_port: u16,
+    ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>> {
+        Box::pin(Engine::inspect(self, id, container_port))
+    }
+    fn stop_and_remove<'a>(
+        &'a self,
+        id: &'a str,
+        stop_timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), DockerError>> {
+        Box::pin(Engine::stop_and_remove(self, id, stop_timeout))
+    }
+    fn remove_force<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), DockerError>> {
+        Box::pin(Engine::remove_force(self, id))
+    }
+    fn logs_tail<'a>(
+        &'a self,
+        id: &'a str,
+        lines: usize,
+    ) -> BoxFuture<'a, Result<Vec<String>, DockerError>> {
+        Box::pin(Engine::logs_tail(self, id, lines))
+    }
+    fn list_service<'a>(
+        &'a self,
+        service: &'a str,
+        container_port: u16,
+    ) -> BoxFuture<'a, Result<Vec<ContainerInfo>, DockerError>> {
+        Box::pin(async move {
+            Engine::list_managed(self, Some(service), &move |_| Some(container_port)).await
+        })
+    }
+    fn remove_image<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<(), DockerError>> {
+        Box::pin(Engine::remove_image(self, image))
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Each operation prepares its new upstream its own way (a switch names an
 //! address, a deploy starts a container, a rollback finds the warm previous
-//! one), then hands it to [`Controller::cut_over`]. The rules every cut-over
+//! one), then hands it to [`Deployer::cut_over`]: the deployer owns the
+//! records a cut-over to a container writes, and the warm colour it keeps. The rules every cut-over
 //! keeps live here once: traffic moves only to an upstream that passed its
 //! health gate, the state file is written before the swap (so a failed
 //! write moves nothing and the records are put back), and the old upstream
@@ -14,10 +15,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::deploy::{deploy_record, previous_state, Deployer};
 use super::report::DrainReport;
-use super::{check_health, drain, Activation, ControlError, Controller, Progress};
+use super::writer::Activation;
+use super::{check_health, drain, ControlError, Progress};
 use crate::config::{ContainerSettings, Service};
-use crate::docker::Engine;
+use crate::docker::ContainerRuntime;
 use crate::upstream::Upstream;
 
 /// How the new upstream proves it is healthy before traffic moves.
@@ -42,7 +45,7 @@ pub(crate) struct Record<'a> {
     /// the one that just stopped serving, and is stopped right after the
     /// swap, through this engine. `None` for a rollback, whose swap makes
     /// that warm colour the active one.
-    pub supersede: Option<&'a Engine>,
+    pub supersede: Option<&'a dyn ContainerRuntime>,
 }
 
 /// What to cut over to, and how.
@@ -55,7 +58,7 @@ pub(crate) struct Target<'a> {
     pub record: Option<Record<'a>>,
 }
 
-/// What [`Controller::cut_over`] did.
+/// What [`Deployer::cut_over`] did.
 pub(crate) struct Handover {
     pub activation: Activation,
     /// `None` when nothing was active before.
@@ -64,7 +67,7 @@ pub(crate) struct Handover {
     pub drain_time: Duration,
 }
 
-impl Controller {
+impl Deployer {
     /// Moves the target's service to its upstream: health gate, then (with a `record`)
     /// the records, persist and swap, the `switched` line that
     /// `announce` words, the drain of the old upstream and, for a
@@ -92,24 +95,24 @@ impl Controller {
             ),
             Gate::Passed => {}
         }
-        let outgoing = self.active(service);
+        let outgoing = self.writer.active(service);
         let saved_record = self.record(service);
-        if let Some(record) = &record {
-            self.record_switch(
-                service,
-                outgoing.as_deref(),
-                record.container,
-                record.image,
-                record.message,
-            );
-        }
-        let activation = match self.activate(service, upstream).await {
-            Ok(activation) => activation,
-            Err(err) => {
-                // Nothing switched (the state write comes before the swap).
-                self.update_record(service, |record| *record = saved_record.clone());
-                return Err(err);
+        let activation = match &record {
+            // The outgoing upstream becomes the warm previous colour, the
+            // image the newest in the history; written with the swap.
+            Some(record) => {
+                let change = |saved: &mut super::deploy::ServiceRecord| {
+                    saved.previous = outgoing
+                        .as_deref()
+                        .map(|old| previous_state(old, record.container.keep_previous));
+                    saved.history.retain(|known| known != record.image);
+                    saved.history.insert(0, record.image.to_string());
+                    saved.last_deploy = Some(deploy_record(record.image, true, record.message));
+                    saved.starting = None;
+                };
+                self.commit_and_activate(service, change, upstream).await?
             }
+            None => self.writer.activate(service, upstream).await?,
         };
         progress.emit("switched", announce(&activation));
         if let Some((engine, record)) = record.as_ref().and_then(|r| Some((r.supersede?, r))) {

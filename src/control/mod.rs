@@ -30,12 +30,14 @@ pub mod report;
 pub mod state;
 pub mod upgrade;
 pub mod watch;
+mod writer;
 
 pub use deploy::ImageChoice;
+pub use writer::Activation;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -44,19 +46,21 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::acme::{self, CertStatus};
 use crate::config::{Config, Service};
-use crate::docker::{DockerError, Engine};
+use crate::docker::DockerError;
 use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
 use color::Color;
+use deploy::{Deployer, Records};
 use health::ProbeError;
 use listening::{ListenChange, Listening};
 use report::{
     ActiveStatus, DrainReport, ErrorKind, PauseReport, PreviousStatus, ReloadReport, RenewReport,
-    ServiceStatus, StatusReport, SwapTimings, SwitchReport, UpgradeReport,
+    ServiceStatus, StatusReport, SwitchReport, UpgradeReport,
 };
-use state::{now_unix, DeployRecord, PreviousState, ServiceState, State, StateError, StateStore};
+use state::{now_unix, StateError, StateStore};
 use upgrade::Upgrade;
+use writer::Writer;
 
 /// One progress line of a running operation, streamed to the admin client.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -161,47 +165,15 @@ impl ControlError {
     }
 }
 
-/// What [`Controller::activate`] did.
-#[derive(Debug)]
-pub struct Activation {
-    /// The upstream that was active before.
-    pub old: Option<Arc<Upstream>>,
-    /// Time to write the state file (temp, fsync, rename, fsync dir).
-    pub persist: Duration,
-    /// Time of the swap itself: one `ArcSwap::store`.
-    pub swap: Duration,
-}
-
-impl Activation {
-    /// Timings for a report.
-    pub fn timings(&self) -> SwapTimings {
-        SwapTimings {
-            persist_us: self.persist.as_micros() as u64,
-            swap_ns: self.swap.as_nanos() as u64,
-        }
-    }
-}
-
-/// The single writer of the routing snapshot.
+/// The control plane's entry point: every admin command and the config
+/// watcher call it. Snapshot writes go through its [`Writer`]; deploys,
+/// rollbacks and reconciliation through its [`Deployer`].
 pub struct Controller {
-    shared: Arc<Shared>,
-    state: Option<StateStore>,
+    writer: Arc<Writer>,
+    deployer: Arc<Deployer>,
     tls: Option<Arc<SniResolver>>,
     /// Automatic certificates, when some site has `tls = "acme"`.
     acme: Option<Arc<acme::Manager>>,
-    /// Serializes snapshot writes.
-    writer: tokio::sync::Mutex<()>,
-    /// Services with an operation running.
-    busy: Mutex<HashSet<String>>,
-    /// Per-service facts beyond the active upstream (persisted with it).
-    records: Mutex<HashMap<String, ServiceRecord>>,
-    /// The Docker engine, connected on first use and kept.
-    engine: tokio::sync::Mutex<Option<Engine>>,
-    /// What status says about the engine ("not used", "ok", "unreachable: ...").
-    docker_status: Mutex<String>,
-    /// This cutover's identity on the engine (see [`identity`]): the label
-    /// on every container it starts.
-    instance: String,
     /// The listening sockets, for reloads that move them; set once they
     /// serve (see [`Controller::set_listening`]).
     listening: std::sync::OnceLock<Arc<dyn Listening>>,
@@ -212,31 +184,6 @@ pub struct Controller {
     reloading: tokio::sync::Mutex<()>,
 }
 
-/// What the controller remembers about a service besides its active
-/// upstream: the warm previous colour, deployed images, the last deploy.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ServiceRecord {
-    pub previous: Option<PreviousState>,
-    pub history: Vec<String>,
-    pub last_deploy: Option<DeployRecord>,
-    /// The container a running deploy is creating (see `State::starting`).
-    pub starting: Option<String>,
-}
-
-/// Marks a service busy until dropped.
-pub(crate) struct BusyGuard<'a> {
-    controller: &'a Controller,
-    service: String,
-}
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut busy) = self.controller.busy.lock() {
-            busy.remove(&self.service);
-        }
-    }
-}
-
 impl Controller {
     pub fn new(
         shared: Arc<Shared>,
@@ -245,17 +192,27 @@ impl Controller {
         acme: Option<Arc<acme::Manager>>,
         instance: String,
     ) -> Arc<Controller> {
+        Controller::with_engine(shared, state, tls, acme, deploy::docker(), instance)
+    }
+
+    /// A controller whose deployer reaches its container engine through
+    /// `connect` (the unit tests' fake engine).
+    pub(crate) fn with_engine(
+        shared: Arc<Shared>,
+        state: Option<StateStore>,
+        tls: Option<Arc<SniResolver>>,
+        acme: Option<Arc<acme::Manager>>,
+        connect: deploy::Connect,
+        instance: String,
+    ) -> Arc<Controller> {
+        let records = Arc::new(Records::default());
+        let writer = Arc::new(Writer::new(shared, state, Arc::clone(&records)));
+        let deployer = Deployer::new(Arc::clone(&writer), records, connect, instance);
         Arc::new(Controller {
-            shared,
-            state,
+            writer,
+            deployer,
             tls,
             acme,
-            writer: tokio::sync::Mutex::new(()),
-            busy: Mutex::new(HashSet::new()),
-            records: Mutex::new(HashMap::new()),
-            engine: tokio::sync::Mutex::new(None),
-            docker_status: Mutex::new("not used".into()),
-            instance,
             listening: std::sync::OnceLock::new(),
             upgrader: std::sync::OnceLock::new(),
             reloading: tokio::sync::Mutex::new(()),
@@ -270,127 +227,54 @@ impl Controller {
         }
     }
 
-    /// The Docker engine, connecting on first use. A failure is remembered
-    /// for `status` and retried on the next call.
-    pub async fn engine(&self) -> Result<Engine, ControlError> {
-        let mut engine = self.engine.lock().await;
-        if let Some(engine) = engine.as_ref() {
-            return Ok(engine.clone());
-        }
-        match Engine::connect().await {
-            Ok(connected) => {
-                self.set_docker_status("ok".into());
-                *engine = Some(connected.clone());
-                Ok(connected)
-            }
-            Err(err) => {
-                self.set_docker_status(format!("unreachable: {err}"));
-                Err(err.into())
-            }
-        }
-    }
-
-    /// Pings the engine (connecting if needed) and records the outcome for
-    /// `status`.
-    pub(crate) async fn engine_answers(&self) -> bool {
-        let pinged = match self.engine().await {
-            Ok(engine) => engine.ping().await.map_err(|err| err.to_string()),
-            Err(err) => Err(err.to_string()),
-        };
-        match pinged {
-            Ok(()) => {
-                self.set_docker_status("ok".into());
-                true
-            }
-            Err(err) => {
-                self.set_docker_status(format!("unreachable: {err}"));
-                false
-            }
-        }
-    }
-
-    pub(crate) fn set_docker_status(&self, status: String) {
-        if let Ok(mut current) = self.docker_status.lock() {
-            *current = status;
-        }
-    }
-
-    /// A copy of the service's record.
-    pub(crate) fn record(&self, service: &str) -> ServiceRecord {
-        self.records
-            .lock()
-            .map(|records| records.get(service).cloned().unwrap_or_default())
-            .unwrap_or_default()
-    }
-
-    /// Changes the service's record (persisted with the next snapshot write).
-    pub(crate) fn update_record(&self, service: &str, change: impl FnOnce(&mut ServiceRecord)) {
-        if let Ok(mut records) = self.records.lock() {
-            change(records.entry(service.to_string()).or_default());
-        }
-    }
-
     /// Cancelled when the server shuts down.
     pub(crate) fn shutdown_token(&self) -> tokio_util::sync::CancellationToken {
-        self.shared.shutdown.clone()
+        self.writer.shutdown_token()
     }
 
-    /// Runs a background task the shutdown waits for.
-    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.shared.tasks.spawn(task);
-    }
-
-    /// Stops routing to the service (503) and persists that.
-    pub(crate) async fn deactivate(&self, service: &str) -> Result<(), ControlError> {
-        let _writer = self.writer.lock().await;
-        let (current, slot) = self.current_slot(service)?;
-        let next = current.with_slot(
-            service,
-            ServiceSlot {
-                active: None,
-                ..slot
-            },
-        );
-        self.persist(&next).await?;
-        self.shared.snapshot.store(Arc::new(next));
-        Ok(())
-    }
-
-    /// Refuses early when the state directory cannot take a write (read-only,
-    /// full): a deploy must not start or stop containers it cannot record.
-    pub(crate) async fn check_state_writable(&self) -> Result<(), ControlError> {
-        match &self.state {
-            Some(store) => Ok(store.probe().await?),
-            None => Ok(()),
-        }
-    }
-
-    /// Changes a service's record and writes the state file: the one way an
-    /// operation records a fact that must survive a crash.
-    pub(crate) async fn commit_record(
+    /// Deploys `choice` to `service` (see [`Deployer`]); Ok only when
+    /// traffic switched to it.
+    pub async fn deploy(
         &self,
         service: &str,
-        change: impl FnOnce(&mut ServiceRecord),
-    ) -> Result<(), StateError> {
-        self.update_record(service, change);
-        self.save_state().await
+        choice: ImageChoice,
+        docker_config: Option<std::path::PathBuf>,
+        progress: &Progress,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<report::DeployReport, ControlError> {
+        self.deployer
+            .deploy(service, choice, docker_config, progress, cancel)
+            .await
     }
 
-    /// Writes the current snapshot and records to the state file.
-    pub(crate) async fn save_state(&self) -> Result<(), StateError> {
-        let _writer = self.writer.lock().await;
-        self.persist(&self.shared.snapshot.load_full()).await
+    /// Back to the warm previous colour, or the previous image.
+    pub async fn rollback(
+        &self,
+        service: &str,
+        docker_config: Option<std::path::PathBuf>,
+        progress: &Progress,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<report::RollbackReport, ControlError> {
+        self.deployer
+            .rollback(service, docker_config, progress, cancel)
+            .await
+    }
+
+    /// Start-up reconciliation of the container services with the engine.
+    pub async fn reconcile(&self) {
+        self.deployer.reconcile().await
     }
 
     /// Applies the state file at start-up: each service it names resumes
     /// the colour and address it had before the restart.
     pub async fn restore(&self) -> Result<(), StateError> {
-        let Some(store) = &self.state else {
+        let Some(store) = self.writer.store() else {
             return Ok(());
         };
         let state = store.load()?;
         let _writer = self.writer.lock().await;
-        let mut snapshot = Snapshot::clone(&self.shared.snapshot.load());
+        let mut snapshot = Snapshot::clone(&self.writer.shared().snapshot.load());
+        self.deployer.restore(&state);
         for (name, saved) in state.services {
             let Some(slot) = snapshot.services.get_mut(&name) else {
                 tracing::warn!(service = %name, "state file names a service the config no longer has; ignored");
@@ -404,51 +288,10 @@ impl Controller {
                 None => Upstream::new(saved.addr, saved.color.clone(), limits),
             });
             slot.pinned = true;
-            self.update_record(&name, |record| {
-                *record = ServiceRecord {
-                    previous: saved.previous.clone(),
-                    history: saved.history.clone(),
-                    last_deploy: saved.last_deploy.clone(),
-                    starting: None,
-                }
-            });
             tracing::info!(service = %name, color = %saved.color, upstream.addr = %saved.addr, "restored active upstream from state file");
         }
-        for (name, container) in state.starting {
-            if snapshot.services.contains_key(&name) {
-                self.update_record(&name, |record| record.starting = Some(container));
-            }
-        }
-        self.shared.snapshot.store(Arc::new(snapshot));
+        self.writer.publish(snapshot);
         Ok(())
-    }
-
-    pub(crate) fn claim(&self, service: &str) -> Result<BusyGuard<'_>, ControlError> {
-        let mut busy = self
-            .busy
-            .lock()
-            .map_err(|_| ControlError::Busy(service.to_string()))?;
-        if !busy.insert(service.to_string()) {
-            return Err(ControlError::Busy(service.to_string()));
-        }
-        Ok(BusyGuard {
-            controller: self,
-            service: service.to_string(),
-        })
-    }
-
-    pub(crate) fn service_config(
-        &self,
-        name: &str,
-    ) -> Result<(Arc<Config>, Service), ControlError> {
-        let snapshot = self.shared.snapshot.load();
-        let service = snapshot
-            .config
-            .services
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
-        Ok((Arc::clone(&snapshot.config), service))
     }
 
     /// Moves `service` to the upstream at `to`: health check (unless
@@ -460,8 +303,8 @@ impl Controller {
         force: bool,
         progress: &Progress,
     ) -> Result<SwitchReport, ControlError> {
-        let _busy = self.claim(service)?;
-        let (config, settings) = self.service_config(service)?;
+        let _busy = self.writer.claim(service)?;
+        let (config, settings) = self.writer.service_config(service)?;
         let color = next_color(self.active(service).as_deref());
         let target = cutover::Target {
             service,
@@ -484,7 +327,7 @@ impl Controller {
                     .unwrap_or_default()
             )
         };
-        let handover = self.cut_over(target, progress, announce).await?;
+        let handover = self.deployer.cut_over(target, progress, announce).await?;
         Ok(SwitchReport {
             service: service.to_string(),
             color: color.to_string(),
@@ -496,94 +339,24 @@ impl Controller {
 
     /// The service's active upstream right now.
     pub fn active(&self, service: &str) -> Option<Arc<Upstream>> {
-        self.shared
-            .snapshot
-            .load()
-            .service(service)
-            .and_then(|slot| slot.active.clone())
+        self.writer.active(service)
     }
 
-    /// Persists and then publishes `upstream` as the service's active one;
-    /// returns the upstream it replaced. Persisting first means a crash
-    /// right after never resumes an upstream traffic had already left.
+    /// Persists and then publishes `upstream` as the service's active one
+    /// (see [`Writer::activate`]).
     pub async fn activate(
         &self,
         service: &str,
         upstream: Arc<Upstream>,
     ) -> Result<Activation, ControlError> {
-        let _writer = self.writer.lock().await;
-        let (current, slot) = self.current_slot(service)?;
-        let old = slot.active.clone();
-        let next = current.with_slot(
-            service,
-            ServiceSlot {
-                active: Some(upstream),
-                pinned: true,
-                pause: slot.pause,
-            },
-        );
-        let persist_started = Instant::now();
-        self.persist(&next).await?;
-        let persist = persist_started.elapsed();
-        let next = Arc::new(next);
-        let swap_started = Instant::now();
-        self.shared.snapshot.store(next);
-        let swap = swap_started.elapsed();
-        Ok(Activation { old, persist, swap })
-    }
-
-    /// Writes what `snapshot` and the records say to the state file, off
-    /// the runtime; done before the snapshot is stored, so a failed write
-    /// leaves routing unchanged. Callers hold the writer lock.
-    async fn persist(&self, snapshot: &Snapshot) -> Result<(), StateError> {
-        let Some(store) = &self.state else {
-            return Ok(());
-        };
-        let mut state = State::default();
-        if let Ok(records) = self.records.lock() {
-            state.starting = records
-                .iter()
-                .filter_map(|(name, r)| Some((name.clone(), r.starting.clone()?)))
-                .collect();
-        }
-        for (name, slot) in &snapshot.services {
-            let Some(active) = slot.active.as_ref().filter(|_| slot.pinned) else {
-                continue;
-            };
-            let record = self.record(name);
-            state.services.insert(
-                name.clone(),
-                ServiceState {
-                    color: active.label.clone(),
-                    addr: active.addr,
-                    // The store keeps the file's value if nothing changed.
-                    since: now_unix(),
-                    container: active.container.clone(),
-                    previous: record.previous,
-                    history: record.history,
-                    last_deploy: record.last_deploy,
-                },
-            );
-        }
-        store.write(state).await
-    }
-
-    /// The latest snapshot and a copy of the service's slot in it. Callers
-    /// hold the writer lock, so the slot stays current until they store.
-    fn current_slot(&self, service: &str) -> Result<(Arc<Snapshot>, ServiceSlot), ControlError> {
-        let current = self.shared.snapshot.load_full();
-        let slot = current
-            .service(service)
-            .cloned()
-            .ok_or_else(|| ControlError::UnknownService(service.to_string()))?;
-        Ok((current, slot))
+        self.writer.activate(service, upstream).await
     }
 
     /// Holds new requests for `service` until [`resume`](Self::resume)
     /// (or each request's `pause_timeout`, then 503).
     pub async fn pause(&self, service: &str) -> Result<PauseReport, ControlError> {
         let _writer = self.writer.lock().await;
-        let (current, slot) = self.current_slot(service)?;
+        let (current, slot) = self.writer.current_slot(service)?;
         if slot.pause.is_some() {
             return Err(ControlError::AlreadyPaused(service.to_string()));
         }
@@ -594,7 +367,7 @@ impl Controller {
                 ..slot
             },
         );
-        self.shared.snapshot.store(Arc::new(next));
+        self.writer.publish(next);
         tracing::info!(service, "paused");
         Ok(PauseReport {
             service: service.to_string(),
@@ -605,7 +378,7 @@ impl Controller {
     /// Releases every request held by [`pause`](Self::pause).
     pub async fn resume(&self, service: &str) -> Result<PauseReport, ControlError> {
         let _writer = self.writer.lock().await;
-        let (current, slot) = self.current_slot(service)?;
+        let (current, slot) = self.writer.current_slot(service)?;
         let Some(gate) = slot.pause.clone() else {
             return Err(ControlError::NotPaused(service.to_string()));
         };
@@ -618,7 +391,7 @@ impl Controller {
         );
         // Publish the unpaused snapshot first, so released requests that
         // reload it find the service open.
-        self.shared.snapshot.store(Arc::new(next));
+        self.writer.publish(next);
         gate.release();
         tracing::info!(service, "resumed");
         Ok(PauseReport {
@@ -640,7 +413,7 @@ impl Controller {
     }
 
     async fn reload_config(&self, progress: &Progress) -> Result<ReloadReport, ControlError> {
-        let current = self.shared.snapshot.load_full();
+        let current = self.writer.shared().snapshot.load_full();
         let path = current
             .config
             .source
@@ -658,10 +431,10 @@ impl Controller {
         let listen_change = self.prepare_listeners(&current.config, &config)?;
         self.reconfigure_acme(&config)?;
         let _writer = self.writer.lock().await;
-        let latest = self.shared.snapshot.load_full();
+        let latest = self.writer.shared().snapshot.load_full();
         let next = Snapshot::build(Arc::new(config), Some(&latest));
-        self.persist(&next).await?;
-        self.shared.snapshot.store(Arc::new(next));
+        self.writer.persist(&next).await?;
+        self.writer.publish(next);
         if let (Some(resolver), Some(certs)) = (&self.tls, certs) {
             resolver.replace(certs);
         }
@@ -703,7 +476,7 @@ impl Controller {
         // A running deploy, rollback or switch makes this busy (exit 3).
         let _claims = names
             .iter()
-            .map(|name| self.claim(name))
+            .map(|name| self.writer.claim(name))
             .collect::<Result<Vec<_>, _>>()?;
         upgrader
             .upgrade(binary, progress)
@@ -791,13 +564,13 @@ impl Controller {
 
     /// The config currently serving.
     pub fn current_config(&self) -> Arc<Config> {
-        Arc::clone(&self.shared.snapshot.load().config)
+        self.writer.current_config()
     }
 
     /// Per-service facts for `cutover status`, with one live health probe
     /// of each active upstream (so "health" is now, not remembered).
     pub async fn status(&self, only: Option<&str>) -> Result<StatusReport, ControlError> {
-        let saved = match &self.state {
+        let saved = match self.writer.store() {
             Some(store) => store.read().await.ok(),
             None => None,
         };
@@ -811,7 +584,7 @@ impl Controller {
             })
             .unwrap_or_default();
         let mut report = self.status_facts(only, &since)?;
-        let snapshot = self.shared.snapshot.load_full();
+        let snapshot = self.writer.shared().snapshot.load_full();
         let probes = snapshot
             .config
             .services
@@ -847,13 +620,13 @@ impl Controller {
         only: Option<&str>,
         since: &HashMap<String, u64>,
     ) -> Result<StatusReport, ControlError> {
-        let snapshot = self.shared.snapshot.load_full();
+        let snapshot = self.writer.shared().snapshot.load_full();
         if let Some(name) = only {
             if snapshot.service(name).is_none() {
                 return Err(ControlError::UnknownService(name.to_string()));
             }
         }
-        let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
+        let busy = self.writer.busy();
         let mut services = std::collections::BTreeMap::new();
         for name in snapshot.config.services.keys() {
             if only.is_some_and(|only| only != name) {
@@ -875,7 +648,7 @@ impl Controller {
                     .map(|since| now_unix().saturating_sub(*since)),
                 health: None,
             });
-            let record = self.record(name);
+            let record = self.deployer.record(name);
             let now = now_unix();
             let previous = record.previous.as_ref().map(|previous| PreviousStatus {
                 color: previous.color.clone(),
@@ -903,17 +676,13 @@ impl Controller {
                 },
             );
         }
-        let docker = self
-            .docker_status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let docker = self.deployer.engine_status();
         Ok(StatusReport {
             services,
             docker,
             certificates: only.is_none().then(|| self.certificates()),
             workers: if only.is_none() {
-                self.shared.workers.report()
+                self.writer.shared().workers.report()
             } else {
                 Vec::new()
             },
