@@ -91,7 +91,9 @@ impl Deployer {
             loop {
                 match deployer.writer.claim(&service) {
                     Ok(_busy) => {
-                        deployer.retire_previous(&service, &container_id).await;
+                        deployer
+                            .retire_previous(&service, &container_id, retire_at)
+                            .await;
                         return;
                     }
                     // A deploy or rollback is running; it handles the
@@ -105,12 +107,17 @@ impl Deployer {
         });
     }
 
-    async fn retire_previous(&self, service: &str, container_id: &str) {
+    /// The timer for `retire_at` fired: retires `container_id` if it is
+    /// still the previous colour and its window ends by then.
+    async fn retire_previous(&self, service: &str, container_id: &str, retire_at: u64) {
         let record = self.records.get(service);
         // A rollback can make a container the previous colour again with a
         // new window; the timer of its first window must then do nothing.
+        // Compared with the time this timer was set for, not the wall
+        // clock's now: the timer runs on tokio's clock (paused in tests),
+        // and it fires at `retire_at`.
         let due = record.previous.as_ref().is_some_and(|previous| {
-            previous.retire_at <= now_unix()
+            previous.retire_at <= retire_at
                 && previous
                     .container
                     .as_ref()

@@ -37,3 +37,507 @@ fn tag_uses_the_configured_repository() {
     assert_eq!(spec.instance, "prod");
     assert_eq!(spec.name, "cutover-web-green-d1");
 }
+
+// ---------------------------------------------------------------------
+// The state machine against a fake engine, on tokio's paused clock.
+// ---------------------------------------------------------------------
+
+mod state_machine {
+    use std::collections::{BTreeMap, VecDeque};
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures_util::future::BoxFuture;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    use crate::config::Config;
+    use crate::control::report::RollbackReport;
+    use crate::control::state::StateStore;
+    use crate::control::{ControlError, Controller, ImageChoice, Progress};
+    use crate::docker::{ContainerInfo, ContainerRuntime, ContainerSpec, DockerError};
+    use crate::routing::{Shared, Snapshot};
+
+    /// An engine in memory: containers are entries in a map, each
+    /// "listening" on an address the test hands out (a small HTTP server
+    /// that answers health probes as the test decides).
+    #[derive(Default)]
+    struct FakeEngine {
+        state: Mutex<FakeState>,
+        /// Signalled when a held create has reached the engine.
+        created: Notify,
+    }
+
+    #[derive(Default)]
+    struct FakeState {
+        containers: BTreeMap<String, ContainerInfo>,
+        created: u32,
+        /// The host address each next container publishes, in order.
+        addrs: VecDeque<SocketAddr>,
+        /// Every change made to a container, in order: "create NAME",
+        /// "stop ID", "remove ID", "start ID".
+        changes: Vec<String>,
+        /// A create that never answers, as if cutover died during it.
+        hold_creates: bool,
+    }
+
+    impl FakeEngine {
+        fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// The next container created publishes `addr`.
+        fn publish_next(&self, addr: SocketAddr) {
+            self.lock().addrs.push_back(addr);
+        }
+
+        fn container(&self, id: &str) -> Option<ContainerInfo> {
+            self.lock().containers.get(id).cloned()
+        }
+
+        fn by_color(&self, color: &str) -> Vec<ContainerInfo> {
+            let state = self.lock();
+            let found = state.containers.values();
+            found
+                .filter(|c| c.color.as_deref() == Some(color))
+                .cloned()
+                .collect()
+        }
+
+        /// The changes made to the container `id` so far.
+        fn changes_to(&self, id: &str) -> Vec<String> {
+            self.lock()
+                .changes
+                .iter()
+                .filter(|change| change.ends_with(id))
+                .cloned()
+                .collect()
+        }
+
+        fn not_found(id: &str) -> DockerError {
+            DockerError::NotFound(format!("No such container: {id}"))
+        }
+    }
+
+    impl ContainerRuntime for FakeEngine {
+        fn ping(&self) -> BoxFuture<'_, Result<(), DockerError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn image_exists<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, DockerError>> {
+            Box::pin(async { Ok(true) })
+        }
+        fn pull<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a Path>,
+            _: &'a mut (dyn FnMut(String) + Send),
+        ) -> BoxFuture<'a, Result<(), DockerError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn create_and_start<'a>(
+            &'a self,
+            spec: &'a ContainerSpec,
+        ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>> {
+            Box::pin(async move {
+                let (info, hold) = {
+                    let mut state = self.lock();
+                    state.created += 1;
+                    let n = state.created;
+                    let info = ContainerInfo {
+                        id: format!("{n:02}{}", "c".repeat(62)),
+                        name: spec.name.clone(),
+                        image: spec.image.clone(),
+                        service: Some(spec.service.clone()),
+                        color: Some(spec.color.clone()),
+                        deploy_id: Some(spec.deploy_id.clone()),
+                        instance: Some(spec.instance.clone()),
+                        running: true,
+                        exit_code: None,
+                        host_addr: state.addrs.pop_front(),
+                        started_at: Some(format!("2026-01-01T00:00:{n:02}Z")),
+                    };
+                    state.changes.push(format!("create {}", info.id));
+                    state.containers.insert(info.id.clone(), info.clone());
+                    (info, state.hold_creates)
+                };
+                if hold {
+                    self.created.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                Ok(info)
+            })
+        }
+        fn start<'a>(
+            &'a self,
+            id: &'a str,
+            _: u16,
+        ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>> {
+            Box::pin(async move {
+                let mut state = self.lock();
+                state.changes.push(format!("start {id}"));
+                let info = state
+                    .containers
+                    .get_mut(id)
+                    .ok_or_else(|| Self::not_found(id))?;
+                info.running = true;
+                Ok(info.clone())
+            })
+        }
+        fn inspect<'a>(
+            &'a self,
+            id: &'a str,
+            _: u16,
+        ) -> BoxFuture<'a, Result<ContainerInfo, DockerError>> {
+            Box::pin(async move {
+                let state = self.lock();
+                let by_name = state.containers.values().find(|c| c.name == id);
+                let found = state.containers.get(id).or(by_name);
+                found.cloned().ok_or_else(|| Self::not_found(id))
+            })
+        }
+        fn stop_and_remove<'a>(
+            &'a self,
+            id: &'a str,
+            _: Duration,
+        ) -> BoxFuture<'a, Result<(), DockerError>> {
+            Box::pin(async move {
+                let mut state = self.lock();
+                state.changes.push(format!("stop {id}"));
+                state.containers.remove(id);
+                Ok(())
+            })
+        }
+        fn remove_force<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), DockerError>> {
+            Box::pin(async move {
+                let mut state = self.lock();
+                state.changes.push(format!("remove {id}"));
+                state.containers.remove(id);
+                Ok(())
+            })
+        }
+        fn logs_tail<'a>(
+            &'a self,
+            _: &'a str,
+            _: usize,
+        ) -> BoxFuture<'a, Result<Vec<String>, DockerError>> {
+            Box::pin(async { Ok(vec!["listening on 8080".to_string()]) })
+        }
+        fn list_service<'a>(
+            &'a self,
+            service: &'a str,
+            _: u16,
+        ) -> BoxFuture<'a, Result<Vec<ContainerInfo>, DockerError>> {
+            Box::pin(async move {
+                let state = self.lock();
+                let listed = state.containers.values();
+                Ok(listed
+                    .filter(|c| c.service.as_deref() == Some(service))
+                    .cloned()
+                    .collect())
+            })
+        }
+        fn remove_image<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), DockerError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// An HTTP server on 127.0.0.1 that answers every request with
+    /// `status`: a container's app, healthy (200) or not (500).
+    async fn app(status: u16) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A service `web` run as containers, with its state in `dir`.
+    fn config(dir: &Path) -> Arc<Config> {
+        let text = format!(
+            "[server]\nstate_dir = \"{}\"\n\
+             [service.web]\nimage = \"web\"\nport = 8080\nstop_timeout = \"1s\"\n\
+             keep_previous = \"30s\"\ndrain_timeout = \"5s\"\n\
+             health = {{ path = \"/health\", interval = \"1s\", timeout = \"1s\", deadline = \"5s\" }}\n",
+            dir.display()
+        );
+        Arc::new(Config::parse(&text, "proxy.toml", dir).expect("config"))
+    }
+
+    /// A controller (as the server builds it) whose deployer uses `engine`;
+    /// a second one on the same directory is a restart.
+    fn controller(dir: &Path, engine: &Arc<FakeEngine>) -> Arc<Controller> {
+        let config = config(dir);
+        let shared = Arc::new(Shared {
+            snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::build(config, None)),
+            https_port: crate::routing::RedirectPort::new(None),
+            shutdown: CancellationToken::new(),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            tasks: tokio_util::task::TaskTracker::new(),
+            acme: crate::tls::acme::AcmeCerts::new(),
+            workers: crate::routing::WorkerLoad::new(0),
+        });
+        let engine = Arc::clone(engine);
+        let connect: super::Connect = Box::new(move || {
+            let engine = Arc::clone(&engine) as Arc<dyn ContainerRuntime>;
+            Box::pin(async move { Ok(engine) })
+        });
+        Controller::with_engine(
+            shared,
+            Some(StateStore::new(dir)),
+            None,
+            None,
+            connect,
+            "test".into(),
+        )
+    }
+
+    /// A second controller on the same state directory and engine: cutover
+    /// started again.
+    fn controller_for_restart(dir: &Path, engine: &Arc<FakeEngine>) -> Arc<Controller> {
+        controller(dir, engine)
+    }
+
+    async fn deploy(controller: &Controller, image: &str) -> Result<String, ControlError> {
+        let choice = ImageChoice::Image(image.into());
+        let progress = Progress::log_only();
+        let report = controller
+            .deploy("web", choice, None, &progress, &CancellationToken::new())
+            .await?;
+        Ok(report.container)
+    }
+
+    /// The active upstream's container id and address.
+    fn serving(controller: &Controller) -> (String, SocketAddr) {
+        let active = controller.active("web").expect("an active upstream");
+        let container = active.container.as_ref().expect("a container");
+        (container.id.clone(), active.addr)
+    }
+
+    /// Blue serving `web:v1` on a healthy app.
+    async fn blue_serving(
+        engine: &Arc<FakeEngine>,
+        dir: &Path,
+    ) -> (Arc<Controller>, String, SocketAddr) {
+        let controller = controller(dir, engine);
+        let addr = app(200).await;
+        engine.publish_next(addr);
+        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        assert_eq!(serving(&controller), (blue.clone(), addr));
+        (controller, blue, addr)
+    }
+
+    /// Polls `done` on tokio's (paused) clock for at most ten seconds of it.
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..1_000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_deploy_switches_and_keeps_the_old_colour_warm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let (controller, blue, _) = blue_serving(&engine, dir.path()).await;
+
+        let green_addr = app(200).await;
+        engine.publish_next(green_addr);
+        let green = deploy(&controller, "web:v2").await.expect("second deploy");
+
+        assert_eq!(serving(&controller), (green.clone(), green_addr));
+        let warm = engine.container(&blue).expect("blue still exists");
+        assert!(warm.running, "blue is kept running");
+        assert!(engine.changes_to(&blue).len() == 1, "blue was only created");
+        let record = controller.deployer.record("web");
+        let previous = record.previous.expect("blue is the previous colour");
+        assert_eq!(previous.color, "blue");
+        assert_eq!(previous.container.map(|c| c.id), Some(blue.clone()));
+        assert_eq!(record.history, vec!["web:v2", "web:v1"]);
+        // The state file says the same.
+        let saved = StateStore::new(dir.path()).load().expect("state file");
+        let web = &saved.services["web"];
+        assert_eq!(web.container.as_ref().map(|c| &c.id), Some(&green));
+        let warm = web.previous.as_ref().and_then(|p| p.container.as_ref());
+        assert_eq!(warm.map(|c| &c.id), Some(&blue));
+        assert!(saved.starting.is_empty(), "{:?}", saved.starting);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_health_check_leaves_the_old_colour_and_removes_the_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let (controller, blue, blue_addr) = blue_serving(&engine, dir.path()).await;
+
+        engine.publish_next(app(500).await);
+        let started = tokio::time::Instant::now();
+        let err = deploy(&controller, "web:v2")
+            .await
+            .expect_err("an unhealthy container is not switched to");
+
+        assert!(
+            matches!(&err, ControlError::DeployFailed { reason, .. } if reason.contains("status 500")),
+            "{err}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "gave up at the health deadline, not {waited:?}"
+        );
+        assert_eq!(serving(&controller), (blue.clone(), blue_addr));
+        assert_eq!(engine.changes_to(&blue), vec![format!("create {blue}")]);
+        assert!(
+            engine.by_color("green").is_empty(),
+            "the new one is removed"
+        );
+        let record = controller.deployer.record("web");
+        let last = record.last_deploy.expect("the failure is recorded");
+        assert!(!last.ok && last.image == "web:v2", "{last:?}");
+        assert_eq!(record.starting, None);
+        let saved = StateStore::new(dir.path()).load().expect("state file");
+        let web = &saved.services["web"];
+        assert_eq!(web.container.as_ref().map(|c| &c.id), Some(&blue));
+        assert!(saved.starting.is_empty(), "{:?}", saved.starting);
+    }
+
+    /// cutover dies while the engine creates the new container; the state
+    /// file says a deploy was starting it. The restart's reconciliation
+    /// removes it and leaves the serving colour as it was.
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_after_a_crash_mid_deploy_keeps_the_serving_colour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let (controller, blue, blue_addr) = blue_serving(&engine, dir.path()).await;
+
+        engine.lock().hold_creates = true;
+        engine.publish_next(app(200).await);
+        tokio::select! {
+            result = deploy(&controller, "web:v2") => panic!("the create never answers: {result:?}"),
+            () = engine.created.notified() => {}
+        }
+        // The deploy future is dropped here: the crash.
+        drop(controller);
+        let saved = StateStore::new(dir.path()).load().expect("state file");
+        let starting = saved
+            .starting
+            .get("web")
+            .cloned()
+            .expect("a deploy was starting");
+        let green = engine.by_color("green");
+        assert_eq!(green.len(), 1);
+        assert_eq!(green[0].name, starting);
+        engine.lock().hold_creates = false;
+
+        let restarted = controller_for_restart(dir.path(), &engine);
+        restarted.restore().await.expect("restore");
+        restarted.reconcile().await;
+
+        assert_eq!(serving(&restarted), (blue.clone(), blue_addr));
+        assert_eq!(engine.changes_to(&blue), vec![format!("create {blue}")]);
+        assert!(
+            engine.by_color("green").is_empty(),
+            "the half-made one is removed"
+        );
+        assert_eq!(
+            engine.changes_to(&green[0].id),
+            vec![
+                format!("create {}", green[0].id),
+                format!("remove {}", green[0].id)
+            ]
+        );
+        let saved = StateStore::new(dir.path()).load().expect("state file");
+        assert!(saved.starting.is_empty(), "{:?}", saved.starting);
+        assert_eq!(
+            saved.services["web"].container.as_ref().map(|c| &c.id),
+            Some(&blue)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rollback_swaps_back_to_the_warm_colour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let (controller, blue, blue_addr) = blue_serving(&engine, dir.path()).await;
+        engine.publish_next(app(200).await);
+        let green = deploy(&controller, "web:v2").await.expect("second deploy");
+
+        let progress = Progress::log_only();
+        let report = controller
+            .rollback("web", None, &progress, &CancellationToken::new())
+            .await
+            .expect("rollback");
+
+        let RollbackReport::Instant(swap) = report else {
+            panic!("the warm colour runs, so the rollback is instant: {report:?}");
+        };
+        assert_eq!(
+            (swap.color.as_str(), swap.image.as_str()),
+            ("blue", "web:v1")
+        );
+        assert_eq!(serving(&controller), (blue.clone(), blue_addr));
+        let previous = controller
+            .deployer
+            .record("web")
+            .previous
+            .expect("green is warm");
+        assert_eq!(previous.container.map(|c| c.id), Some(green.clone()));
+        assert!(engine.container(&green).is_some_and(|c| c.running));
+        assert_eq!(engine.changes_to(&blue), vec![format!("create {blue}")]);
+    }
+
+    /// The old colour runs for `keep_previous` (30 s) after the switch, then
+    /// is stopped and removed: on the paused clock, no wall-clock wait.
+    #[tokio::test(start_paused = true)]
+    async fn the_warm_colour_is_retired_after_keep_previous() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let (controller, blue, _) = blue_serving(&engine, dir.path()).await;
+        engine.publish_next(app(200).await);
+        deploy(&controller, "web:v2").await.expect("second deploy");
+
+        tokio::time::advance(Duration::from_secs(28)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            engine.container(&blue).is_some(),
+            "retired before its window ended"
+        );
+
+        tokio::time::advance(Duration::from_secs(3)).await;
+        wait_until("blue is retired", || engine.container(&blue).is_none()).await;
+        assert_eq!(
+            engine.changes_to(&blue),
+            vec![format!("create {blue}"), format!("stop {blue}")]
+        );
+        wait_until("the retirement is recorded", || {
+            controller.deployer.record("web").previous.is_none()
+        })
+        .await;
+        let saved = StateStore::new(dir.path()).load().expect("state file");
+        assert_eq!(saved.services["web"].previous, None);
+    }
+}
