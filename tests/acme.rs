@@ -17,10 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::*;
+use cutover::admin::proto::{CertStatus, Report};
 use cutover::admin::Command;
 use pebble::{tls_connect_trusting, Pebble};
 use rustls_pki_types::CertificateDer;
-use serde_json::Value;
 use tokio::net::TcpListener;
 
 /// Longest wait for an issuance (Pebble issues in about a second).
@@ -83,35 +83,43 @@ async fn start(dir: &Path, config: &str, ports: Ports) -> TestProxy {
     proxy
 }
 
-async fn admin(dir: &Path, command: Command) -> Result<Value, String> {
-    let report = admin_call(&dir.join("admin.sock"), command, ISSUANCE_TIMEOUT).await?;
-    // The certificate checks below read many optional fields; the JSON
-    // form (the report as the socket sent it) keeps them short.
-    Ok(serde_json::to_value(report).expect("a report serializes"))
+async fn admin(dir: &Path, command: Command) -> Result<Report, String> {
+    admin_call(&dir.join("admin.sock"), command, ISSUANCE_TIMEOUT).await
+}
+
+/// Every certificate `cutover status` lists.
+async fn certificates(dir: &Path) -> Vec<CertStatus> {
+    match admin(dir, Command::Status { service: None }).await {
+        Ok(Report::Status(status)) => status.certificates.unwrap_or_default(),
+        other => panic!("status: {other:?}"),
+    }
 }
 
 /// `cutover renew NAME`.
-async fn renew(dir: &Path, name: &str) -> Result<Value, String> {
+async fn renew(dir: &Path, name: &str) -> Result<CertStatus, String> {
     let name = name.to_string();
-    admin(dir, Command::Renew { name }).await
+    match admin(dir, Command::Renew { name }).await? {
+        Report::Renew(renewed) => Ok(renewed.certificate),
+        other => panic!("renew answered with another report: {other:?}"),
+    }
 }
 
 /// The status entry of one certificate.
-async fn certificate(dir: &Path, name: &str) -> Value {
-    let status = admin(dir, Command::Status { service: None })
-        .await
-        .expect("status");
-    status["certificates"]
-        .as_array()
-        .expect("certificates in status")
-        .iter()
-        .find(|cert| cert["name"] == name)
+async fn certificate(dir: &Path, name: &str) -> CertStatus {
+    let all = certificates(dir).await;
+    all.iter()
+        .find(|cert| cert.name == name)
         .cloned()
-        .unwrap_or_else(|| panic!("no certificate {name} in {status:#}"))
+        .unwrap_or_else(|| panic!("no certificate {name} in {all:#?}"))
 }
 
 /// Polls status until `name`'s certificate satisfies `done`.
-async fn wait_for(dir: &Path, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+async fn wait_for(
+    dir: &Path,
+    name: &str,
+    what: &str,
+    done: impl Fn(&CertStatus) -> bool,
+) -> CertStatus {
     let deadline = tokio::time::Instant::now() + ISSUANCE_TIMEOUT;
     loop {
         let cert = certificate(dir, name).await;
@@ -120,14 +128,14 @@ async fn wait_for(dir: &Path, name: &str, what: &str, done: impl Fn(&Value) -> b
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{name}: never {what}; last status {cert:#}"
+            "{name}: never {what}; last status {cert:#?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-async fn wait_valid(dir: &Path, name: &str) -> Value {
-    wait_for(dir, name, "valid", |cert| cert["state"] == "valid").await
+async fn wait_valid(dir: &Path, name: &str) -> CertStatus {
+    wait_for(dir, name, "valid", |cert| cert.state == "valid").await
 }
 
 /// The leaf certificate cutover serves for `sni`, verified against `root`.
@@ -214,7 +222,7 @@ struct SiteA {
     proxy: TestProxy,
     config: String,
     /// The status entry of the first certificate.
-    first: Value,
+    first: CertStatus,
 }
 
 async fn serve_site_a() -> SiteA {
@@ -245,20 +253,20 @@ async fn http01_issues_a_certificate_that_is_served_and_stored() {
         first: cert,
         ..
     } = serve_site_a().await;
-    assert_eq!(cert["source"], "acme");
+    assert_eq!(cert.source, "acme");
     assert!(
-        cert["issuer"]
-            .as_str()
+        cert.issuer
+            .as_deref()
             .is_some_and(|issuer| issuer.starts_with("Pebble")),
-        "{cert:#}"
+        "{cert:#?}"
     );
-    let not_after = cert["not_after"].as_u64().expect("expiry");
-    let next_renewal = cert["next_renewal"].as_u64().expect("next renewal");
+    let not_after = cert.not_after.expect("expiry");
+    let next_renewal = cert.next_renewal.expect("next renewal");
     assert!(
         unix_now() < next_renewal && next_renewal < not_after,
-        "{cert:#}"
+        "{cert:#?}"
     );
-    assert_eq!(cert["failures"], 0);
+    assert_eq!(cert.failures, 0);
 
     let root = pebble.issuing_root().await;
     let tls = tls_connect_trusting(&[root], proxy.https(), "a.test", &[b"http/1.1"])
@@ -345,21 +353,12 @@ async fn tls_alpn01_issues_and_static_certificates_keep_serving_by_sni() {
     assert_eq!(resp.status, 203);
 
     // Status lists the automatic certificate and both files.
-    let status = admin(dir.path(), Command::Status { service: None })
-        .await
-        .expect("status");
-    let sources: Vec<(&str, &str)> = status["certificates"]
-        .as_array()
-        .expect("certificates")
+    let status = certificates(dir.path()).await;
+    let sources: Vec<(&str, &str)> = status
         .iter()
-        .map(|cert| {
-            (
-                cert["name"].as_str().expect("name"),
-                cert["source"].as_str().expect("source"),
-            )
-        })
+        .map(|cert| (cert.name.as_str(), cert.source.as_str()))
         .collect();
-    assert_eq!(sources[0], ("b.test", "acme"), "{status:#}");
+    assert_eq!(sources[0], ("b.test", "acme"), "{status:#?}");
     assert_eq!(
         sources
             .iter()
@@ -409,7 +408,7 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
     assert_eq!(resp.status(), 204);
 
     let renewed = renew(dir.path(), "a.test").await.expect("renew");
-    assert_eq!(renewed["certificate"]["state"], "valid", "{renewed:#}");
+    assert_eq!(renewed.state, "valid", "{renewed:#?}");
     let second_leaf = served_leaf(proxy.https(), "a.test", &root)
         .await
         .expect("renewed certificate");
@@ -418,7 +417,7 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
         "new handshakes get the new certificate"
     );
     let second = certificate(dir.path(), "a.test").await;
-    assert!(second["not_after"].as_u64() >= first["not_after"].as_u64());
+    assert!(second.not_after >= first.not_after);
 
     sender.ready().await.expect("old connection still open");
     let resp = sender
@@ -436,7 +435,7 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
     let ports = Ports::bind().await;
     let proxy = start(dir.path(), &config, ports).await;
     let restored = wait_for(dir.path(), "a.test", "restored", |cert| {
-        cert["state"] == "valid" && cert["next_renewal"].as_u64().is_some()
+        cert.state == "valid" && cert.next_renewal.is_some()
     })
     .await;
     assert_eq!(
@@ -445,11 +444,11 @@ async fn renewal_swaps_certificates_under_an_open_connection_and_a_restart_reuse
             .expect("stored certificate"),
         second_leaf
     );
-    assert_eq!(restored["failures"], 0, "no order was tried: {restored:#}");
-    assert!(restored["last_error"].is_null(), "{restored:#}");
+    assert_eq!(restored.failures, 0, "no order was tried: {restored:#?}");
+    assert!(restored.last_error.is_none(), "{restored:#?}");
     assert!(
-        restored["next_renewal"].as_u64().expect("next") > unix_now() + 86_400,
-        "renewal is not due for a long time: {restored:#}"
+        restored.next_renewal.expect("next") > unix_now() + 86_400,
+        "renewal is not due for a long time: {restored:#?}"
     );
     proxy.stop().await.expect("clean stop");
 }
@@ -492,16 +491,16 @@ async fn a_failed_challenge_leaves_the_previous_certificate_serving() {
     );
     assert_eq!(std::fs::read(&stored).expect("stored"), stored_before);
     let cert = certificate(dir.path(), "a.test").await;
-    assert_eq!(cert["state"], "valid", "{cert:#}");
-    assert_eq!(cert["failures"], 1, "{cert:#}");
+    assert_eq!(cert.state, "valid", "{cert:#?}");
+    assert_eq!(cert.failures, 1, "{cert:#?}");
     assert!(
-        cert["last_error"]
-            .as_str()
+        cert.last_error
+            .as_deref()
             .is_some_and(|e| e.contains("could not validate")),
-        "{cert:#}"
+        "{cert:#?}"
     );
-    assert_eq!(cert["next_renewal"], before["next_renewal"], "{cert:#}");
-    assert_eq!(cert["not_after"], before["not_after"], "{cert:#}");
+    assert_eq!(cert.next_renewal, before.next_renewal, "{cert:#?}");
+    assert_eq!(cert.not_after, before.not_after, "{cert:#?}");
     proxy.stop().await.expect("clean stop");
 }
 
@@ -519,22 +518,19 @@ async fn a_name_without_a_certificate_is_refused_not_served_another() {
     let config = config_text(dir.path(), &pebble, r#"["http-01", "tls-alpn-01"]"#, &sites);
     let proxy = start(dir.path(), &config, ports).await;
 
-    let cert = wait_for(dir.path(), "c.test", "failed", |cert| {
-        cert["failures"].as_u64() >= Some(1)
-    })
-    .await;
-    assert_eq!(cert["state"], "pending", "{cert:#}");
+    let cert = wait_for(dir.path(), "c.test", "failed", |cert| cert.failures >= 1).await;
+    assert_eq!(cert.state, "pending", "{cert:#?}");
     assert!(
-        cert["last_error"]
-            .as_str()
+        cert.last_error
+            .as_deref()
             .is_some_and(|e| e.contains("could not validate c.test by http-01")),
-        "{cert:#}"
+        "{cert:#?}"
     );
-    let retry = cert["next_renewal"].as_u64().expect("retry time");
-    let failed_at = cert["last_attempt"].as_u64().expect("last attempt");
+    let retry = cert.next_renewal.expect("retry time");
+    let failed_at = cert.last_attempt.expect("last attempt");
     assert!(
         (failed_at + 54..=failed_at + 66).contains(&retry),
-        "first retry 54-66 s after the failure, got {}s: {cert:#}",
+        "first retry 54-66 s after the failure, got {}s: {cert:#?}",
         retry.saturating_sub(failed_at)
     );
 
@@ -621,10 +617,10 @@ async fn reload_follows_added_and_removed_names_and_changed_settings() {
     std::fs::write(dir.join("proxy.toml"), format!("{new_email}{site_d}")).expect("write");
     admin(dir, Command::Reload {}).await.expect("reload");
     let a = wait_for(dir, "a.test", "restored", |cert| {
-        cert["state"] == "valid" && cert["next_renewal"].as_u64().is_some()
+        cert.state == "valid" && cert.next_renewal.is_some()
     })
     .await;
-    assert_eq!(a["not_after"], site.first["not_after"], "{a:#}");
+    assert_eq!(a.not_after, site.first.not_after, "{a:#?}");
     assert_eq!(
         served_leaf(site.proxy.https(), "a.test", &root)
             .await
@@ -636,16 +632,9 @@ async fn reload_follows_added_and_removed_names_and_changed_settings() {
     let without_a = new_email.replace(SITE_A, "");
     std::fs::write(dir.join("proxy.toml"), format!("{without_a}{site_d}")).expect("write");
     admin(dir, Command::Reload {}).await.expect("reload");
-    let status = admin(dir, Command::Status { service: None })
-        .await
-        .expect("status");
-    let names: Vec<&str> = status["certificates"]
-        .as_array()
-        .expect("certificates")
-        .iter()
-        .filter_map(|cert| cert["name"].as_str())
-        .collect();
-    assert_eq!(names, vec!["d.test"], "{status:#}");
+    let status = certificates(dir).await;
+    let names: Vec<&str> = status.iter().map(|cert| cert.name.as_str()).collect();
+    assert_eq!(names, vec!["d.test"], "{status:#?}");
     assert!(served_leaf(site.proxy.https(), "a.test", &root)
         .await
         .is_err());

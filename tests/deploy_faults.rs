@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
+use cutover::admin::Reply;
 use serde_json::Value;
 use support::cutover::*;
 use support::harness::*;
@@ -65,20 +66,25 @@ async fn finish(task: JoinHandle<CliOutput>) -> CliOutput {
 /// Returns the version serving.
 async fn all_agree(h: &Harness) -> String {
     let status = h.consistent().await;
-    let image = status["active"]["image"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no active colour: {status}"))
-        .to_string();
+    let active = active(&status);
+    let image = active
+        .image
+        .clone()
+        .unwrap_or_else(|| panic!("no active image: {status:?}"));
     let served = h.version().await;
-    assert_eq!(served, tag(&image), "traffic and status disagree: {status}");
+    assert_eq!(
+        served,
+        tag(&image),
+        "traffic and status disagree: {status:?}"
+    );
+    // The state file is read as written (its on-disk form), the status as
+    // the typed report.
     let state = state_file(h);
     let saved = &state["services"][&h.svc];
+    assert_eq!(saved["color"], active.color.as_str(), "state file: {state}");
     assert_eq!(
-        saved["color"], status["active"]["color"],
-        "state file: {state}"
-    );
-    assert_eq!(
-        saved["container"]["id"], status["active"]["container"],
+        saved["container"]["id"].as_str(),
+        active.container.as_deref(),
         "state file: {state}"
     );
     served
@@ -94,16 +100,22 @@ async fn wait_no_orphans(h: &Harness) {
     let start = Instant::now();
     loop {
         let status = h.status().await;
-        let named: Vec<&str> = ["active", "previous"]
-            .iter()
-            .filter_map(|role| status[role]["container"].as_str())
-            .collect();
+        let named: Vec<&str> = [
+            status.active.as_ref().and_then(|a| a.container.as_deref()),
+            status
+                .previous
+                .as_ref()
+                .and_then(|p| p.container.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let listed = h.containers();
-        if status["starting"].is_null() && listed.iter().all(|c| named.contains(&c.id.as_str())) {
+        if status.starting.is_none() && listed.iter().all(|c| named.contains(&c.id.as_str())) {
             return;
         }
         if start.elapsed() > Duration::from_secs(45) {
-            panic!("orphans left: {status}\n{}", h.ps());
+            panic!("orphans left: {status:?}\n{}", h.ps());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -290,17 +302,7 @@ fn real_engine_socket() -> PathBuf {
 }
 
 async fn docker_status(h: &Harness) -> String {
-    let out = h.proxy.cli(&["status", "--json"]).await;
-    assert!(out.success(), "{out}");
-    let last = out.stdout.lines().last().unwrap_or_default();
-    let reply: cutover::admin::Reply =
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let cutover::admin::Reply::Ok { result } = reply else {
-        panic!("status did not answer ok: {out}");
-    };
-    let status: cutover::admin::proto::StatusReport =
-        serde_json::from_value(result).unwrap_or_else(|e| panic!("{e}: {out}"));
-    status.docker
+    h.proxy.status_all().await.docker
 }
 
 /// Polls `status` until its docker line starts with `prefix` (bounded).
@@ -434,10 +436,10 @@ async fn engine_gone_mid_deploy() {
     // container. Cut the engine mid-deploy and kill the serving v2 as the
     // restart would: once the engine answers, cutover starts v2 again (the
     // containers have no restart policy) and removes the stranded one.
-    let active = h.status().await["active"]["container"]
-        .as_str()
-        .expect("active container")
-        .to_string();
+    let active = active(&h.status().await)
+        .container
+        .clone()
+        .expect("active container");
     let deploying = {
         let h = Arc::new(h);
         let task = h.deploy_in_background(&slow, CLI_LIMIT);
@@ -454,8 +456,10 @@ async fn engine_gone_mid_deploy() {
     wait_no_orphans(&h).await;
     assert_eq!(all_agree(&h).await, "v2");
     assert_eq!(
-        h.status().await["active"]["container"],
-        active.as_str(),
+        support::harness::active(&h.status().await)
+            .container
+            .as_deref(),
+        Some(active.as_str()),
         "the same container was started again"
     );
     h.done();
@@ -476,10 +480,7 @@ async fn stopped_active_container_is_started_again_at_restart() {
     h.deploy_ok(&v1).await;
     h.deploy_ok(&v2).await;
     let status = h.consistent().await;
-    let active = status["active"]["container"]
-        .as_str()
-        .expect("active")
-        .to_string();
+    let active = active(&status).container.clone().expect("active");
 
     h.proxy.kill9();
     for c in h.containers() {
@@ -493,13 +494,13 @@ async fn stopped_active_container_is_started_again_at_restart() {
     );
     let status = h.status().await;
     assert_eq!(
-        status["active"]["container"],
-        active.as_str(),
+        support::harness::active(&status).container.as_deref(),
+        Some(active.as_str()),
         "the same container"
     );
     // The warm v1 was stopped too: a rollback target only, it is removed
     // (rollback then starts its image again).
-    assert!(status["previous"].is_null(), "{status}");
+    assert!(status.previous.is_none(), "{status:?}");
     assert_eq!(h.containers().len(), 1, "{}", h.ps());
 
     // With the active container gone for good and the warm one stopped,
@@ -508,14 +509,14 @@ async fn stopped_active_container_is_started_again_at_restart() {
     h.deploy_ok(&v1).await;
     let status = h.consistent().await;
     let (active, previous) = (
-        status["active"]["container"]
-            .as_str()
-            .expect("active")
-            .to_string(),
-        status["previous"]["container"]
-            .as_str()
-            .expect("previous")
-            .to_string(),
+        support::harness::active(&status)
+            .container
+            .clone()
+            .expect("active"),
+        support::harness::previous(&status)
+            .container
+            .clone()
+            .expect("previous"),
     );
     h.proxy.kill9();
     docker(&["rm", "-f", &active]);
@@ -523,8 +524,8 @@ async fn stopped_active_container_is_started_again_at_restart() {
     h.proxy.spawn().await;
     let status = h.consistent().await;
     assert!(
-        status["active"].is_null() && status["previous"].is_null(),
-        "{status}"
+        status.active.is_none() && status.previous.is_none(),
+        "{status:?}"
     );
     assert!(h.containers().is_empty(), "{}", h.ps());
     let answer = get(h.proxy.http, "/").await.expect("GET /");
@@ -582,8 +583,8 @@ impl JsonDeploy {
             while let Ok(Some(line)) = self.lines.next_line().await {
                 self.stdout.push_str(&line);
                 self.stdout.push('\n');
-                let event: Value = serde_json::from_str(&line).unwrap_or_default();
-                if event["type"] == "progress" && event["step"] == step {
+                let event = serde_json::from_str::<Reply>(&line).ok();
+                if matches!(event, Some(Reply::Progress(event)) if event.step == step) {
                     return true;
                 }
             }
@@ -840,7 +841,11 @@ async fn state_dir_broken(test: &str, breakage: Breakage) {
         h.ps()
     );
     let status = h.consistent().await;
-    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert_eq!(
+        previous(&status).image.as_deref(),
+        Some(v1.as_str()),
+        "{status:?}"
+    );
     assert_eq!(h.version().await, "v2");
     // An instant rollback cannot record its swap either: refused, and the
     // warm v1 stays the rollback target.
@@ -848,7 +853,11 @@ async fn state_dir_broken(test: &str, breakage: Breakage) {
     assert_failed_with(&out, &["state", breakage.words()]);
     assert_eq!(h.containers(), before, "{}", h.ps());
     let status = h.consistent().await;
-    assert_eq!(status["previous"]["image"], v1.as_str(), "{status}");
+    assert_eq!(
+        previous(&status).image.as_deref(),
+        Some(v1.as_str()),
+        "{status:?}"
+    );
     assert_eq!(h.version().await, "v2");
     breakage.repair(&mount);
 
@@ -939,12 +948,12 @@ async fn missing_image_and_unreachable_registry() {
         assert_failed_with(&out, &["cannot pull", image.as_str()]);
         assert_eq!(h.containers(), before, "nothing started:\n{}", h.ps());
         let status = h.consistent().await;
-        for key in ["container", "image", "color"] {
-            assert_eq!(
-                status["active"][key], status_before["active"][key],
-                "{status}"
-            );
-        }
+        let (now, then) = (active(&status), active(&status_before));
+        assert_eq!(
+            (&now.container, &now.image, &now.color),
+            (&then.container, &then.image, &then.color),
+            "{status:?}"
+        );
         assert_eq!(all_agree(&h).await, "v1");
     }
     h.done();

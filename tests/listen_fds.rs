@@ -317,8 +317,14 @@ fn a_socket_activated_server_upgrades() {
         .expect("run cutover upgrade");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let new_pid = stdout.lines().find_map(|line| {
-        let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        value["result"]["pid"].as_u64()
+        use cutover::admin::proto::{decode_report, Command as Admin, Reply, Report};
+        let Ok(Reply::Ok { result }) = serde_json::from_str::<Reply>(line) else {
+            return None;
+        };
+        match decode_report(&Admin::Upgrade { binary: None }, result).ok()? {
+            Report::Upgrade(report) => Some(u64::from(report.pid)),
+            _ => None,
+        }
     });
     // Stop the new process whatever the assertions below say.
     struct Kill(Option<u64>);

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use common::*;
+use cutover::admin::proto::Report;
 use cutover::admin::Command;
+use cutover::WorkerStatus;
 use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -59,8 +61,8 @@ fn admin_socket(config: &Path) -> PathBuf {
     config.parent().expect("config dir").join("admin.sock")
 }
 
-/// The `workers` array of `cutover status`: one object per worker thread.
-async fn worker_report(config: &Path) -> Vec<serde_json::Value> {
+/// The `workers` of `cutover status`: one per worker thread.
+async fn worker_report(config: &Path) -> Vec<WorkerStatus> {
     let status = admin_call(
         &admin_socket(config),
         Command::Status { service: None },
@@ -68,31 +70,29 @@ async fn worker_report(config: &Path) -> Vec<serde_json::Value> {
     )
     .await
     .expect("status");
-    let status = serde_json::to_value(&status).expect("status as JSON");
-    status["workers"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status has no workers array: {status}"))
-        .clone()
+    let Report::Status(status) = status else {
+        panic!("status answered with another report: {status:?}");
+    };
+    status.workers
 }
 
-fn counter(worker: &serde_json::Value, name: &str) -> u64 {
-    worker[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("worker report without {name}: {worker}"))
+/// Connections open on `worker` now.
+fn open(worker: &WorkerStatus) -> u64 {
+    worker.open as u64
 }
 
 /// Waits (bounded) until the workers count `open` connections in all, and
 /// returns the report.
-async fn wait_for_open(config: &Path, open: u64) -> Vec<serde_json::Value> {
+async fn wait_for_open(config: &Path, wanted: u64) -> Vec<WorkerStatus> {
     let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
     loop {
         let report = worker_report(config).await;
-        if report.iter().map(|w| counter(w, "open")).sum::<u64>() == open {
+        if report.iter().map(open).sum::<u64>() == wanted {
             return report;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "workers never counted {open} open connections: {report:?}"
+            "workers never counted {wanted} open connections: {report:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -170,7 +170,7 @@ async fn keep_alive_connections_are_all_served_across_workers() {
     // Still open: every connection is counted on the worker serving it.
     let report = wait_for_open(&path, CONNECTIONS as u64).await;
     assert_eq!(report.len(), WORKERS, "{report:?}");
-    let accepted: Vec<u64> = report.iter().map(|w| counter(w, "accepted")).collect();
+    let accepted: Vec<u64> = report.iter().map(|w| w.accepted).collect();
     assert_eq!(accepted.iter().sum::<u64>(), CONNECTIONS as u64);
     assert!(
         accepted.iter().all(|&n| n > 0),
@@ -197,7 +197,7 @@ async fn graceful_shutdown_drains_in_flight_requests_on_every_worker() {
     upstream.wait_for(IN_FLIGHT).await;
     let report = wait_for_open(&path, IN_FLIGHT as u64).await;
     assert!(
-        report.iter().all(|w| counter(w, "open") > 0),
+        report.iter().all(|w| open(w) > 0),
         "the in-flight requests are not on every worker: {report:?}"
     );
 
@@ -229,7 +229,7 @@ async fn reload_reaches_open_connections_on_every_worker() {
     }
     let report = wait_for_open(&path, CONNECTIONS as u64).await;
     assert!(
-        report.iter().all(|w| counter(w, "open") > 0),
+        report.iter().all(|w| open(w) > 0),
         "the connections are not on every worker: {report:?}"
     );
 
@@ -242,7 +242,7 @@ async fn reload_reaches_open_connections_on_every_worker() {
         assert_eq!(resp.status, 202, "a connection still sees the old config");
     }
     let report = worker_report(&path).await;
-    let accepted: u64 = report.iter().map(|w| counter(w, "accepted")).sum();
+    let accepted: u64 = report.iter().map(|w| w.accepted).sum();
     assert_eq!(accepted, CONNECTIONS as u64, "a connection was reopened");
 
     drop(senders);

@@ -31,6 +31,20 @@ const BIN: &str = env!("CARGO_BIN_EXE_cutover");
 
 /// Every cutover process the test started, killed at the end whatever
 /// happens.
+/// The new process's pid, if `line` is the upgrade's `ok` reply.
+fn upgraded_pid(line: &str) -> Option<u32> {
+    use cutover::admin::proto::{decode_report, Command as Admin, Reply, Report};
+    let reply: Reply = serde_json::from_str(line).ok()?;
+    let Reply::Ok { result } = reply else {
+        return None;
+    };
+    let command = Admin::Upgrade { binary: None };
+    match decode_report(&command, result).ok()? {
+        Report::Upgrade(report) => Some(report.pid),
+        _ => None,
+    }
+}
+
 #[derive(Default)]
 struct Pids(Mutex<Vec<u32>>);
 
@@ -128,12 +142,7 @@ async fn upgrade(socket: &Path, args: &[&str]) -> (bool, String, Option<u32>) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let pid = text.lines().find_map(|line| {
-        let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        (value["type"] == "ok")
-            .then(|| value["result"]["pid"].as_u64())?
-            .map(|p| p as u32)
-    });
+    let pid = text.lines().find_map(upgraded_pid);
     (out.status.success(), text, pid)
 }
 

@@ -180,9 +180,18 @@ impl Proxy {
         cli(&all, Duration::from_secs(120)).await
     }
 
-    /// `cutover status SERVICE --json`, the result object.
-    pub async fn status(&self, service: &str) -> serde_json::Value {
-        let out = self.cli(&["status", service, "--json"]).await;
+    /// `cutover status SERVICE --json`, the typed report.
+    pub async fn status(&self, service: &str) -> cutover::admin::proto::StatusReport {
+        self.status_of(&["status", service, "--json"]).await
+    }
+
+    /// `cutover status --json`: every service, the engine, certificates.
+    pub async fn status_all(&self) -> cutover::admin::proto::StatusReport {
+        self.status_of(&["status", "--json"]).await
+    }
+
+    async fn status_of(&self, args: &[&str]) -> cutover::admin::proto::StatusReport {
+        let out = self.cli(args).await;
         assert!(out.success(), "status failed: {out}");
         let last = out
             .stdout
@@ -195,11 +204,8 @@ impl Proxy {
         let cutover::admin::Reply::Ok { result } = reply else {
             panic!("status did not answer ok: {out}");
         };
-        // The result is a typed status report; the deploy tests read its
-        // JSON form, which is what scripts see.
-        serde_json::from_value::<cutover::admin::proto::StatusReport>(result.clone())
-            .unwrap_or_else(|e| panic!("status result is not a StatusReport ({e}): {out}"));
-        result
+        serde_json::from_value(result)
+            .unwrap_or_else(|e| panic!("status result is not a StatusReport ({e}): {out}"))
     }
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::Instant;
 
-use serde_json::Value;
+use cutover::admin::proto::{ActiveStatus, PreviousStatus, ServiceStatus};
 
 use super::cutover::*;
 use super::images::build_testapp_image_with_env;
@@ -240,12 +240,13 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
         out
     }
 
-    /// `status` of this service: `result.services.<svc>`.
-    pub async fn status(&self) -> Value {
-        let result = self.proxy.status(&self.svc).await;
-        let service = result["services"][&self.svc].clone();
-        assert!(service.is_object(), "no {} in status: {result}", self.svc);
-        service
+    /// `status` of this service.
+    pub async fn status(&self) -> ServiceStatus {
+        let mut report = self.proxy.status(&self.svc).await;
+        report
+            .services
+            .remove(&self.svc)
+            .unwrap_or_else(|| panic!("no {} in status: {report:?}", self.svc))
     }
 
     /// This cutover's containers of the service (its instance label).
@@ -277,32 +278,52 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
     /// Status and engine agree: the active container (and the previous one,
     /// if status names one) is running, and no other container of the service
     /// exists. Returns the status.
-    pub async fn consistent(&self) -> Value {
+    pub async fn consistent(&self) -> ServiceStatus {
         let status = self.status().await;
         let listed = self.containers();
         let same =
             |id: &str, c: &Ctr| !id.is_empty() && (c.id.starts_with(id) || id.starts_with(&c.id));
         let mut named = Vec::new();
-        for role in ["active", "previous"] {
-            if status[role].is_null() {
+        let roles = [
+            (
+                "active",
+                status
+                    .active
+                    .as_ref()
+                    .map(|a| (&a.container, &a.image, &a.color)),
+            ),
+            (
+                "previous",
+                status
+                    .previous
+                    .as_ref()
+                    .map(|p| (&p.container, &p.image, &p.color)),
+            ),
+        ];
+        for (role, named_by_status) in roles {
+            let Some((container, image, color)) = named_by_status else {
                 continue;
-            }
-            let id = status[role]["container"].as_str().unwrap_or_default();
+            };
+            let id = container.as_deref().unwrap_or_default();
             let c = listed.iter().find(|c| same(id, c)).unwrap_or_else(|| {
                 panic!(
-                    "{role} container {id:?} does not exist: {status}\n{}",
+                    "{role} container {id:?} does not exist: {status:?}\n{}",
                     self.ps()
                 )
             });
             assert!(c.running(), "{role} container is not running: {c:?}");
-            assert_eq!(status[role]["image"], c.image.as_str(), "{role}: {status}");
-            assert_eq!(status[role]["color"], c.color.as_str(), "{role}: {status}");
+            assert_eq!(
+                image.as_deref(),
+                Some(c.image.as_str()),
+                "{role}: {status:?}"
+            );
+            assert_eq!(*color, c.color, "{role}: {status:?}");
             named.push(c.id.clone());
         }
         let orphans: Vec<&Ctr> = listed.iter().filter(|c| !named.contains(&c.id)).collect();
         assert!(
             orphans.is_empty(),
-            "containers neither active nor previous: {orphans:#?}\nstatus: {status}\n{}",
+            "containers neither active nor previous: {orphans:#?}\nstatus: {status:?}\n{}",
             self.ps()
         );
         status
@@ -315,6 +336,24 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
     pub fn done(&self) {
         eprintln!("[{}] test took {:?}", self.svc, self.started.elapsed());
     }
+}
+
+/// The active colour a status names; the test fails (showing the status)
+/// when there is none.
+pub fn active(status: &ServiceStatus) -> &ActiveStatus {
+    status
+        .active
+        .as_ref()
+        .unwrap_or_else(|| panic!("no active colour: {status:?}"))
+}
+
+/// The warm previous colour a status names; the test fails (showing the
+/// status) when there is none.
+pub fn previous(status: &ServiceStatus) -> &PreviousStatus {
+    status
+        .previous
+        .as_ref()
+        .unwrap_or_else(|| panic!("no previous colour: {status:?}"))
 }
 
 pub fn with_image<'a>(list: &'a [Ctr], image: &str) -> Vec<&'a Ctr> {
