@@ -15,7 +15,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -83,11 +83,13 @@ async fn deploy_under_keepalive_load_loses_nothing() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    // Answers received, by all connections: the signal that the load runs.
+    let answers = Arc::new(AtomicUsize::new(0));
     let hard_limit = Instant::now() + Duration::from_secs(60);
     let http = h.proxy.http;
     let mut clients = Vec::new();
     for n in 0..16 {
-        let (stop, failures) = (stop.clone(), failures.clone());
+        let (stop, failures, answers) = (stop.clone(), failures.clone(), answers.clone());
         clients.push(tokio::spawn(async move {
             // Versions in the order this connection saw them.
             let mut seen: Vec<String> = Vec::new();
@@ -103,7 +105,10 @@ async fn deploy_under_keepalive_load_loses_nothing() {
             };
             while !stop.load(Ordering::Relaxed) && Instant::now() < hard_limit {
                 match conn.get("/").await {
-                    Ok(a) if a.status == 200 => seen.push(a.version),
+                    Ok(a) if a.status == 200 => {
+                        seen.push(a.version);
+                        answers.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(a) => {
                         failures
                             .lock()
@@ -122,11 +127,25 @@ async fn deploy_under_keepalive_load_loses_nothing() {
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load runs (v1 answers) before the deploy starts...
+    let answered = |at_least: usize| {
+        let (answers, failures) = (answers.clone(), failures.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while answers.load(Ordering::Relaxed) < at_least
+                && failures.lock().expect("lock").is_empty()
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    answered(16).await;
     // The configured repository plus --tag.
     let out = h.proxy.cli(&["deploy", &h.svc, "--tag", "v2"]).await;
     eprintln!("[{}] {out}", h.svc);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...and goes on after it (v2 answers).
+    answered(answers.load(Ordering::Relaxed) + 16).await;
     stop.store(true, Ordering::Relaxed);
     let mut per_conn = Vec::new();
     for client in clients {
@@ -509,9 +528,11 @@ async fn proxy_killed_mid_deploy_recovers_without_orphans() {
     h.deploy_ok(&v1).await;
     let v1_id = h.containers()[0].id.clone();
 
+    let probes = h.health_checks_begun();
     let deploying = h.deploy_in_background(&slow, Duration::from_secs(60));
     h.wait_running(&slow, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // well into the health check
+    // In the health check: its first probe has been made.
+    h.wait_health_probe(probes, Duration::from_secs(15)).await;
     h.proxy.kill9();
     let killed_at = Instant::now();
     let cli_out = tokio::time::timeout(Duration::from_secs(10), deploying)
@@ -873,9 +894,10 @@ async fn sigterm_mid_deploy_exits_in_time_and_restart_is_clean() {
     h.deploy_ok(&v1).await;
     let v1_id = h.containers()[0].id.clone();
 
+    let probes = h.health_checks_begun();
     let deploying = h.deploy_in_background(&slow, Duration::from_secs(60));
     h.wait_running(&slow, Duration::from_secs(15)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.wait_health_probe(probes, Duration::from_secs(15)).await;
     let t = Instant::now();
     // shutdown_timeout = 2s; stop_timeout = 1s.
     let status = tokio::task::block_in_place(|| h.proxy.terminate(Duration::from_secs(10)));

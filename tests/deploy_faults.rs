@@ -347,9 +347,10 @@ async fn engine_gone_mid_deploy() {
     // longer watch or remove the new container, so it does not switch to
     // it, says so, and removes it once the engine is back: no restart.
     let h = Arc::new(h);
+    let probes = h.health_checks_begun();
     let deploying = h.deploy_in_background(&slow, CLI_LIMIT);
     let stranded = h.wait_running(&slow, RUNNING_WITHIN).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.wait_health_probe(probes, RUNNING_WITHIN).await;
     engine.cut().await;
     let out = finish(deploying).await;
     eprintln!("engine cut during the health check: {out}");
@@ -970,7 +971,7 @@ async fn race(h: &Arc<Harness>, ops: [Vec<String>; 2]) -> usize {
     // loser arrives while the service is busy however the two are scheduled.
     let http = h.proxy.http;
     let hold = tokio::spawn(async move { get(http, "/slow?ms=2500").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.wait_in_flight(1, Duration::from_secs(2)).await;
     let run = |args: Vec<String>| {
         let h = Arc::clone(h);
         tokio::spawn(async move {

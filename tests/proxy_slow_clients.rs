@@ -88,14 +88,17 @@ async fn many_slowloris_heads_are_cut_off_while_others_are_served() {
     let addr = proxy.http_addr;
 
     const CLIENTS: usize = 200;
+    let (started, mut trickling) = tokio::sync::mpsc::unbounded_channel();
     let mut clients = JoinSet::new();
     for i in 0..CLIENTS {
+        let started = started.clone();
         clients.spawn(async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream
                 .write_all(format!("GET /loris{i} HTTP/1.1\r\nHost: app.localhost\r\n").as_bytes())
                 .await
                 .expect("first bytes");
+            let _ = started.send(());
             // One header byte every 100 ms, never finishing the head; stop
             // when the proxy closes the connection (bounded at 100 bytes).
             for _ in 0..100 {
@@ -117,7 +120,7 @@ async fn many_slowloris_heads_are_cut_off_while_others_are_served() {
         });
     }
     // While all of them trickle, normal requests are served.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    all_started(&mut trickling, CLIENTS).await;
     for _ in 0..3 {
         probe(addr).await;
     }
@@ -143,10 +146,29 @@ async fn many_slowloris_heads_are_cut_off_while_others_are_served() {
     proxy.stop().await.expect("clean stop");
 }
 
+/// A slow client's "my request has started" signal.
+type Started = tokio::sync::mpsc::UnboundedSender<()>;
+
+/// Waits (bounded) for `n` slow clients' "started" signals: the load the
+/// probes must get through exists.
+async fn all_started(signals: &mut tokio::sync::mpsc::UnboundedReceiver<()>, n: usize) {
+    for started in 0..n {
+        tokio::time::timeout(IO_TIMEOUT, signals.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {started} of {n} slow clients started"))
+            .expect("a client's signal");
+    }
+}
+
 /// Sends a POST head declaring `length` bytes, then one byte per `gap`
 /// until the proxy answers; returns the raw answer and how many body
 /// bytes were sent.
-async fn trickle_body(addr: SocketAddr, length: usize, gap: Duration) -> (String, usize) {
+async fn trickle_body(
+    addr: SocketAddr,
+    length: usize,
+    gap: Duration,
+    started: Started,
+) -> (String, usize) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
         .write_all(
@@ -157,6 +179,7 @@ async fn trickle_body(addr: SocketAddr, length: usize, gap: Duration) -> (String
         )
         .await
         .expect("head");
+    let _ = started.send(());
     let mut sent = 0;
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
@@ -192,11 +215,13 @@ async fn trickled_bodies_below_the_minimum_rate_get_408() {
     // 20 clients at ~20 bytes/s: each gap (50 ms) is far below body_timeout
     // (5 s), so only the 200 B/s minimum rate can stop them. At 1 byte per
     // 50 ms the 2,000-byte bodies would take 100 s to finish.
+    let (started, mut trickling) = tokio::sync::mpsc::unbounded_channel();
     let mut clients = JoinSet::new();
     for _ in 0..20 {
-        clients.spawn(trickle_body(addr, 2_000, Duration::from_millis(50)));
+        let gap = Duration::from_millis(50);
+        clients.spawn(trickle_body(addr, 2_000, gap, started.clone()));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    all_started(&mut trickling, 20).await;
     probe(addr).await;
     while let Some(result) = clients.join_next().await {
         let (answer, sent) = result.expect("client task");

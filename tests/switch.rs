@@ -458,7 +458,22 @@ async fn pause_holds_requests_until_resume_and_times_out_to_503() {
     assert!(again.expect_err("double pause").contains("already paused"));
 
     let http = proxy.http_addr;
-    let held = tokio::spawn(async move { http_get(http, "localhost", "/").await });
+    let (sent, request_sent) = tokio::sync::oneshot::channel();
+    let held = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(http).await.expect("connect");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send the request");
+        let _ = sent.send(());
+        read_response(&mut stream).await
+    });
+    tokio::time::timeout(IO_TIMEOUT, request_sent)
+        .await
+        .expect("the request was sent")
+        .expect("signal");
+    // Sent, so now being held: it stays held (not answered) for a while.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(!held.is_finished(), "request is held while paused");
     assert_eq!(blue.count(), 0, "nothing reached the upstream while paused");
@@ -474,7 +489,7 @@ async fn pause_holds_requests_until_resume_and_times_out_to_503() {
         .await
         .expect("released")
         .expect("join");
-    assert_eq!(resp.status, 200);
+    assert_eq!(raw_status(&resp), 200, "{resp}");
     proxy.stop().await.expect("stop");
 
     // With a short pause_timeout, a held request gets 503.

@@ -31,8 +31,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_cutover");
 
 /// Every cutover process the test started, killed at the end whatever
 /// happens.
-/// The new process's pid, if `line` is the upgrade's `ok` reply.
-fn upgraded_pid(line: &str) -> Option<u32> {
+/// The new process's pid and how long it took to get ready (ms), from
+/// the upgrade's typed report.
+type Upgraded = (u32, u64);
+
+/// The upgrade's report, if `line` is its `ok` reply.
+fn upgraded(line: &str) -> Option<Upgraded> {
     use cutover::admin::proto::{decode_report, Command as Admin, Reply, Report};
     let reply: Reply = serde_json::from_str(line).ok()?;
     let Reply::Ok { result } = reply else {
@@ -40,7 +44,7 @@ fn upgraded_pid(line: &str) -> Option<u32> {
     };
     let command = Admin::Upgrade { binary: None };
     match decode_report(&command, result).ok()? {
-        Report::Upgrade(report) => Some(report.pid),
+        Report::Upgrade(report) => Some((report.pid, report.ready_ms)),
         _ => None,
     }
 }
@@ -142,7 +146,7 @@ async fn upgrade(socket: &Path, args: &[&str]) -> (bool, String, Option<u32>) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let pid = text.lines().find_map(upgraded_pid);
+    let pid = text.lines().find_map(upgraded).map(|(pid, _)| pid);
     (out.status.success(), text, pid)
 }
 
@@ -201,6 +205,18 @@ fn refused_by_goaway(err: &hyper::Error) -> bool {
     std::error::Error::source(err)
         .and_then(|source| source.downcast_ref::<h2::Error>())
         .is_some_and(|h2| h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+}
+
+/// Waits (bounded) until the load has had more than `before` answers.
+async fn served_more_than(counts: &Counts, before: u64, when: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counts.ok.load(Ordering::Relaxed) <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request served {when}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// One keep-alive HTTP/1.1 connection (or HTTP/2 over TLS), reopened
@@ -314,7 +330,8 @@ async fn upgrades_under_load_refuse_and_fail_nothing() {
             counts.clone(),
         )));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load runs before the first upgrade...
+    served_more_than(&counts, 0, "before the first upgrade").await;
     let mut ready_ms = Vec::new();
     for round in 0..3 {
         let before = counts.ok.load(Ordering::Relaxed);
@@ -323,16 +340,11 @@ async fn upgrades_under_load_refuse_and_fail_nothing() {
         server.pids.add(pid.expect("pid in the reply"));
         ready_ms.push(
             text.lines()
-                .find_map(|l| l.split("\"ready_ms\":").nth(1))
-                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .unwrap_or("?")
-                .to_string(),
+                .find_map(upgraded)
+                .map_or("?".to_string(), |(_, ready_ms)| ready_ms.to_string()),
         );
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(
-            counts.ok.load(Ordering::Relaxed) > before,
-            "no request served after upgrade {round}"
-        );
+        // ...and is served after each one.
+        served_more_than(&counts, before, &format!("after upgrade {round}")).await;
     }
     stop.store(true, Ordering::Relaxed);
     for task in load {

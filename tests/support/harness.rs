@@ -224,6 +224,45 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
             .expect("listed above")
     }
 
+    /// How many health checks the server has begun probing so far (each
+    /// logs its first probe as "attempt 1"); pass it to
+    /// [`wait_health_probe`](Self::wait_health_probe) before starting the
+    /// operation whose health check the test waits for.
+    pub fn health_checks_begun(&self) -> usize {
+        self.proxy.log_text().matches("(attempt 1)").count()
+    }
+
+    /// Waits up to `within` until more than `before` health checks have
+    /// made their first probe: the operation is then in its health check.
+    pub async fn wait_health_probe(&self, before: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.health_checks_begun() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no health check began within {within:?}:\n{}",
+                self.proxy.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits up to `within` until `status` counts at least `n` requests in
+    /// flight on the active colour (a request has reached it).
+    pub async fn wait_in_flight(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.status().await;
+            if status.active.as_ref().is_some_and(|a| a.in_flight >= n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never {n} request(s) in flight within {within:?}: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn deploy_ok(&self, image: &str) -> CliOutput {
         let out = self.deploy(image).await;
         assert!(
