@@ -3,22 +3,28 @@
 //! watcher beside it.
 //!
 //! May import: `routing`, `upstream`, `acme`, `docker`, `tls`, `config`,
-//! `errors`.
+//! `errors`, `sd_notify`.
 //! Never the data plane (`proxy`): the two meet only in `routing`.
 //!
-//! The controller:
+//! Three types, each with one job:
 //!
-//! Every change to what traffic goes where (a switch, a pause, a reload,
-//! later a deploy) goes through here. Changes are serialized by one async
-//! mutex, so a new snapshot is always derived from the latest one and no
-//! compare-and-swap loop is needed; operations on one service are also
-//! exclusive, so a second switch or deploy of a busy service is refused with
-//! a clear message instead of racing the first.
+//! * [`Controller`] (this file): the entry point every admin command and
+//!   the config watcher call: switch, pause, resume, reload, status,
+//!   upgrade, renew; deploys and rollbacks are handed to the deployer.
+//! * [`Writer`](writer::Writer): the single writer of the snapshot and the
+//!   state file. Changes are serialized by one async mutex, so a new
+//!   snapshot is always derived from the latest one and no compare-and-swap
+//!   loop is needed; operations on one service are exclusive (busy
+//!   claims), so a second switch or deploy of a busy service is refused
+//!   with a clear message instead of racing the first.
+//! * [`Deployer`](deploy::Deployer): the deploy state machine, owning the
+//!   container engine handle and the deploy records.
 //!
 //! A switch is: health-check the new upstream, persist the decision, store
 //! the new snapshot (the atomic cutover: new requests go to the new upstream
 //! from this instant), then drain the old upstream: wait for its in-flight
-//! requests, give its WebSocket tunnels a grace period, and close them.
+//! requests, give its WebSocket tunnels a grace period, and close them
+//! (`cutover.rs`, the step deploys and rollbacks share).
 
 pub mod color;
 mod cutover;
