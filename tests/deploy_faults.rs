@@ -185,9 +185,10 @@ async fn container_killed_during_health_check() {
             ][..],
         ),
     ] {
+        let probes = h.health_checks_begun();
         let deploying = h.deploy_in_background(&slow, CLI_LIMIT);
         let victim = h.wait_running(&slow, RUNNING_WITHIN).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        h.wait_health_probe(probes, RUNNING_WITHIN).await;
         match how {
             "kill" => docker(&["kill", &victim.id]),
             _ => docker(&["rm", "-f", &victim.id]),
@@ -650,7 +651,7 @@ async fn proxy_sigkilled_at_each_deploy_step() {
             tokio::spawn(async move { get(http, "/slow?ms=8000").await })
         });
         if slow_request.is_some() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            h.wait_in_flight(1, Duration::from_secs(5)).await;
         }
         let t = Instant::now();
         let (out, seen) = deploy_killed_at(&mut h, &image, step).await;

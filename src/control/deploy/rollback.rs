@@ -54,10 +54,12 @@ impl Deployer {
 
         if let Some(previous) = record.previous.clone() {
             if let Some(warm) = warm_container(&*engine, &previous, container.port).await {
+                let warm = Warm {
+                    addr: warm.host_addr.unwrap_or(previous.addr),
+                    previous,
+                };
                 return self
-                    .swap_back(
-                        service, previous, warm, &config, &settings, &container, progress,
-                    )
+                    .swap_back(service, warm, &config, &settings, &container, progress)
                     .await
                     .map(RollbackReport::Instant);
             }
@@ -94,18 +96,15 @@ impl Deployer {
     }
 
     /// The instant rollback: the previous container is still running.
-    #[allow(clippy::too_many_arguments)]
     async fn swap_back(
         self: &Arc<Self>,
         service: &str,
-        previous: PreviousState,
-        warm: ContainerInfo,
+        Warm { previous, addr }: Warm,
         config: &crate::config::Config,
         settings: &Service,
         container: &ContainerSettings,
         progress: &Progress,
     ) -> Result<SwapBackReport, ControlError> {
-        let addr = warm.host_addr.unwrap_or(previous.addr);
         progress.emit(
             "rollback",
             format!(
@@ -155,6 +154,12 @@ impl Deployer {
             drain: handover.drain,
         })
     }
+}
+
+/// The warm previous colour, running, and where it listens now.
+struct Warm {
+    previous: PreviousState,
+    addr: std::net::SocketAddr,
 }
 
 /// The previous container if it is still running.
