@@ -917,6 +917,7 @@ impl Controller {
             } else {
                 Vec::new()
             },
+            parking: self.shared.workers.parking(),
         })
     }
 }
