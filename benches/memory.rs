@@ -65,7 +65,9 @@ fn main() {
                 kind.name(),
                 scenario.name()
             );
-            let dir = scratch.path().join(format!("{}-{}", kind.name(), scenario.slug()));
+            let dir = scratch
+                .path()
+                .join(format!("{}-{}", kind.name(), scenario.slug()));
             let outcome = proxies::start(kind, &dir, origin.addr, proxies::Options::default())
                 .and_then(|proxy| measure(&proxy, scenario, idle_connections, settle));
             if let Err(reason) = &outcome {
@@ -230,7 +232,9 @@ impl Client {
         Ok(Client {
             scenario,
             addr: proxy.https,
-            tls: Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))),
+            tls: Some(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+                config,
+            ))),
         })
     }
 }
@@ -273,7 +277,8 @@ async fn open_one(client: Client) -> Result<Held, String> {
         let Some(connector) = &client.tls else {
             return exchange_h1(TokioIo::new(stream)).await;
         };
-        let name = rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let name =
+            rustls_pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
         let tls = connector
             .connect(name, stream)
             .await
@@ -294,9 +299,7 @@ async fn exchange_h1<IO>(io: IO) -> Result<Held, String>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = http1::handshake(io)
-        .await
-        .map_err(|err| err.to_string())?;
+    let (mut sender, connection) = http1::handshake(io).await.map_err(|err| err.to_string())?;
     let connection = tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -402,7 +405,11 @@ fn per_connection_kib(m: &Memory) -> f64 {
     m.loaded_rss_kib.saturating_sub(m.idle_rss_kib) as f64 / m.opened.max(1) as f64
 }
 
-fn row_json(target: &str, scenario: Scenario, outcome: &Result<Memory, String>) -> serde_json::Value {
+fn row_json(
+    target: &str,
+    scenario: Scenario,
+    outcome: &Result<Memory, String>,
+) -> serde_json::Value {
     match outcome {
         Ok(m) => serde_json::json!({
             "target": target,

@@ -318,9 +318,8 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
 fn idle_tls_target(memory: &[&Value]) -> Target {
     let kib = |target, scenario| {
         let row = find(memory, target, &[("scenario", scenario)]);
-        num(row, "kib_per_connection").filter(|_| {
-            num(row, "connections_opened").is_some_and(|opened| opened >= 10_000.0)
-        })
+        num(row, "kib_per_connection")
+            .filter(|_| num(row, "connections_opened").is_some_and(|opened| opened >= 10_000.0))
     };
     let shown = |value: Option<f64>| value.map_or("-".into(), |v| format!("{v:.1}"));
     let (h1, h2) = (kib("cutover", "TLS h1"), kib("cutover", "TLS h2"));
