@@ -135,7 +135,7 @@ where
             io: RoundIo::new(io, read_ahead, Arc::clone(&state)),
             service: service.clone(),
         };
-        let parked = match round.drive(&mut alarm, &mut policy).await {
+        let unread = match round.drive(&mut alarm, &mut policy).await {
             RoundEnd::Parked(parked_io, unread) => {
                 io = parked_io;
                 unread
@@ -150,9 +150,9 @@ where
             }
             RoundEnd::Dropped => return,
         };
-        if !parked.is_empty() {
+        if !unread.is_empty() {
             // hyper had read part of the next request: serve it at once.
-            read_ahead = parked;
+            read_ahead = unread;
             continue;
         }
         let woke = {
@@ -428,7 +428,10 @@ impl<IO> RoundIo<IO> {
     /// The socket, and the bytes hyper read but did not use (`read_buf`)
     /// followed by those it never read.
     fn into_parts(self, read_buf: Bytes) -> (IO, Bytes) {
+        // An empty `read_buf` is still a view of hyper's whole read buffer
+        // (8 KiB or more): never keep it.
         let unread = match (read_buf.is_empty(), self.prefix.is_empty()) {
+            (true, true) => Bytes::new(),
             (_, true) => read_buf,
             (true, false) => self.prefix,
             (false, false) => {
@@ -453,6 +456,10 @@ impl<IO: AsyncRead> AsyncRead for RoundIo<IO> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Let go of the buffer the bytes came from.
+                *this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
