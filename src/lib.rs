@@ -48,4 +48,4 @@ mod upstream;
 pub use app::{run, run_with, ServerError, Startup};
 pub use config::Config;
 pub use proxy::{Inherited, ListenError, Listeners, RuntimeMode, RUNTIME_VAR};
-pub use routing::workers::WorkerStatus;
+pub use routing::workers::{ParkingStatus, WorkerStatus};

@@ -327,6 +327,12 @@ fn print_status(status: &StatusReport) {
     }
     println!("docker: {}", status.docker);
     print_workers(&status.workers);
+    if status.parking.parks > 0 {
+        println!(
+            "parked: {} idle connections ({} parks since start)",
+            status.parking.parked, status.parking.parks
+        );
+    }
     print_certificates(status.certificates.as_deref().unwrap_or_default());
 }
 

@@ -102,6 +102,10 @@ pub struct Limits {
     /// closed gracefully (HTTP/2 GOAWAY; HTTP/1 close). Requests in
     /// progress are never cut by it.
     pub idle_timeout: Duration,
+    /// An HTTP/1.1 connection with no request in progress for this long is
+    /// parked: hyper's buffers and state are dropped until its next byte
+    /// arrives (see `proxy::h1`). Zero: never park.
+    pub park_after: Duration,
     /// Largest request head accepted; larger gets 431. Also HTTP/2's
     /// SETTINGS_MAX_HEADER_LIST_SIZE (one knob for both protocols).
     pub max_header_bytes: usize,
@@ -151,6 +155,7 @@ impl Default for Limits {
         Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            park_after: Duration::from_secs(1),
             max_header_bytes: 16 * 1024,
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
@@ -531,6 +536,7 @@ struct RawServer {
 struct RawLimits {
     header_read_timeout: Option<DurationValue>,
     idle_timeout: Option<DurationValue>,
+    park_after: Option<DurationValue>,
     max_header_bytes: Option<SizeValue>,
     max_uri_bytes: Option<Spanned<SizeValue>>,
     max_body_bytes: Option<SizeValue>,
@@ -1019,6 +1025,7 @@ impl<'a> Validator<'a> {
                 .header_read_timeout
                 .map_or(defaults.header_read_timeout, |d| d.0),
             idle_timeout: l.idle_timeout.map_or(defaults.idle_timeout, |d| d.0),
+            park_after: l.park_after.map_or(defaults.park_after, |d| d.0),
             max_header_bytes: l
                 .max_header_bytes
                 .map_or(defaults.max_header_bytes, |s| s.0 as usize),

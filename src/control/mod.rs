@@ -692,6 +692,7 @@ impl Controller {
             } else {
                 Vec::new()
             },
+            parking: self.shared.workers.parking(),
         })
     }
 }

@@ -143,6 +143,9 @@ pub struct StatusReport {
     /// services, and only with more than one worker.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<crate::routing::workers::WorkerStatus>,
+    /// Idle HTTP/1.1 connections parked (all workers).
+    #[serde(default)]
+    pub parking: crate::routing::workers::ParkingStatus,
 }
 
 /// One service in a [`StatusReport`].

@@ -6,6 +6,7 @@
 //! Never the control plane: a request sees only the snapshot.
 
 mod forward;
+mod h1;
 mod listen;
 mod request;
 mod serve;

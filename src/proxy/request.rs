@@ -18,7 +18,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::config::{Action, Site};
 use crate::errors;
@@ -27,6 +26,7 @@ use crate::io::body::{
 };
 use crate::io::slowio::Stalled;
 use crate::proxy::forward::{self, ClientFacts};
+use crate::proxy::h1::ClientUpgrade;
 use crate::proxy::static_dir;
 use crate::proxy::strict::{self, Violation};
 use crate::routing::table::{self as routes, normalize_host};
@@ -470,7 +470,7 @@ async fn forward(
     let upgrade = (req.version() == Version::HTTP_11)
         .then(|| forward::requested_upgrade(req.headers()))
         .flatten();
-    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let mut client_upgrade = upgrade.is_some().then(|| ClientUpgrade::of(&mut req));
 
     let (mut parts, body) = req.into_parts();
     parts.uri = upstream_uri(&parts.uri);
@@ -629,21 +629,20 @@ fn is_stall(err: &(dyn std::error::Error + 'static)) -> bool {
 fn spawn_tunnel(
     shared: &Shared,
     upstream: &Arc<Upstream>,
-    client: hyper::upgrade::OnUpgrade,
+    client: ClientUpgrade,
     upstream_side: Connection,
 ) {
     let tunnel = upstream.begin_tunnel();
     let retired = upstream.tunnel_token();
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
-        let client = match client.await {
+        let mut client = match client.ready().await {
             Ok(client) => client,
             Err(err) => {
                 tracing::debug!(error = %err, "upgrade did not complete");
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
         let (mut upstream_side, read_ahead) = upstream_side.into_parts();
         tokio::select! {
             result = relay(&mut client, &mut upstream_side, &read_ahead) => {

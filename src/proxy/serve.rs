@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -23,24 +23,17 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::config::Limits;
 use crate::io::slowio::StallTimeout;
+use crate::proxy::h1;
 use crate::proxy::request::{self, ClientConn};
 use crate::proxy::workers::{Accepted, Dispatch, Workers};
 use crate::routing::Shared;
 use crate::tls::acme::ACME_TLS_ALPN;
 
-/// hyper's connection builder with our limits applied.
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// hyper's HTTP/2 connection builder with our limits applied (TLS
+/// connections that chose `h2` by ALPN).
+fn http2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        // hyper starts this timer whenever it waits for a request head, so
-        // it also bounds how long an idle keep-alive connection stays open.
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -51,27 +44,41 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// The HTTP/1.1-only builder for the plain listener, with the same HTTP/1
-/// limits as [`connection_builder`] (keep the two in step).
-fn http1_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
+/// How HTTP/1.1 connections are served, plain and TLS alike.
+fn http1_settings(limits: &Limits) -> h1::Settings {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
+        // hyper starts this timer whenever it waits for a request head, so
+        // it also bounds how long an idle keep-alive connection stays open
+        // (a parked one too: see `h1`).
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
-    builder
+    h1::Settings {
+        builder,
+        park_after: (!limits.park_after.is_zero()).then_some(limits.park_after),
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+    }
+}
+
+/// The settings every connection task shares (one allocation per server,
+/// not a copy per connection).
+struct Settings {
+    http2: http2::Builder<TokioExecutor>,
+    http1: h1::Settings,
+    limits: Limits,
 }
 
 /// What each accept loop and connection task needs.
 #[derive(Clone)]
 pub struct Server {
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
+    settings: Arc<Settings>,
     /// One permit per open client connection: when all are taken, the
     /// accept loop waits instead of accepting more (mini-redis's pattern).
     connections: Arc<Semaphore>,
-    limits: Limits,
     /// Set when connections are served on worker threads (see
     /// [`crate::proxy::workers`]): the accept loops hand them over there.
     dispatch: Option<Arc<Dispatch>>,
@@ -81,9 +88,12 @@ impl Server {
     pub fn new(shared: Arc<Shared>, limits: Limits) -> Server {
         Server {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
-            builder: connection_builder(&limits),
+            settings: Arc::new(Settings {
+                http2: http2_builder(&limits),
+                http1: http1_settings(&limits),
+                limits,
+            }),
             shared,
-            limits,
             dispatch: None,
         }
     }
@@ -184,16 +194,17 @@ impl Server {
         let _ = stream.set_nodelay(true);
         // Below TLS, so a client that stops reading is caught whatever
         // protocol runs on top (see `slowio`).
-        let stream = StallTimeout::on_writes(stream, self.limits.send_timeout);
+        let stream = StallTimeout::on_writes(stream, self.settings.limits.send_timeout);
         match tls {
             None => {
                 let conn = ClientConn::new(addr, false);
-                self.serve(stream, conn, true).await;
+                // Plain HTTP is HTTP/1.1 only (no h2c).
+                self.serve_http1(stream, conn).await;
             }
             Some(acceptor) => {
                 // Boxed: rustls' handshake state is large and needed briefly.
                 let handshake = tokio::time::timeout(
-                    self.limits.tls_handshake_timeout,
+                    self.settings.limits.tls_handshake_timeout,
                     Box::pin(acceptor.accept(stream)),
                 );
                 match handshake.await {
@@ -202,10 +213,13 @@ impl Server {
                         // certificate; no application data follows.
                         tracing::info!(client.addr = %addr, "answered an ACME tls-alpn-01 validation");
                     }
+                    Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                        let conn = ClientConn::new(addr, true);
+                        Box::pin(self.serve_http2(stream, conn)).await;
+                    }
                     Ok(Ok(stream)) => {
                         let conn = ClientConn::new(addr, true);
-                        let http1 = stream.get_ref().1.alpn_protocol() != Some(b"h2");
-                        self.serve(stream, conn, http1).await;
+                        self.serve_http1(stream, conn).await;
                     }
                     Ok(Err(err)) => {
                         tracing::debug!(client.addr = %addr, error = %err, "TLS handshake failed")
@@ -216,65 +230,46 @@ impl Server {
         }
     }
 
-    /// Serves HTTP on one connection until it closes, or shuts it down
-    /// gracefully (in-flight requests finish, then hyper closes it) when the
-    /// server stops or no request has started for `idle_timeout`.
-    /// `http1`: the connection speaks HTTP/1.1 (no ALPN `h2`).
-    async fn serve<IO>(self, io: IO, conn: ClientConn, http1: bool)
+    /// Serves HTTP/1.1 on one connection until it closes (see [`h1`]).
+    async fn serve_http1<IO: h1::ClientStream>(&self, io: IO, conn: ClientConn) {
+        // Boxed: a connection task holds only the protocol it serves.
+        Box::pin(h1::serve(
+            Arc::clone(&self.shared),
+            &self.settings.http1,
+            io,
+            conn,
+        ))
+        .await;
+    }
+
+    /// Serves HTTP/2 on one connection until it closes, or shuts it down
+    /// gracefully (GOAWAY: in-flight requests finish) when the server stops
+    /// or no request has started for `idle_timeout`.
+    async fn serve_http2<IO>(&self, io: IO, conn: ClientConn)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
-        let (addr, tls) = (conn.addr, conn.tls);
+        let addr = conn.addr;
         let idle = Arc::new(IdleClock::new());
         let touched = Arc::clone(&idle);
         let service = service_fn(move |req| {
             touched.touch();
-            // After a hand-off, an HTTP/1.1 client is told to reconnect
-            // (to the new process) once this response is done.
-            let close = req.version() != hyper::Version::HTTP_2
-                && shared.handed_over.load(Ordering::Relaxed);
-            let response = request::handle(Arc::clone(&shared), conn.clone(), req);
-            async move {
-                let mut response = response.await?;
-                if close && response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-                    response.headers_mut().insert(
-                        hyper::header::CONNECTION,
-                        hyper::header::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok::<_, std::convert::Infallible>(response)
-            }
+            request::handle(Arc::clone(&shared), conn.clone(), req)
         });
         let watch = Watch {
             shutdown: self.shared.shutdown.clone(),
             idle,
-            idle_timeout: self.limits.idle_timeout,
-            linger: http1.then(|| Arc::clone(&self.shared)),
+            idle_timeout: self.settings.limits.idle_timeout,
         };
-        let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = if tls {
-            let connection = self
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service);
-            // Boxed, here and below, so each connection's task holds only
-            // the kind of connection it serves (an HTTP/1-only connection
-            // is a fraction of an auto h1+h2 one) instead of room for both.
-            let mut connection = Box::pin(connection);
-            watch
-                .drive(connection.as_mut(), |c| c.graceful_shutdown())
-                .await
-        } else {
-            // Plain HTTP is HTTP/1.1 only: the auto builder would also serve
-            // h2c prior knowledge (its `http1_only` is ignored with upgrades).
-            let connection = http1_builder(&self.limits)
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            let mut connection = Box::pin(connection);
-            watch
-                .drive(connection.as_mut(), |c| c.graceful_shutdown())
-                .await
-                .map_err(Into::into)
-        };
+        let connection = self
+            .settings
+            .http2
+            .serve_connection(TokioIo::new(io), service);
+        let mut connection = Box::pin(connection);
+        let result = watch
+            .drive(connection.as_mut(), |c| c.graceful_shutdown())
+            .await;
         if let Err(err) = result {
             tracing::debug!(client.addr = %addr, error = %err, "connection ended with an error");
         }
@@ -316,16 +311,7 @@ struct Watch {
     shutdown: CancellationToken,
     idle: Arc<IdleClock>,
     idle_timeout: Duration,
-    /// For HTTP/1.1 connections: whether this shutdown is a hand-off
-    /// (`Shared::handed_over`), after which they linger (see `drive`).
-    linger: Option<Arc<Shared>>,
 }
-
-/// How long an idle HTTP/1.1 keep-alive connection stays open after a
-/// hand-off to a new process, for its next request (answered with
-/// `Connection: close`). Closing it at once would fail a request the
-/// client is sending at that instant: HTTP/1.1 has no GOAWAY.
-const HANDOFF_LINGER: Duration = Duration::from_secs(2);
 
 impl Watch {
     /// Drives `connection` to completion, asking it to finish gracefully
@@ -361,17 +347,6 @@ impl Watch {
         .await;
         if let Some(result) = finished {
             return result;
-        }
-        let handed_over = self
-            .linger
-            .as_ref()
-            .is_some_and(|shared| shared.handed_over.load(Ordering::Relaxed));
-        if handed_over && self.shutdown.is_cancelled() {
-            let linger = tokio::time::sleep(HANDOFF_LINGER);
-            tokio::select! {
-                result = connection.as_mut() => return result,
-                () = linger => {}
-            }
         }
         begin_shutdown(connection.as_mut());
         connection.await

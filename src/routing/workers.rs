@@ -22,12 +22,18 @@ pub struct WorkerCounters {
 #[derive(Debug, Default)]
 pub struct WorkerLoad {
     workers: Box<[WorkerCounters]>,
+    /// HTTP/1.1 connections parked now (idle, holding no hyper state; see
+    /// `proxy::h1`), on every worker.
+    parked: AtomicUsize,
+    /// Times a connection was parked since start.
+    parks: AtomicU64,
 }
 
 impl WorkerLoad {
     pub fn new(workers: usize) -> WorkerLoad {
         WorkerLoad {
             workers: (0..workers).map(|_| WorkerCounters::default()).collect(),
+            ..WorkerLoad::default()
         }
     }
 
@@ -68,6 +74,25 @@ impl WorkerLoad {
         }
     }
 
+    /// Counts a connection that parked; [`WorkerLoad::unparked`] when it
+    /// wakes or closes.
+    pub fn parked(&self) {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        self.parks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unparked(&self) {
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Parked connections now and parks since start, for `cutover status`.
+    pub fn parking(&self) -> ParkingStatus {
+        ParkingStatus {
+            parked: self.parked.load(Ordering::Relaxed),
+            parks: self.parks.load(Ordering::Relaxed),
+        }
+    }
+
     /// Each worker's connection counts, for `cutover status`.
     pub fn report(&self) -> Vec<WorkerStatus> {
         self.workers
@@ -80,6 +105,15 @@ impl WorkerLoad {
             })
             .collect()
     }
+}
+
+/// Idle HTTP/1.1 connections parked, in the status report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ParkingStatus {
+    /// Connections parked now.
+    pub parked: usize,
+    /// Times a connection was parked since start.
+    pub parks: u64,
 }
 
 /// One worker's connections in the status report.
