@@ -17,6 +17,9 @@
 //! Kept free of I/O so every rule is unit-tested on bytes; the table-driven
 //! tests against a raw TCP upstream are in `tests/upstream_framing.rs`.
 
+use std::io::Write as _;
+use std::mem::MaybeUninit;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -84,20 +87,21 @@ pub fn request_framing(
 }
 
 /// Serialises a request head into one buffer, written in one write.
-/// `headers` must already hold the forwarding rules' result; the framing
-/// header is added here (and any the headers carried is replaced).
-pub fn encode_request_head(
+/// `fields` are what the forwarding rules let through and add, in order;
+/// the framing header is written here (any `Content-Length` or
+/// `Transfer-Encoding` among `fields` is left out).
+pub fn encode_request_head<'a>(
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     framing: RequestFraming,
 ) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256 + headers.len() * 32);
+    let mut head = Vec::with_capacity(512);
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
+    for (name, value) in fields {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
         }
@@ -108,9 +112,8 @@ pub fn encode_request_head(
     }
     match framing {
         RequestFraming::Length(length) => {
-            head.extend_from_slice(b"content-length: ");
-            head.extend_from_slice(length.to_string().as_bytes());
-            head.extend_from_slice(b"\r\n");
+            // Writing to a Vec cannot fail; no String is built on the way.
+            let _ = write!(head, "content-length: {length}\r\n");
         }
         RequestFraming::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         // Methods whose requests normally carry content say "none" out
@@ -128,9 +131,11 @@ fn expects_content(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
-/// The frame prefix of one request body chunk (`{size:x}\r\n`).
-pub fn chunk_prefix(size: usize) -> String {
-    format!("{size:x}\r\n")
+/// Appends the frame prefix of one request body chunk (`{size:x}\r\n`)
+/// to `framed`, with no allocation of its own.
+pub fn push_chunk_prefix(framed: &mut Vec<u8>, size: usize) {
+    // Writing to a Vec cannot fail.
+    let _ = write!(framed, "{size:x}\r\n");
 }
 
 /// A parsed response head.
@@ -141,14 +146,70 @@ pub struct ResponseHead {
     /// HTTP/1.1 without `Connection: close`: the connection may carry
     /// another request once this response's body has ended.
     pub keep_alive: bool,
+    /// What the framing fields said, noted while the head was parsed so
+    /// [`response_framing`] looks nothing up again.
+    framing: FramingFields,
+}
+
+/// The framing fields of a response head, read in the parsing pass.
+#[derive(Debug, Clone, Copy, Default)]
+struct FramingFields {
+    /// The number every `Content-Length` value (comma lists included)
+    /// agreed on, if there was one.
+    length: Option<u64>,
+    /// Some `Content-Length` values disagreed, or one was not a decimal
+    /// number.
+    bad_length: bool,
+    /// Transfer codings listed over all `Transfer-Encoding` fields.
+    codings: usize,
+    /// Whether the first of them was `chunked`.
+    first_chunked: bool,
+    /// A `Connection` field lists `close`.
+    close: bool,
+}
+
+impl FramingFields {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == header::CONTENT_LENGTH {
+            self.note_length(value);
+        } else if name == header::TRANSFER_ENCODING {
+            for coding in value.split(|byte| *byte == b',').map(<[u8]>::trim_ascii) {
+                self.first_chunked |= self.codings == 0 && coding.eq_ignore_ascii_case(b"chunked");
+                self.codings += 1;
+            }
+        } else if name == header::CONNECTION {
+            self.close |= value
+                .split(|byte| *byte == b',')
+                .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+
+    /// Every `Content-Length` value (in every field, comma lists included)
+    /// must be the same decimal number.
+    fn note_length(&mut self, value: &[u8]) {
+        for item in value.split(|byte| *byte == b',') {
+            match parse_decimal(item.trim_ascii()) {
+                Some(length) if self.length.is_none_or(|seen| seen == length) => {
+                    self.length = Some(length);
+                }
+                _ => self.bad_length = true,
+            }
+        }
+    }
 }
 
 /// Parses one response head from the front of `buf`. `Ok(None)`: more
 /// bytes are needed. On success the head's bytes are taken off `buf`.
 pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, FramingError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut response = httparse::Response::new(&mut fields);
-    let parsed = match response.parse(buf) {
+    // Left uninitialised: httparse fills only the fields it finds, and
+    // zeroing 128 of them (4 KiB) cost more than parsing a small head.
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    ) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
             return Err(FramingError::HeadTooLarge)
@@ -164,6 +225,7 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, F
     let status = StatusCode::from_u16(code).map_err(|_| FramingError::Head("invalid status"))?;
     let http11 = response.version == Some(1);
     let field_count = response.headers.len();
+    let mut framing = FramingFields::default();
     // The head's bytes become one shared buffer the field values point into.
     let offsets: Vec<(HeaderName, usize, usize)> = response
         .headers
@@ -171,22 +233,25 @@ pub fn parse_response_head(buf: &mut BytesMut) -> Result<Option<ResponseHead>, F
         .map(|field| {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| FramingError::Head("invalid field name"))?;
+            framing.note(&name, field.value);
             let start = field.value.as_ptr() as usize - buf.as_ptr() as usize;
             Ok((name, start, start + field.value.len()))
         })
         .collect::<Result<_, FramingError>>()?;
     let head = buf.split_to(parsed).freeze();
-    let mut headers = HeaderMap::with_capacity(field_count);
+    // One more than the fields: the `Via` the proxy adds on the way out
+    // then fits without regrowing the map.
+    let mut headers = HeaderMap::with_capacity(field_count + 1);
     for (name, start, end) in offsets {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| FramingError::Head("invalid field value"))?;
         headers.append(name, value);
     }
-    let keep_alive = http11 && !has_token(&headers, header::CONNECTION, "close");
     Ok(Some(ResponseHead {
         status,
         headers,
-        keep_alive,
+        keep_alive: http11 && !framing.close,
+        framing,
     }))
 }
 
@@ -200,16 +265,6 @@ fn parse_error(err: httparse::Error) -> &'static str {
         httparse::Error::Version => "invalid version",
         httparse::Error::TooManyHeaders => "too many fields",
     }
-}
-
-/// Whether a comma-separated header holds `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|item| item.trim().eq_ignore_ascii_case(token))
 }
 
 /// How a response body ends.
@@ -233,8 +288,11 @@ pub fn response_framing(
     let bodiless = *request_method == Method::HEAD
         || head.status == StatusCode::NO_CONTENT
         || head.status == StatusCode::NOT_MODIFIED;
-    let chunked = head.headers.contains_key(header::TRANSFER_ENCODING);
-    let length = content_length(&head.headers)?;
+    let chunked = head.framing.codings > 0;
+    if head.framing.bad_length {
+        return Err(FramingError::BadLength);
+    }
+    let length = head.framing.length;
     if chunked && length.is_some() {
         return Err(FramingError::LengthAndChunked);
     }
@@ -242,14 +300,9 @@ pub fn response_framing(
         return Ok(BodyFraming::Empty);
     }
     if chunked {
-        let mut codings = head
-            .headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|value| value.as_bytes().split(|byte| *byte == b','))
-            .map(<[u8]>::trim_ascii);
-        return match (codings.next(), codings.next()) {
-            (Some(only), None) if only.eq_ignore_ascii_case(b"chunked") => Ok(BodyFraming::Chunked),
+        // Exactly one coding, and that one `chunked`.
+        return match (head.framing.codings, head.framing.first_chunked) {
+            (1, true) => Ok(BodyFraming::Chunked),
             _ => Err(FramingError::BadTransferEncoding),
         };
     }
@@ -258,22 +311,6 @@ pub fn response_framing(
         Some(length) => BodyFraming::Length(length),
         None => BodyFraming::UntilClose,
     })
-}
-
-/// The response's Content-Length: every value (in every field, comma
-/// lists included) must be the same decimal number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
-    let mut found = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|byte| *byte == b',') {
-            let length = parse_decimal(item.trim_ascii()).ok_or(FramingError::BadLength)?;
-            if found.is_some_and(|seen| seen != length) {
-                return Err(FramingError::BadLength);
-            }
-            found = Some(length);
-        }
-    }
-    Ok(found)
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {

@@ -34,8 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, StatusCode};
-use http_body::Body as _;
+use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -183,24 +182,21 @@ impl Pool {
         self.addr
     }
 
-    /// Sends `req` (its head already rewritten by the forwarding rules) and
-    /// returns the upstream's final answer. `upgrade`: the request asks for
-    /// a protocol switch, so a `101` is accepted.
+    /// Sends one request, its head already serialised by
+    /// [`h1::encode_request_head`] with `framing`, and returns the
+    /// upstream's final answer. `upgrade`: the request asks for a protocol
+    /// switch, so a `101` is accepted.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        method: Method,
+        head: Vec<u8>,
+        framing: RequestFraming,
+        body: ProxyBody,
         upgrade: bool,
     ) -> Result<Answer, SendError> {
-        let (parts, body) = req.into_parts();
-        let framing = h1::request_framing(
-            &parts.headers,
-            body.is_end_stream(),
-            body.size_hint().exact(),
-        );
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut out = Outgoing {
-            head: h1::encode_request_head(&parts.method, target, &parts.headers, framing),
-            method: parts.method,
+            head,
+            method,
             framing,
             body,
             sent: 0,
@@ -400,7 +396,7 @@ async fn take_frame(out: &mut Outgoing, framed: &mut Vec<u8>) -> Result<Option<B
             }
         }
         if out.framing == RequestFraming::Chunked {
-            framed.extend_from_slice(h1::chunk_prefix(data.len()).as_bytes());
+            h1::push_chunk_prefix(framed, data.len());
         }
         if data.len() > COALESCE_CHUNK {
             return Ok(Some(data));
