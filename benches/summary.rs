@@ -25,7 +25,7 @@ mod support;
 use support::*;
 
 /// The scenario result files, in report order: (file stem, heading).
-const SCENARIOS: [(&str, &str); 8] = [
+const SCENARIOS: [(&str, &str); 9] = [
     (
         "proxy_throughput",
         "1. HTTP/1.1 keep-alive, 64 connections, one worker per proxy",
@@ -52,6 +52,10 @@ const SCENARIOS: [(&str, &str); 8] = [
         "6. Memory: idle and with idle HTTP/1.1 connections",
     ),
     ("large_bodies", "7. Large bodies through each proxy"),
+    (
+        "upgrade",
+        "8. Replacing the proxy under load: cutover upgrade, nginx binary upgrade, plain restart",
+    ),
 ];
 
 fn main() {
@@ -249,6 +253,7 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
     ));
     list.push(failures_target(results));
     list.push(deploy_target(results));
+    list.push(upgrade_target(results));
     let memory = rows(results, "memory");
     let in_scenario = |target, scenario| find(&memory, target, &[("scenario", scenario)]);
     let cutover_memory = in_scenario("cutover", "plain h1");
@@ -452,6 +457,53 @@ fn deploy_target(results: &[(&str, &str, Option<Value>)]) -> Target {
     }
 }
 
+/// 0 refused connections and 0 failed requests over cutover's upgrades,
+/// with the time to the new process serving, and nginx's binary upgrade
+/// and a plain restart counted the same way beside them.
+fn upgrade_target(results: &[(&str, &str, Option<Value>)]) -> Target {
+    let rows = rows(results, "upgrade");
+    let name = "0 refused connections, 0 failed requests over 10 `cutover upgrade`s under load";
+    let counted = |target| {
+        let row = find(&rows, target, &[])?;
+        Some((
+            row["refused"].as_u64()?,
+            row["failed"].as_u64()?,
+            row["upgrades_done"].as_u64()?,
+            row["upgrades"].as_u64()?,
+        ))
+    };
+    let other = |target| {
+        counted(target).map_or("-".to_string(), |(refused, failed, done, _)| {
+            format!("{refused} refused, {failed} failed over {done}")
+        })
+    };
+    let Some((refused, failed, done, asked)) = counted("cutover upgrade") else {
+        return Target {
+            name,
+            measured: "-".to_string(),
+            met: None,
+        };
+    };
+    let upgrade = find(&rows, "cutover upgrade", &[]);
+    let ready = |which| num(upgrade.map(|row| &row["ready_ms"]), which);
+    let ready = match (ready("median"), ready("max")) {
+        (Some(median), Some(max)) => {
+            format!("; serving {median:.0} ms (median, max {max:.0}) after the command")
+        }
+        _ => String::new(),
+    };
+    Target {
+        name,
+        measured: format!(
+            "cutover {refused} refused, {failed} failed over {done} upgrades{ready} \
+             (nginx USR2+QUIT: {}; cutover stop+start: {})",
+            other("nginx"),
+            other("cutover restart"),
+        ),
+        met: Some(refused == 0 && failed == 0 && done == asked && done >= 10),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Markdown
 // ---------------------------------------------------------------------------
@@ -525,6 +577,18 @@ fn columns(stem: &str) -> Vec<Column> {
             ("still open", "connections_still_open", 0),
             ("RSS with them MiB", "rss_with_connections_mib", 1),
             ("KiB per connection", "kib_per_connection", 1),
+        ],
+        "upgrade" => vec![
+            ("target", "target", 0),
+            ("replacements", "upgrades_done", 0),
+            ("requests", "requests", 0),
+            ("failed", "failed", 0),
+            ("refused", "refused", 0),
+            ("unsent", "unsent", 0),
+            ("reconnects", "reconnects", 0),
+            ("new connections", "new_connections", 0),
+            ("ready ms median", "ready_ms/median", 0),
+            ("ready ms max", "ready_ms/max", 0),
         ],
         "large_bodies" => vec![
             ("target", "target", 0),

@@ -1,7 +1,7 @@
 //! `cutover upgrade`: the running binary hands its sockets to a new
-//! process and drains. Under load (keep-alive HTTP/1.1, HTTP/2 over TLS,
-//! and a stream of fresh connections) no connection is refused and no
-//! request fails; a new process that cannot start (bad config, exit
+//! process and drains. Under load (keep-alive HTTP/1.1 plain and over
+//! TLS, HTTP/2 over TLS, and streams of fresh plain and TLS connections)
+//! no connection is refused and no request fails; a new process that cannot start (bad config, exit
 //! before ready) leaves the old one serving and the command exits non-zero
 //! with its error.
 //!
@@ -158,9 +158,16 @@ struct Counts {
     reopened: AtomicU64,
     retried: AtomicU64,
     errors: Mutex<Vec<String>>,
+    /// Requests answered, by kind of client: each must have been served.
+    served: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Counts {
+    fn ok(&self, client: String) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        *self.served.lock().unwrap().entry(client).or_default() += 1;
+    }
+
     fn fail(&self, what: String) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         let mut errors = self.errors.lock().unwrap();
@@ -170,30 +177,46 @@ impl Counts {
     }
 }
 
-/// A stream of fresh connections, one request each.
-async fn fresh_connections(addr: SocketAddr, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
+/// A stream of fresh connections, one request each: plain HTTP/1.1, or
+/// HTTP/1.1 over a new TLS connection (a full handshake each time).
+async fn fresh_connections(
+    addr: SocketAddr,
+    tls: bool,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+) {
+    let connector = tokio_rustls::TlsConnector::from(client_tls_config(&[b"http/1.1"]));
     while !stop.load(Ordering::Relaxed) {
-        let mut stream = match TcpStream::connect(addr).await {
+        let stream = match TcpStream::connect(addr).await {
             Ok(stream) => stream,
             Err(err) => {
                 counts.refused.fetch_add(1, Ordering::Relaxed);
-                counts.fail(format!("connect: {err}"));
+                counts.fail(format!("connect (tls: {tls}): {err}"));
                 continue;
             }
         };
         let exchange = async {
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
-                .await?;
+            let request = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n";
             let mut response = Vec::new();
-            stream.read_to_end(&mut response).await?;
+            if tls {
+                let name = rustls_pki_types::ServerName::try_from("localhost")
+                    .expect("server name")
+                    .to_owned();
+                let mut stream = connector.connect(name, stream).await?;
+                stream.write_all(request).await?;
+                stream.read_to_end(&mut response).await?;
+            } else {
+                let mut stream = stream;
+                stream.write_all(request).await?;
+                stream.read_to_end(&mut response).await?;
+            }
             std::io::Result::Ok(response)
         };
         match tokio::time::timeout(IO_TIMEOUT, exchange).await {
             Ok(Ok(response)) if response.starts_with(b"HTTP/1.1 200") => {
-                counts.ok.fetch_add(1, Ordering::Relaxed);
+                counts.ok(format!("fresh connections (tls: {tls})"));
             }
-            other => counts.fail(format!("fresh connection: {other:?}")),
+            other => counts.fail(format!("fresh connection (tls: {tls}): {other:?}")),
         }
     }
 }
@@ -219,29 +242,58 @@ async fn served_more_than(counts: &Counts, before: u64, when: &str) {
     }
 }
 
-/// One keep-alive HTTP/1.1 connection (or HTTP/2 over TLS), reopened
-/// only when the server closed it between requests.
-async fn keep_alive(addr: SocketAddr, h2: bool, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
+/// How a keep-alive client talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.1 over plain TCP.
+    H1,
+    /// HTTP/1.1 over TLS (ALPN http/1.1).
+    H1Tls,
+    /// HTTP/2 over TLS (ALPN h2).
+    H2Tls,
+}
+
+/// One keep-alive connection speaking `protocol`, reopened only when the
+/// server closed it between requests. A connection that cannot be opened
+/// again fails the test (its task panics).
+async fn keep_alive(
+    addr: SocketAddr,
+    protocol: Protocol,
+    stop: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+) {
     enum Sender {
         H1(hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>),
         H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>),
     }
+    let h2 = protocol == Protocol::H2Tls;
     let open = || async {
-        if h2 {
-            let tls = tls_connect(addr, "localhost", &[b"h2"]).await;
-            let (sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        match protocol {
+            Protocol::H2Tls => {
+                let tls = tls_connect(addr, "localhost", &[b"h2"]).await;
+                let (sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                        .await
+                        .expect("h2 handshake");
+                tokio::spawn(conn);
+                Sender::H2(sender)
+            }
+            Protocol::H1Tls => {
+                let tls = tls_connect(addr, "localhost", &[b"http/1.1"]).await;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                     .await
-                    .expect("h2 handshake");
-            tokio::spawn(conn);
-            Sender::H2(sender)
-        } else {
-            let stream = TcpStream::connect(addr).await.expect("connect keep-alive");
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .expect("h1 handshake");
-            tokio::spawn(conn);
-            Sender::H1(sender)
+                    .expect("h1 over TLS handshake");
+                tokio::spawn(conn);
+                Sender::H1(sender)
+            }
+            Protocol::H1 => {
+                let stream = TcpStream::connect(addr).await.expect("connect keep-alive");
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .expect("h1 handshake");
+                tokio::spawn(conn);
+                Sender::H1(sender)
+            }
         }
     };
     let mut sender = open().await;
@@ -269,7 +321,7 @@ async fn keep_alive(addr: SocketAddr, h2: bool, stop: Arc<AtomicBool>, counts: A
             Ok(response) if response.status() == 200 => {
                 let body = http_body_util::BodyExt::collect(response.into_body()).await;
                 if body.is_ok() {
-                    counts.ok.fetch_add(1, Ordering::Relaxed);
+                    counts.ok(format!("keep-alive {protocol:?}"));
                 } else {
                     counts.fail(format!("body: {body:?}"));
                 }
@@ -289,43 +341,46 @@ async fn keep_alive(addr: SocketAddr, h2: bool, stop: Arc<AtomicBool>, counts: A
                 };
                 match response {
                     Ok(response) if response.status() == 200 => {
-                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                        counts.ok(format!("keep-alive {protocol:?}"));
                     }
-                    other => counts.fail(format!("retried request (h2: {h2}): {other:?}")),
+                    other => counts.fail(format!("retried request ({protocol:?}): {other:?}")),
                 }
             }
-            Err(err) => counts.fail(format!("keep-alive request (h2: {h2}): {err:?}")),
+            Err(err) => counts.fail(format!("keep-alive request ({protocol:?}): {err:?}")),
         }
     }
 }
 
-/// Three upgrades under keep-alive HTTP/1.1 and HTTP/2 load and a stream
-/// of fresh connections: every request answered, nothing refused.
+/// Three upgrades under keep-alive load (HTTP/1.1 plain and over TLS,
+/// HTTP/2 over TLS) and two streams of fresh connections (plain and TLS):
+/// every request answered, nothing refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_under_load_refuse_and_fail_nothing() {
     let server = start_server().await;
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
     let mut load = Vec::new();
-    for _ in 0..4 {
+    let keep_alive_clients = [
+        (server.http, Protocol::H1),
+        (server.http, Protocol::H1),
+        (server.http, Protocol::H1),
+        (server.https, Protocol::H1Tls),
+        (server.https, Protocol::H1Tls),
+        (server.https, Protocol::H2Tls),
+        (server.https, Protocol::H2Tls),
+    ];
+    for (addr, protocol) in keep_alive_clients {
         load.push(tokio::spawn(keep_alive(
-            server.http,
-            false,
+            addr,
+            protocol,
             stop.clone(),
             counts.clone(),
         )));
     }
-    for _ in 0..2 {
-        load.push(tokio::spawn(keep_alive(
-            server.https,
-            true,
-            stop.clone(),
-            counts.clone(),
-        )));
-    }
-    for _ in 0..2 {
+    for (addr, tls) in [(server.http, false), (server.https, true)] {
         load.push(tokio::spawn(fresh_connections(
-            server.http,
+            addr,
+            tls,
             stop.clone(),
             counts.clone(),
         )));
@@ -366,6 +421,13 @@ async fn upgrades_under_load_refuse_and_fail_nothing() {
          retried; ready after {ready_ms:?} ms"
     );
     assert!(ok > 100, "too little load to mean anything: {ok}");
+    let served = counts.served.lock().unwrap().clone();
+    println!("served: {served:?}");
+    assert_eq!(
+        served.len(),
+        5,
+        "a kind of client was never served: {served:?}"
+    );
     assert_eq!(
         (failed, refused),
         (0, 0),
