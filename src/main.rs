@@ -43,6 +43,9 @@ enum Command {
         service: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
+        /// With `--hosts` or `--fleet`: every host's status in one table.
+        #[command(flatten)]
+        fleet: cutover::fleet::FleetArgs,
     },
     /// Health-check an upstream, switch traffic to it, drain the old one.
     Switch {
@@ -82,6 +85,9 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Deploy to several hosts over ssh, one after another; on a failure
+    /// or an interrupt, roll back the hosts already switched.
+    Rollout(cutover::fleet::RolloutArgs),
     /// Swap back to the warm previous colour, or start the previous image.
     Rollback {
         service: String,
@@ -147,7 +153,11 @@ fn main() -> ExitCode {
             serve(&config, inherited.unwrap_or_else(|| Ok(Sockets::default())))
         }
         Command::Check { config } => cutover::check::run(&config),
-        Command::Status { service, admin } => client(&admin, AdminCommand::Status { service }),
+        Command::Status { service, fleet, .. } if fleet.given() => {
+            ExitCode::from(cutover::fleet::status(service, &fleet))
+        }
+        Command::Status { service, admin, .. } => client(&admin, AdminCommand::Status { service }),
+        Command::Rollout(args) => ExitCode::from(cutover::fleet::rollout(args)),
         Command::Switch {
             service,
             to,
