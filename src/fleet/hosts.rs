@@ -344,7 +344,7 @@ socket = "/srv/a.sock"
         assert_eq!(names, ["a", "b"]);
         let err = Fleet::from_file(&path, &["c".into()]).expect_err("unknown");
         assert!(
-            err.contains("\"c\" is not in") && err.contains("a, b"),
+            err.contains("\"c\" is not in") && err.contains("b, a"),
             "{err}"
         );
     }
