@@ -412,6 +412,9 @@ fn print_table(runs: &[HostRun]) {
                 ("failed, rolled back", reason.clone())
             }
         };
+        // The first line: a failed deploy's message carries the new
+        // container's last log lines, already printed with its progress.
+        let detail = detail.lines().next().unwrap_or_default().to_string();
         table.row([
             run.host.name.clone(),
             result.to_string(),
