@@ -124,7 +124,7 @@ impl Fleet {
         let base = path.parent().unwrap_or(Path::new("."));
         let defaults = Defaults {
             port: raw.port,
-            identity: raw.identity.map(|file| base.join(file)),
+            identity: raw.identity.map(|file| resolve(base, file)),
             ssh_options: raw.ssh_options,
             command: raw.command,
             socket: raw.socket,
@@ -150,7 +150,7 @@ impl Fleet {
                 port: entry.port.or(defaults.port),
                 identity: entry
                     .identity
-                    .map(|file| base.join(file))
+                    .map(|file| resolve(base, file))
                     .or_else(|| defaults.identity.clone()),
                 ssh_options: entry
                     .ssh_options
@@ -200,6 +200,16 @@ impl Fleet {
             hosts,
             version_header: defaults.version_header.clone(),
         })
+    }
+}
+
+/// A key path from the file: relative to its directory, except `~/…`,
+/// which ssh expands itself.
+fn resolve(base: &Path, file: PathBuf) -> PathBuf {
+    if file.starts_with("~") {
+        file
+    } else {
+        base.join(file)
     }
 }
 
@@ -314,6 +324,7 @@ url = "https://b.example/"
 [[fleet.host]]
 name = "a"
 port = 2222
+identity = "~/.ssh/a"
 socket = "/srv/a.sock"
 "#;
 
@@ -329,6 +340,7 @@ socket = "/srv/a.sock"
         assert_eq!(a.url.as_deref(), Some("http://a/"));
         assert_eq!(b.url.as_deref(), Some("https://b.example/"));
         assert_eq!(a.port, Some(2222));
+        assert_eq!(a.identity, Some(PathBuf::from("~/.ssh/a")), "ssh expands ~");
         assert_eq!(a.socket.as_deref(), Some("/srv/a.sock"));
         assert_eq!(b.socket.as_deref(), Some("/run/cutover/admin.sock"));
         assert_eq!(b.identity, Some(dir.path().join("keys/deploy")));
