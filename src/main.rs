@@ -153,9 +153,11 @@ fn main() -> ExitCode {
             serve(&config, inherited.unwrap_or_else(|| Ok(Sockets::default())))
         }
         Command::Check { config } => cutover::check::run(&config),
-        Command::Status { service, fleet, .. } if fleet.given() => {
-            ExitCode::from(cutover::fleet::status(service, &fleet))
-        }
+        Command::Status {
+            service,
+            fleet,
+            admin,
+        } if fleet.given() => fleet_status(service, &fleet, &admin),
         Command::Status { service, admin, .. } => client(&admin, AdminCommand::Status { service }),
         Command::Rollout(args) => ExitCode::from(cutover::fleet::rollout(args)),
         Command::Switch {
@@ -266,6 +268,20 @@ fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// `status --hosts`/`--fleet`: every host in one table (over ssh, so
+/// the local admin flags mean nothing there).
+fn fleet_status(
+    service: Option<String>,
+    fleet: &cutover::fleet::FleetArgs,
+    admin: &AdminArgs,
+) -> ExitCode {
+    if admin.socket.is_some() || admin.config.is_some() || admin.json {
+        eprintln!("cutover: --hosts/--fleet do not combine with --socket, --config or --json");
+        return ExitCode::from(exit::REFUSED);
+    }
+    ExitCode::from(cutover::fleet::status(service, fleet))
 }
 
 /// One protocol line, for `--json`.

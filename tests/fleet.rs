@@ -154,9 +154,9 @@ impl World {
         &self.hosts[0].svc
     }
 
-    /// A fleet file: every host logs in with `key`, except the hosts in
-    /// `overrides` (index, key).
-    fn fleet_file(&self, name: &str, key: &str, overrides: &[(usize, &str)]) -> String {
+    /// A fleet file: every host logs in with `key`; `overrides` adds
+    /// (host index, TOML line) to a host's entry.
+    fn fleet_file(&self, name: &str, key: &str, overrides: &[(usize, String)]) -> String {
         let mut text = format!(
             "[fleet]\ncommand = \"{CUTOVER}\"\nport = {}\nidentity = \"{}\"\n\
              ssh_options = [\"StrictHostKeyChecking=no\", \"UserKnownHostsFile=/dev/null\", \"LogLevel=ERROR\"]\n\
@@ -172,11 +172,9 @@ impl World {
                 host.proxy.admin_socket.display(),
                 host.proxy.http,
             ));
-            if let Some((_, key)) = overrides.iter().find(|(i, _)| *i == n) {
-                text.push_str(&format!(
-                    "identity = \"{}\"\n",
-                    self.sshd.key(key).display()
-                ));
+            for (_, line) in overrides.iter().filter(|(i, _)| *i == n) {
+                text.push_str(line);
+                text.push('\n');
             }
         }
         let path = self.hosts[0].dir().join(name);
@@ -538,7 +536,8 @@ async fn a_wrong_identity_is_refused_before_anything_changes() {
     world.deploy_everywhere(&v1).await;
     let before: Vec<Vec<Ctr>> = world.hosts.iter().map(Harness::containers).collect();
     // h1 and h2 would let us in; h3 is given a key it does not know.
-    let fleet = world.fleet_file("wrong.toml", "client_key", &[(2, "wrong_key")]);
+    let wrong = format!("identity = \"{}\"", world.sshd.key("wrong_key").display());
+    let fleet = world.fleet_file("wrong.toml", "client_key", &[(2, wrong)]);
 
     let out = world.rollout(&fleet, "v2").await;
 
@@ -570,5 +569,83 @@ async fn a_wrong_identity_is_refused_before_anything_changes() {
     assert_eq!(status.code, Some(i32::from(exit::UNREACHABLE)), "{status}");
     assert!(table_row(&status, "h1").contains(&v1), "{status}");
     assert!(table_row(&status, "h3").contains("ssh refused"), "{status}");
+
+    // A host nothing answers on fails the rollout up front the same way.
+    let closed = format!("port = {}", free_port());
+    let fleet = world.fleet_file("closed.toml", "client_key", &[(1, closed)]);
+    let out = world.rollout(&fleet, "v2").await;
+    assert_eq!(out.code, Some(i32::from(exit::UNREACHABLE)), "{out}");
+    let h2 = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("h2 ") && l.contains("unreachable over ssh"))
+        .unwrap_or_else(|| panic!("no unreachable line for h2: {out}"));
+    assert!(h2.contains("Connection refused"), "{h2}");
+    assert!(out.stdout.contains("nothing was changed"), "{out}");
+    assert_eq!(world.versions().await, ["v1", "v1", "v1"]);
+    let after: Vec<Vec<Ctr>> = world.hosts.iter().map(Harness::containers).collect();
+    assert_eq!(before, after, "no container started or stopped anywhere");
+    world.hosts[0].done();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_goes_first_and_bakes_then_the_rest_in_parallel() {
+    let world = World::start("canary", ["10s", "10s", "10s"]).await;
+    let v1 = world.hosts[0].image("v1", &[]).await;
+    world.hosts[0].image("v2", &[]).await;
+    world.deploy_everywhere(&v1).await;
+    let fleet = world.fleet_file("fleet.toml", "client_key", &[]);
+
+    let out = cli(
+        &[
+            "rollout",
+            world.svc(),
+            "--tag",
+            "v2",
+            "--fleet",
+            &fleet,
+            "--canary-host",
+            "h3",
+            "--bake",
+            "1s",
+            "--parallel",
+            "2",
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
+    eprintln!("{out}");
+
+    assert!(out.success(), "{out}");
+    assert_eq!(world.versions().await, ["v2", "v2", "v2"]);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let position = |host: &str, what: &str, last: bool| {
+        let mut found = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with(host) && l.contains(what))
+            .map(|(i, _)| i);
+        let at = if last { found.last() } else { found.next() };
+        at.unwrap_or_else(|| panic!("no {host} line with {what:?}: {out}"))
+    };
+    // h3 alone, checked, baked and checked again before h1 and h2 start.
+    let baked = position("h3", "bake", false);
+    assert!(position("h3", "check", false) < baked, "{out}");
+    assert!(
+        position("h3", "check", true) > baked,
+        "checked again after the bake: {out}"
+    );
+    let h1_start = position("h1", "image", false);
+    let h2_start = position("h2", "image", false);
+    assert!(
+        position("h3", "check", true) < h1_start.min(h2_start),
+        "{out}"
+    );
+    // h1 and h2 ran at once: each started before the other finished.
+    assert!(h1_start < position("h2", "done", false), "{out}");
+    assert!(h2_start < position("h1", "done", false), "{out}");
+    for name in ["h1", "h2", "h3"] {
+        assert!(table_row(&out, name).contains("deployed"), "{out}");
+    }
     world.hosts[0].done();
 }
