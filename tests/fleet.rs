@@ -625,7 +625,11 @@ async fn canary_goes_first_and_bakes_then_the_rest_in_parallel() {
             .enumerate()
             .filter(|(_, l)| l.starts_with(host) && l.contains(what))
             .map(|(i, _)| i);
-        let at = if last { found.last() } else { found.next() };
+        let at = if last {
+            found.next_back()
+        } else {
+            found.next()
+        };
         at.unwrap_or_else(|| panic!("no {host} line with {what:?}: {out}"))
     };
     // h3 alone, checked, baked and checked again before h1 and h2 start.
