@@ -467,6 +467,9 @@ async fn interrupted_rollout_rolls_back_the_hosts_it_switched() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        // Its own process group, signalled as a whole below: what Ctrl-C
+        // in a terminal does (the ssh sessions must survive it).
+        .process_group(0)
         .spawn()
         .expect("spawn cutover rollout");
     let pid = child.id().expect("pid").to_string();
@@ -480,7 +483,7 @@ async fn interrupted_rollout_rolls_back_the_hosts_it_switched() {
             // Host 2's deploy has started (host 1 switched and checked).
             if !signalled && line.starts_with("h2 ") {
                 let sent = std::process::Command::new("kill")
-                    .args(["-INT", &pid])
+                    .args(["-INT", "--", &format!("-{pid}")])
                     .status()
                     .expect("kill -INT");
                 assert!(sent.success());
