@@ -557,9 +557,14 @@ async fn a_wrong_identity_is_refused_before_anything_changes() {
         out.stderr.contains("ssh refused this client's identity"),
         "logged: {out}"
     );
-    for name in ["h1", "h2", "h3"] {
+    for name in ["h1", "h2"] {
         assert!(table_row(&out, name).contains("untouched"), "{out}");
     }
+    let row = table_row(&out, "h3");
+    assert!(
+        row.contains("not reached") && row.contains("ssh refused"),
+        "{row}"
+    );
     assert_eq!(world.versions().await, ["v1", "v1", "v1"]);
     let after: Vec<Vec<Ctr>> = world.hosts.iter().map(Harness::containers).collect();
     assert_eq!(before, after, "no container started or stopped anywhere");
@@ -585,6 +590,8 @@ async fn a_wrong_identity_is_refused_before_anything_changes() {
         .unwrap_or_else(|| panic!("no unreachable line for h2: {out}"));
     assert!(h2.contains("Connection refused"), "{h2}");
     assert!(out.stdout.contains("nothing was changed"), "{out}");
+    assert!(table_row(&out, "h2").contains("not reached"), "{out}");
+    assert!(table_row(&out, "h3").contains("untouched"), "{out}");
     assert_eq!(world.versions().await, ["v1", "v1", "v1"]);
     let after: Vec<Vec<Ctr>> = world.hosts.iter().map(Harness::containers).collect();
     assert_eq!(before, after, "no container started or stopped anywhere");

@@ -61,6 +61,10 @@ impl Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
     Untouched,
+    /// It did not answer the up-front status (so nothing was started).
+    NotReached {
+        reason: String,
+    },
     Deployed {
         image: String,
     },
@@ -119,18 +123,19 @@ pub async fn run(fleet: Fleet, plan: Plan) -> u8 {
     let mut runs = Vec::new();
     let mut refusal = None;
     for (host, before) in fleet.hosts.into_iter().zip(asked) {
-        let before = match before {
-            Ok(before) => before,
+        let (before, outcome) = match before {
+            Ok(before) => (before, Outcome::Untouched),
             Err(err) => {
                 println!("{:<width$}  {:>9}  {err}", host.name, "refused");
                 refusal.get_or_insert(err.exit_code());
-                None
+                let reason = err.to_string();
+                (None, Outcome::NotReached { reason })
             }
         };
         runs.push(HostRun {
             host,
             before,
-            outcome: Outcome::Untouched,
+            outcome,
             rollback: None,
         });
     }
@@ -403,6 +408,7 @@ fn print_table(runs: &[HostRun]) {
         let (result, detail) = match (&run.outcome, &run.rollback) {
             (_, Some(Err(err))) => ("ROLLBACK FAILED", err.clone()),
             (Outcome::Untouched, _) => ("untouched", String::new()),
+            (Outcome::NotReached { reason }, _) => ("not reached", reason.clone()),
             (Outcome::Deployed { image }, None) => ("deployed", format!("serves {image}")),
             (Outcome::Deployed { image }, Some(Ok(()))) => {
                 ("rolled back", format!("had switched to {image}"))
