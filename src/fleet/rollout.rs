@@ -120,61 +120,13 @@ pub async fn run(fleet: Fleet, plan: Plan) -> u8 {
             return exit::FAILED;
         }
     };
-    let mut runs = Vec::new();
-    let mut refusal = None;
-    for (host, before) in fleet.hosts.into_iter().zip(asked) {
-        let (before, outcome) = match before {
-            Ok(before) => (before, Outcome::Untouched),
-            Err(err) => {
-                println!("{:<width$}  {:>9}  {err}", host.name, "refused");
-                refusal.get_or_insert(err.exit_code());
-                let reason = err.to_string();
-                (None, Outcome::NotReached { reason })
-            }
-        };
-        runs.push(HostRun {
-            host,
-            before,
-            outcome,
-            rollback: None,
-        });
-    }
+    let (mut runs, refusal) = host_runs(fleet.hosts, asked, width);
     if let Some(code) = refusal {
         println!("rollout not started: every host must answer first; nothing was changed");
         print_table(&runs);
         return code;
     }
-    let batches = batches(&runs, plan.canary.as_deref(), plan.parallel.max(1));
-    let mut stopped: Option<String> = None;
-    for (number, batch) in batches.iter().enumerate() {
-        let deploys = join_all(
-            batch
-                .iter()
-                .map(|&index| deploy_one(&runs[index], &plan, &expect, width)),
-        );
-        let (outcomes, signal) = finish_despite_signals(deploys, &mut interrupt, width).await;
-        for (&index, outcome) in batch.iter().zip(outcomes) {
-            if let Outcome::Failed { reason, .. } = &outcome {
-                stopped.get_or_insert(format!("{} failed: {reason}", runs[index].host.name));
-            }
-            runs[index].outcome = outcome;
-        }
-        if let Some(signal) = signal {
-            stopped.get_or_insert(format!("interrupted by {signal}"));
-        }
-        if stopped.is_some() {
-            break;
-        }
-        let is_canary = number == 0 && plan.canary.is_some();
-        if is_canary && batches.len() > 1 {
-            if let Some(reason) =
-                bake(&mut runs[batch[0]], &plan, &expect, &mut interrupt, width).await
-            {
-                stopped = Some(reason);
-                break;
-            }
-        }
-    }
+    let stopped = deploy_all(&mut runs, &plan, &expect, &mut interrupt, width).await;
     let Some(reason) = stopped else {
         print_table(&runs);
         println!(
@@ -188,6 +140,80 @@ pub async fn run(fleet: Fleet, plan: Plan) -> u8 {
     roll_back(&mut runs, &plan, width).await;
     print_table(&runs);
     exit::FAILED
+}
+
+/// Each host with its answer to the up-front status; the exit code of the
+/// first that did not answer, if one did not.
+fn host_runs(
+    hosts: Vec<Host>,
+    asked: Vec<Result<Option<String>, RemoteError>>,
+    width: usize,
+) -> (Vec<HostRun>, Option<u8>) {
+    let mut refusal = None;
+    let runs = hosts
+        .into_iter()
+        .zip(asked)
+        .map(|(host, before)| {
+            let (before, outcome) = match before {
+                Ok(before) => (before, Outcome::Untouched),
+                Err(err) => {
+                    println!("{:<width$}  {:>9}  {err}", host.name, "refused");
+                    refusal.get_or_insert(err.exit_code());
+                    let reason = err.to_string();
+                    (None, Outcome::NotReached { reason })
+                }
+            };
+            HostRun {
+                host,
+                before,
+                outcome,
+                rollback: None,
+            }
+        })
+        .collect();
+    (runs, refusal)
+}
+
+/// Deploys batch after batch (the canary first, then its bake) until
+/// every host is done or one fails or a signal comes; returns why it
+/// stopped early.
+async fn deploy_all(
+    runs: &mut [HostRun],
+    plan: &Plan,
+    expect: &Expect,
+    interrupt: &mut Interrupt,
+    width: usize,
+) -> Option<String> {
+    let batches = batches(runs, plan.canary.as_deref(), plan.parallel.max(1));
+    for (number, batch) in batches.iter().enumerate() {
+        let deploys = join_all(
+            batch
+                .iter()
+                .map(|&index| deploy_one(&runs[index], plan, expect, width)),
+        );
+        let (outcomes, signal) = finish_despite_signals(deploys, interrupt, width).await;
+        let mut stopped = None;
+        for (&index, outcome) in batch.iter().zip(outcomes) {
+            if let Outcome::Failed { reason, .. } = &outcome {
+                let first_line = reason.lines().next().unwrap_or_default();
+                stopped.get_or_insert(format!("{} failed: {first_line}", runs[index].host.name));
+            }
+            runs[index].outcome = outcome;
+        }
+        if let Some(signal) = signal {
+            stopped.get_or_insert(format!("interrupted by {signal}"));
+        }
+        if stopped.is_some() {
+            return stopped;
+        }
+        let is_canary = number == 0 && plan.canary.is_some();
+        if is_canary && batches.len() > 1 {
+            if let Some(reason) = bake(&mut runs[batch[0]], plan, expect, interrupt, width).await {
+                return Some(reason);
+            }
+        }
+    }
+    None
 }
 
 /// Asks every host for its status at once: each must answer (ssh lets us
