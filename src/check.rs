@@ -78,6 +78,11 @@ pub fn findings(path: &Path) -> Findings {
             found.problems.push(format!("{}: {err}", path.display()));
         }
     }
+    if has_fleet_table(path) {
+        if let Err(err) = crate::fleet::Fleet::from_file(path, &[]) {
+            found.problems.push(err);
+        }
+    }
     if let Some(name) = &config.server.admin_group {
         if let Err(err) = group::resolve(name, Path::new(group::GROUP_FILE)) {
             found
@@ -86,6 +91,14 @@ pub fn findings(path: &Path) -> Findings {
         }
     }
     found
+}
+
+/// Whether the file has a `[fleet]` table (for `cutover rollout`).
+fn has_fleet_table(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .is_some_and(|table| table.contains_key("fleet"))
 }
 
 /// Reports each named file that cannot be opened as a file, at the line

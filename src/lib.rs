@@ -13,6 +13,7 @@
 //! | `handoff` | `cutover upgrade`: sockets passed to a new process (`SCM_RIGHTS`) |
 //! | `rebind` | listener address changes on reload (bind new, then close old) |
 //! | `check` | `cutover check` |
+//! | `fleet/` | `cutover rollout` and `status --hosts`: many hosts over ssh (a client only) |
 //! | `admin/` | the admin protocol, its socket server and client |
 //! | `control/` | the controller (single writer), deploys, health, state file, watcher |
 //! | `proxy/` | the data plane: listeners, connection serving, the request path |
@@ -36,6 +37,7 @@ pub mod config;
 mod control;
 pub mod docker;
 pub mod errors;
+pub mod fleet;
 pub mod handoff;
 mod io;
 mod proxy;

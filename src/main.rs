@@ -43,6 +43,9 @@ enum Command {
         service: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
+        /// With `--hosts` or `--fleet`: every host's status in one table.
+        #[command(flatten)]
+        fleet: cutover::fleet::FleetArgs,
     },
     /// Health-check an upstream, switch traffic to it, drain the old one.
     Switch {
@@ -82,6 +85,9 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Deploy to several hosts over ssh, one after another; on a failure
+    /// or an interrupt, roll back the hosts already switched.
+    Rollout(cutover::fleet::RolloutArgs),
     /// Swap back to the warm previous colour, or start the previous image.
     Rollback {
         service: String,
@@ -147,7 +153,13 @@ fn main() -> ExitCode {
             serve(&config, inherited.unwrap_or_else(|| Ok(Sockets::default())))
         }
         Command::Check { config } => cutover::check::run(&config),
-        Command::Status { service, admin } => client(&admin, AdminCommand::Status { service }),
+        Command::Status {
+            service,
+            fleet,
+            admin,
+        } if fleet.given() => fleet_status(service, &fleet, &admin),
+        Command::Status { service, admin, .. } => client(&admin, AdminCommand::Status { service }),
+        Command::Rollout(args) => ExitCode::from(cutover::fleet::rollout(args)),
         Command::Switch {
             service,
             to,
@@ -256,6 +268,20 @@ fn client(args: &AdminArgs, command: AdminCommand) -> ExitCode {
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// `status --hosts`/`--fleet`: every host in one table (over ssh, so
+/// the local admin flags mean nothing there).
+fn fleet_status(
+    service: Option<String>,
+    fleet: &cutover::fleet::FleetArgs,
+    admin: &AdminArgs,
+) -> ExitCode {
+    if admin.socket.is_some() || admin.config.is_some() || admin.json {
+        eprintln!("cutover: --hosts/--fleet do not combine with --socket, --config or --json");
+        return ExitCode::from(exit::REFUSED);
+    }
+    ExitCode::from(cutover::fleet::status(service, fleet))
 }
 
 /// One protocol line, for `--json`.

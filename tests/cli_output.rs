@@ -29,6 +29,77 @@ fn deploy_without_image_or_tag_names_both_flags() {
     assert_eq!(both.status.code(), Some(2), "{both:?}");
 }
 
+/// `rollout` and `status --hosts` refuse bad input with exit 2 and the
+/// reason, before any ssh runs.
+#[test]
+fn fleet_commands_refuse_bad_input_before_reaching_a_host() {
+    for (args, reason) in [
+        (&["rollout", "web", "--tag", "v2"][..], "no hosts"),
+        (&["rollout", "web", "--hosts", "a"], "--tag"),
+        (
+            &[
+                "rollout",
+                "web",
+                "--tag",
+                "v2",
+                "--hosts",
+                "a,b",
+                "--canary-host",
+                "c",
+            ],
+            "not one of the hosts",
+        ),
+        (
+            &[
+                "rollout",
+                "web",
+                "--tag",
+                "v2",
+                "--hosts",
+                "a",
+                "--parallel",
+                "0",
+            ],
+            "parallel",
+        ),
+        (
+            &["rollout", "web", "--tag", "v2", "--hosts=-oProxyCommand=x"],
+            "not a host name",
+        ),
+        (
+            &["rollout", "web", "--tag", "v2", "--hosts", "a,a"],
+            "twice",
+        ),
+        (
+            &[
+                "rollout",
+                "web",
+                "--tag",
+                "v2",
+                "--fleet",
+                "/nonexistent/fleet.toml",
+            ],
+            "cannot read",
+        ),
+        (
+            &[
+                "rollout", "web", "--tag", "v2", "--hosts", "a", "--bake", "soon",
+            ],
+            "duration",
+        ),
+        (
+            &["status", "--hosts", "a", "--socket", "/x.sock"],
+            "do not combine",
+        ),
+    ] {
+        let out = cutover(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed progress: {out:?}");
+    }
+}
+
 /// A plain upstream (no container, no switch yet) has no image, container
 /// or "active since": `status` prints what it has, no `-` placeholders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -177,7 +177,7 @@ mod tests {
     fn lists_come_from_the_raw_types() {
         assert_eq!(
             Section::Top.keys(),
-            ["server", "tls", "site", "service", "acme"]
+            ["server", "tls", "site", "service", "acme", "fleet"]
         );
         assert!(Section::Acme.keys().contains(&"ca_root"));
         assert_eq!(Section::Tls.keys(), ["cert", "key"]);

@@ -512,6 +512,11 @@ struct RawConfig {
     #[serde(default)]
     service: BTreeMap<String, Spanned<RawService>>,
     acme: Option<Spanned<acme::RawAcme>>,
+    /// `[fleet]`: the hosts `cutover rollout` deploys to. The server
+    /// ignores it; `fleet::hosts` reads it and `cutover check` validates
+    /// it, so one proxy.toml can describe its fleet too.
+    #[serde(default, rename = "fleet")]
+    _fleet: Option<de::IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
