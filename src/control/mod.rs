@@ -692,7 +692,7 @@ impl Controller {
             } else {
                 Vec::new()
             },
-            parking: self.shared.workers.parking(),
+            parking: self.writer.shared().workers.parking(),
         })
     }
 }
