@@ -733,6 +733,11 @@ impl<IO: ClientStream> Round<IO> {
                     closing = true;
                     Pin::new(connection.as_mut()).graceful_shutdown();
                 }
+                // Nothing in progress or read (hyper was just polled, on
+                // this task): end the round here. hyper's graceful
+                // shutdown would keep a connection that never sent a
+                // request open until its header deadline.
+                Action::Close if policy.state.hyper_is_idle() => return Poll::Ready(Some(Ok(()))),
                 Action::Close => {
                     closing = true;
                     Pin::new(connection.as_mut()).graceful_shutdown();

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -286,6 +286,8 @@ struct IdleClock {
     opened: tokio::time::Instant,
     /// Milliseconds after `opened` of the last request start.
     last_request_ms: AtomicU64,
+    /// Whether any request has started on the connection.
+    requested: AtomicBool,
 }
 
 impl IdleClock {
@@ -293,12 +295,14 @@ impl IdleClock {
         IdleClock {
             opened: tokio::time::Instant::now(),
             last_request_ms: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
         }
     }
 
     fn touch(&self) {
         let ms = self.opened.elapsed().as_millis() as u64;
         self.last_request_ms.store(ms, Ordering::Relaxed);
+        self.requested.store(true, Ordering::Relaxed);
     }
 
     fn last_request(&self) -> tokio::time::Instant {
@@ -347,6 +351,12 @@ impl Watch {
         .await;
         if let Some(result) = finished {
             return result;
+        }
+        if !self.idle.requested.load(Ordering::Relaxed) {
+            // No request ever started: nothing to finish. hyper's HTTP/2
+            // graceful shutdown would wait for a client preface that may
+            // never come.
+            return Ok(());
         }
         begin_shutdown(connection.as_mut());
         connection.await
