@@ -352,13 +352,15 @@ impl Watch {
         if let Some(result) = finished {
             return result;
         }
-        if !self.idle.requested.load(Ordering::Relaxed) {
-            // No request ever started: nothing to finish. hyper's HTTP/2
-            // graceful shutdown would wait for a client preface that may
-            // never come.
-            return Ok(());
-        }
         begin_shutdown(connection.as_mut());
+        if !self.idle.requested.load(Ordering::Relaxed) {
+            // No request ever started: hyper's HTTP/2 graceful shutdown
+            // waits for a client preface that may never come, so the
+            // GOAWAY gets a bounded wait.
+            return tokio::time::timeout(Duration::from_secs(1), connection)
+                .await
+                .unwrap_or(Ok(()));
+        }
         connection.await
     }
 
