@@ -194,9 +194,10 @@ async fn serve_request(
     conn: ClientConn,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let arrived = Instant::now();
     let snapshot = shared.snapshot.load_full();
-    let mut log = AccessLog::start(&conn, &req);
-    let produced = match dispatch(&shared, &snapshot, &conn, req, log.as_mut()).await {
+    let mut log = AccessLog::start(arrived, &conn, &req);
+    let produced = match dispatch(&shared, &snapshot, &conn, req, arrived, log.as_mut()).await {
         Ok(produced) => produced,
         Err(err) => {
             if err.status().is_server_error() {
@@ -207,7 +208,7 @@ async fn serve_request(
             Produced::Local(err.into_response())
         }
     };
-    Ok(finish(produced, log))
+    Ok(finish(produced, arrived, log))
 }
 
 /// A response, and whether it streams from an upstream (whose in-flight
@@ -223,6 +224,7 @@ async fn dispatch(
     snapshot: &Snapshot,
     conn: &ClientConn,
     mut req: Request<Incoming>,
+    arrived: Instant,
     log: Option<&mut AccessLog>,
 ) -> Result<Produced, ProxyError> {
     strict::check_request(&req, &snapshot.config.server.limits)?;
@@ -284,7 +286,12 @@ async fn dispatch(
                         log.upstream = Some(upstream.addr);
                     }
                     let authority = authority.unwrap_or(HeaderValue::from_static(""));
-                    forward(shared, snapshot, conn, req, upstream, &authority).await?
+                    let exchange = Exchange {
+                        conn,
+                        authority: &authority,
+                        arrived,
+                    };
+                    forward(shared, snapshot, exchange, req, upstream).await?
                 }
             }
         }
@@ -467,15 +474,53 @@ fn add_site_headers<B>(response: &mut Response<B>, site: &Site, conn: &ClientCon
     }
 }
 
-/// Forwards one request to `upstream` and relays the answer.
+/// Who asked, for what authority, and since when: what forwarding one
+/// request needs besides the request itself.
+struct Exchange<'a> {
+    conn: &'a ClientConn,
+    authority: &'a HeaderValue,
+    arrived: Instant,
+}
+
+/// Forwards one request to `upstream` and relays the answer. An answer
+/// cutover gives for the upstream (502, 504) and a tunnel's `101` are
+/// counted in the upstream's stats here; a streamed response is counted
+/// when its body ends ([`RequestEnd`]).
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
-    conn: &ClientConn,
+    exchange: Exchange<'_>,
+    req: Request<Incoming>,
+    upstream: Arc<Upstream>,
+) -> Result<Produced, ProxyError> {
+    let arrived = exchange.arrived;
+    let stats_of = Arc::clone(&upstream);
+    let result = relay_exchange(shared, snapshot, exchange, req, upstream).await;
+    match &result {
+        Ok(Produced::Upstream(..)) => {}
+        Ok(Produced::Local(response)) => stats_of
+            .stats()
+            .record(response.status().as_u16(), arrived.elapsed()),
+        Err(err) if err.status().is_server_error() => stats_of
+            .stats()
+            .record(err.status().as_u16(), arrived.elapsed()),
+        // The client's own fault (a body too large or too slow) says
+        // nothing about the version behind the upstream.
+        Err(_) => {}
+    }
+    result
+}
+
+async fn relay_exchange(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    exchange: Exchange<'_>,
     mut req: Request<Incoming>,
     upstream: Arc<Upstream>,
-    authority: &HeaderValue,
 ) -> Result<Produced, ProxyError> {
+    let Exchange {
+        conn, authority, ..
+    } = exchange;
     let limits = &snapshot.config.server.limits;
     let guard = upstream.begin_request();
     let declared = declared_length(&req)?;
@@ -714,27 +759,32 @@ where
 
 /// Attaches the in-flight guard and the access log to the response body.
 /// A local response with the access log off is returned as it is.
-fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
+fn finish(produced: Produced, arrived: Instant, log: Option<AccessLog>) -> Response<ProxyBody> {
     match produced {
         Produced::Local(response) => match log {
             None => response,
             Some(mut log) => {
                 log.status = response.status().as_u16();
                 let end = RequestEnd {
+                    arrived,
+                    status: log.status,
                     log: Some(log),
-                    _in_flight: None,
+                    in_flight: None,
                 };
                 response.map(|body| TrackedBody::new(body, end).boxed_unsync())
             }
         },
         Produced::Upstream(response, guard) => {
+            let status = response.status().as_u16();
             let log = log.map(|mut log| {
-                log.status = response.status().as_u16();
+                log.status = status;
                 log
             });
             let end = RequestEnd {
+                arrived,
+                status,
                 log,
-                _in_flight: Some(guard),
+                in_flight: Some(guard),
             };
             response.map(|body| TrackedBody::new(body, end).boxed_unsync())
         }
@@ -743,14 +793,22 @@ fn finish(produced: Produced, log: Option<AccessLog>) -> Response<ProxyBody> {
 
 /// What is released and logged when a response body ends.
 struct RequestEnd {
+    arrived: Instant,
+    status: u16,
     log: Option<AccessLog>,
-    /// Held only to be dropped with this record at the end of the body,
-    /// which releases the upstream's in-flight count.
-    _in_flight: Option<InFlight>,
+    /// Dropped with this record at the end of the body, which releases the
+    /// upstream's in-flight count; its upstream's stats count the answer.
+    in_flight: Option<InFlight>,
 }
 
 impl OnBodyEnd for RequestEnd {
     fn on_end(&mut self, bytes_sent: u64, completed: bool) {
+        if let Some(in_flight) = &self.in_flight {
+            in_flight
+                .upstream()
+                .stats()
+                .record(self.status, self.arrived.elapsed());
+        }
         if let Some(log) = &self.log {
             log.write(bytes_sent, completed);
         }
@@ -773,12 +831,12 @@ struct AccessLog {
 impl AccessLog {
     /// A log record for this request, or `None` when the access log is
     /// filtered out (then no per-request log work is done at all).
-    fn start(conn: &ClientConn, req: &Request<Incoming>) -> Option<AccessLog> {
+    fn start(arrived: Instant, conn: &ClientConn, req: &Request<Incoming>) -> Option<AccessLog> {
         if !tracing::enabled!(target: "cutover::access", tracing::Level::INFO) {
             return None;
         }
         Some(AccessLog {
-            start: Instant::now(),
+            start: arrived,
             client: conn.addr,
             method: req.method().clone(),
             path: req.uri().path().to_string(),

@@ -10,6 +10,7 @@ mod connection;
 pub mod h1;
 pub mod pool;
 pub mod response;
+pub mod stats;
 
 pub use connection::Connection;
 
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Limits;
 use pool::{Pool, PoolTimeouts};
+use stats::UpstreamStats;
 
 /// How long an upstream connection may sit idle in the pool before it is
 /// closed rather than reused (below common app servers' own keep-alive
@@ -60,6 +62,9 @@ pub struct Upstream {
     idle: Notify,
     /// Cancelled when the upstream is retired, to close tunnels deliberately.
     tunnels: CancellationToken,
+    /// What it answered (status classes, latencies): a canary's bake
+    /// judges these, the metrics endpoint exports them.
+    stats: UpstreamStats,
 }
 
 impl Upstream {
@@ -99,7 +104,13 @@ impl Upstream {
             upgraded: AtomicUsize::new(0),
             idle: Notify::new(),
             tunnels: CancellationToken::new(),
+            stats: UpstreamStats::default(),
         })
+    }
+
+    /// What this upstream answered so far.
+    pub fn stats(&self) -> &UpstreamStats {
+        &self.stats
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
