@@ -22,6 +22,10 @@
 //!   counted. Instructions per request = the dump's total / requests.
 //! - User space only: the kernel's work for the syscalls is not counted
 //!   (`proxy_throughput` reports it as system CPU time).
+//! - cutover again with each access-log setting (`off`, the default
+//!   `tracing` events with `RUST_LOG=info`, JSON lines to a file), each
+//!   counted whole and for the request-serving threads alone (callgrind
+//!   `--separate-threads=yes`; the log writer threads left out).
 //! - cutover's count is also split by whose source the instructions come
 //!   from (the dump's self costs grouped by source path: a crate, the Rust
 //!   standard library, libc), inlined code counted where it came from.
@@ -46,7 +50,7 @@ use tokio::time::Instant;
 mod support;
 use support::load::h2load;
 use support::origin::Origin;
-use support::proxies::{self, Kind, Options};
+use support::proxies::{self, AccessLog, Kind, Options};
 use support::*;
 
 /// Connections of the load (as in the profiles docs/benchmarks.md cites).
@@ -227,10 +231,119 @@ fn run_all(settings: &Settings) -> Vec<Row> {
         });
         if let Some(requests) = cutover_requests {
             rows.extend(by_source(&dump_of(&outfile), requests));
+            rows.extend(access_log_variants(&dir, origin.addr, settings));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     rows
+}
+
+/// cutover again with each access-log setting, every thread counted apart
+/// (`--separate-threads=yes`): a row for the whole process, and one for the
+/// threads that serve requests (all but the log writers: the JSON access
+/// log's own thread and `tracing-appender`'s).
+fn access_log_variants(dir: &Path, origin: SocketAddr, settings: &Settings) -> Vec<Row> {
+    let variants = [
+        ("off", "warn", AccessLog::Off),
+        ("tracing events (RUST_LOG=info)", "info", AccessLog::Default),
+        ("json file", "warn", AccessLog::JsonFile),
+    ];
+    let mut rows = Vec::new();
+    for (index, (name, cutover_log, access_log)) in variants.into_iter().enumerate() {
+        let target = format!("cutover, access log {name}");
+        eprintln!("counting {target} ...");
+        let target_dir = dir.join(format!("cutover-access-{index}"));
+        let outfile = target_dir.join("callgrind.out");
+        let options = Options {
+            cutover_log,
+            cutover_access_log: access_log,
+            ..Options::default()
+        };
+        let mut wrapper = callgrind(&outfile);
+        wrapper.insert(2, "--separate-threads=yes".into());
+        let counted = std::fs::create_dir_all(&target_dir)
+            .map_err(|err| err.to_string())
+            .and_then(|()| {
+                proxies::start_under(Kind::Cutover, &target_dir, origin, options, &wrapper)
+            })
+            .and_then(|proxy| count_threads(proxy.pid(), proxy.http, &outfile, settings));
+        match counted {
+            Ok((all, serving)) => {
+                rows.push(Row {
+                    target: target.clone(),
+                    outcome: Ok(all),
+                    part_of_cutover: false,
+                });
+                rows.push(Row {
+                    target: format!("{target}: request threads only"),
+                    outcome: Ok(serving),
+                    part_of_cutover: false,
+                });
+            }
+            Err(reason) => rows.push(Row::skipped(&target, reason)),
+        }
+    }
+    rows
+}
+
+/// Like [`count`] for a process run with `--separate-threads=yes`: the
+/// whole process, and its threads minus the log writers.
+fn count_threads(
+    pid: u32,
+    addr: SocketAddr,
+    outfile: &Path,
+    settings: &Settings,
+) -> Result<(Count, Count), String> {
+    let url = format!("http://{addr}/");
+    load(&url, settings.warmup)?;
+    callgrind_control("--zero", pid)?;
+    load(&url, settings.requests)?;
+    callgrind_control("--dump", pid)?;
+    // One file per thread: `callgrind.out.1-01`, `callgrind.out.1-02`…
+    let dir = outfile.parent().ok_or("no directory")?;
+    let prefix = format!(
+        "{}.1-",
+        outfile.file_name().and_then(|n| n.to_str()).unwrap_or("")
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|err| err.to_string())?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(format!(
+            "no per-thread dumps {prefix}* in {}",
+            dir.display()
+        ));
+    }
+    let (mut all, mut serving) = (0, 0);
+    for file in &files {
+        let total = dump_total(file)?;
+        all += total;
+        let text = std::fs::read_to_string(file).map_err(|err| err.to_string())?;
+        let log_writer = text.contains("access_log::Writer")
+            || text.contains("tracing_appender::worker::Worker");
+        if !log_writer {
+            serving += total;
+        }
+    }
+    let requests = settings.requests;
+    Ok((
+        Count {
+            requests,
+            instructions: all,
+        },
+        Count {
+            requests,
+            instructions: serving,
+        },
+    ))
 }
 
 /// The origin itself under callgrind, answering the load directly.

@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log;
 use crate::acme;
 use crate::admin;
 use crate::config::Config;
@@ -51,6 +52,8 @@ pub enum ServerError {
     Runtime(String),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    #[error("{0}")]
+    AccessLog(String),
 }
 
 /// What `cutover serve` adds to [`run`]: an admin socket handed over by
@@ -115,7 +118,20 @@ pub async fn run_with(
         tasks: TaskTracker::new(),
         acme: Arc::clone(&acme_certs),
         workers: WorkerLoad::new(worker_threads),
+        access_log: access_log::Sink::new(),
     });
+    // Dropped (pending lines written, file complete) whenever `run` ends.
+    let _access_log = {
+        let weak = Arc::downgrade(&shared);
+        let current = move || {
+            weak.upgrade()
+                .map(|s| Arc::clone(&s.snapshot.load().config))
+        };
+        shared
+            .access_log
+            .start(&config, current)
+            .map_err(|err| ServerError::AccessLog(err.to_string()))?
+    };
     let acme = match &config.acme {
         Some(_) => Some(acme::Manager::new(
             &config,

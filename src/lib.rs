@@ -21,6 +21,7 @@
 //! | `upstream/` | an upstream, its connection pool and HTTP/1.1 client |
 //! | `acme/` | automatic certificates: ACME orders, storage, renewal |
 //! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
+//! | `access_log` | the JSON-lines access log: records from the request path, its writer thread |
 //! | `config/`, `errors` | configuration, error chains |
 //! | `sd_notify` | readiness reports to systemd (`Type=notify`) |
 //!
@@ -29,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+mod access_log;
 mod acme;
 pub mod admin;
 mod app;

@@ -51,6 +51,20 @@ pub struct Options {
     /// cutover's `CUTOVER_RUNTIME` (`per-core` or `work-stealing`); `None`
     /// leaves cutover's default.
     pub cutover_runtime: Option<&'static str>,
+    /// cutover's `[server] access_log`.
+    pub cutover_access_log: AccessLog,
+}
+
+/// cutover's `[server] access_log` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    /// Not set: events on `cutover::access`, shown when `cutover_log`
+    /// includes INFO.
+    Default,
+    /// `"off"`.
+    Off,
+    /// JSON lines to `access.log` in the proxy's directory.
+    JsonFile,
 }
 
 impl Default for Options {
@@ -59,6 +73,7 @@ impl Default for Options {
             workers: 1,
             cutover_log: "warn",
             cutover_runtime: None,
+            cutover_access_log: AccessLog::Default,
         }
     }
 }
@@ -175,8 +190,14 @@ fn cutover_command(
         return Err(format!("cutover binary {} not found", binary.display()));
     }
     let (cert, key) = dev_cert();
+    let access_log = match options.cutover_access_log {
+        AccessLog::Default => String::new(),
+        AccessLog::Off => "access_log = \"off\"\n".to_string(),
+        AccessLog::JsonFile => format!("access_log = \"{}\"\n", dir.join("access.log").display()),
+    };
     let config = format!(
         "[server]\n\
+         {access_log}\
          http = \"{http}\"\n\
          https = \"{https}\"\n\
          workers = {workers}\n\

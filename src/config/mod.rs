@@ -87,7 +87,33 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Peers whose `X-Forwarded-For` we extend instead of replacing.
     pub trusted_proxies: Vec<IpNet>,
+    /// Where the access log goes, and in which form.
+    pub access_log: AccessLogMode,
     pub limits: Limits,
+}
+
+/// `[server] access_log`: one line per request, in the log as a `tracing`
+/// event (the default, filtered by `RUST_LOG`), as JSON lines, or off.
+/// JSON lines are formatted on a writer thread of their own, off the
+/// request path (see `proxy::access_log`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLogMode {
+    /// `"log"`: an INFO event on the `cutover::access` target.
+    #[default]
+    Log,
+    /// `"off"`: nothing is recorded per request.
+    Off,
+    /// `"json"`: JSON lines to stderr.
+    JsonStderr,
+    /// A file path: JSON lines appended to that file, reopened on reload.
+    JsonFile(PathBuf),
+}
+
+impl AccessLogMode {
+    /// Whether requests are recorded as JSON lines (stderr or a file).
+    pub fn is_json(&self) -> bool {
+        matches!(self, AccessLogMode::JsonStderr | AccessLogMode::JsonFile(_))
+    }
 }
 
 /// Timeouts and size limits. Defaults follow nginx where nginx has one,
@@ -532,6 +558,7 @@ struct RawServer {
     shutdown_timeout: Option<DurationValue>,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
+    access_log: Option<Spanned<String>>,
     #[serde(default)]
     limits: RawLimits,
 }
@@ -1098,6 +1125,7 @@ impl<'a> Validator<'a> {
             }
             name
         });
+        let access_log = self.access_log(raw.access_log);
         ServerConfig {
             http: raw.http,
             https: raw.https,
@@ -1110,7 +1138,37 @@ impl<'a> Validator<'a> {
                 .shutdown_timeout
                 .map_or(Duration::from_secs(30), |d| d.0),
             trusted_proxies,
+            access_log,
             limits,
+        }
+    }
+
+    /// `access_log`: `"log"`, `"json"`, `"off"`, or a file path. A path
+    /// must contain a `/` (`"./access.log"`), so a misspelt keyword is an
+    /// error rather than a file named after it.
+    fn access_log(&mut self, raw: Option<Spanned<String>>) -> AccessLogMode {
+        let Some(spanned) = raw else {
+            return AccessLogMode::default();
+        };
+        let span = spanned.span();
+        let value = spanned.into_inner();
+        match value.as_str() {
+            "log" => AccessLogMode::Log,
+            "off" => AccessLogMode::Off,
+            "json" => AccessLogMode::JsonStderr,
+            path if path.contains('/') && !path.ends_with('/') => {
+                AccessLogMode::JsonFile(self.resolve(PathBuf::from(path)))
+            }
+            _ => {
+                self.report(
+                    span,
+                    format!(
+                        "invalid access_log {value:?}: expected \"log\", \"json\", \"off\" \
+                         or a file path containing '/' (such as \"./access.log\")"
+                    ),
+                );
+                AccessLogMode::default()
+            }
         }
     }
 

@@ -854,6 +854,7 @@ mod tests {
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
             workers: crate::routing::WorkerLoad::new(0),
+            access_log: crate::access_log::Sink::new(),
         });
         let store = StateStore::new(dir.path());
         let write_lock = store.write_lock();

@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -21,7 +22,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::config::{Action, Site};
+use crate::access_log;
+use crate::config::{AccessLogMode, Action, Site};
 use crate::errors;
 use crate::io::body::{
     self, BodyLimitError, ExactLength, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody,
@@ -196,7 +198,7 @@ async fn serve_request(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let arrived = Instant::now();
     let snapshot = shared.snapshot.load_full();
-    let mut log = AccessLog::start(arrived, &conn, &req);
+    let mut log = AccessLog::start(&snapshot.config.server.access_log, arrived, &conn, &req);
     let produced = match dispatch(&shared, &snapshot, &conn, req, arrived, log.as_mut()).await {
         Ok(produced) => produced,
         Err(err) => {
@@ -208,6 +210,7 @@ async fn serve_request(
             Produced::Local(err.into_response())
         }
     };
+    let log = log.map(|log| log.handing_to(shared));
     Ok(finish(produced, arrived, log))
 }
 
@@ -252,7 +255,7 @@ async fn dispatch(
         .ok_or_else(|| ProxyError::UnknownHost(host.to_string()))?;
     let mut log = log;
     if let Some(log) = log.as_deref_mut() {
-        log.host = host.to_string();
+        log.set_host(&host);
     }
     // ACME challenges (certbot's `dir` route included) are validated on
     // port 80: they are routed, not redirected.
@@ -275,6 +278,10 @@ async fn dispatch(
             Produced::Local(static_dir::serve(root, req.uri().path(), req.method()).await?)
         }
         Action::Service(name) => {
+            let body_seen = log.as_deref_mut().and_then(|log| {
+                log.set_service(name);
+                log.count_body(&req)
+            });
             let method = req.method().clone();
             match forward::max_forwards_hop(&method, req.headers_mut())
                 .map_err(ProxyError::BadRequest)?
@@ -283,13 +290,14 @@ async fn dispatch(
                 forward::Hop::Forward => {
                     let upstream = pick_upstream(shared, snapshot, name).await?;
                     if let Some(log) = log {
-                        log.upstream = Some(upstream.addr);
+                        log.upstream = Some(Arc::clone(&upstream));
                     }
                     let authority = authority.unwrap_or(HeaderValue::from_static(""));
                     let exchange = Exchange {
                         conn,
                         authority: &authority,
                         arrived,
+                        body_seen,
                     };
                     forward(shared, snapshot, exchange, req, upstream).await?
                 }
@@ -480,6 +488,8 @@ struct Exchange<'a> {
     conn: &'a ClientConn,
     authority: &'a HeaderValue,
     arrived: Instant,
+    /// Counts the request body's bytes for the JSON access log.
+    body_seen: Option<Arc<AtomicU64>>,
 }
 
 /// Forwards one request to `upstream` and relays the answer. An answer
@@ -519,7 +529,10 @@ async fn relay_exchange(
     upstream: Arc<Upstream>,
 ) -> Result<Produced, ProxyError> {
     let Exchange {
-        conn, authority, ..
+        conn,
+        authority,
+        body_seen,
+        ..
     } = exchange;
     let limits = &snapshot.config.server.limits;
     let guard = upstream.begin_request();
@@ -548,10 +561,14 @@ async fn relay_exchange(
                 bytes_per_sec: limits.body_min_rate,
                 grace: limits.body_rate_grace,
             });
-        match h2_declared {
+        let limited = match body_seen {
+            Some(seen) => access_log::Counted::new(limited, seen).boxed_unsync(),
             None => limited.boxed_unsync(),
+        };
+        match h2_declared {
+            None => limited,
             Some(0) => {
-                let mut body = limited.boxed_unsync();
+                let mut body = limited;
                 body::expect_no_data(&mut body)
                     .await
                     .map_err(|err| body_error(&*err))?;
@@ -803,62 +820,147 @@ struct RequestEnd {
 
 impl OnBodyEnd for RequestEnd {
     fn on_end(&mut self, bytes_sent: u64, completed: bool) {
+        let elapsed = self.arrived.elapsed();
         if let Some(in_flight) = &self.in_flight {
-            in_flight
-                .upstream()
-                .stats()
-                .record(self.status, self.arrived.elapsed());
+            in_flight.upstream().stats().record(self.status, elapsed);
         }
-        if let Some(log) = &self.log {
-            log.write(bytes_sent, completed);
+        if let Some(log) = self.log.take() {
+            log.write(bytes_sent, completed, elapsed);
         }
     }
 }
 
-/// The fields of one access-log line, written as one event on the
-/// `cutover::access` target when the response body ends (so `bytes` and
-/// `duration` are the real ones, as in nginx's log).
+/// The fields of one access-log line, written when the response body ends
+/// (so `bytes` and `duration` are the real ones, as in nginx's log): as an
+/// event on the `cutover::access` target, or as a record handed to the
+/// JSON writer thread ([`access_log`]), which formats it there.
+///
+/// Capturing is kept cheap for the JSON log: values the request has anyway,
+/// the upstream's `Arc`, and one buffer for the path, host and service.
 struct AccessLog {
     start: Instant,
     client: SocketAddr,
     method: Method,
-    path: String,
-    host: String,
+    /// The path, then the host from `host_at`, then the service from
+    /// `service_at`.
+    text: Vec<u8>,
+    host_at: usize,
+    service_at: usize,
     status: u16,
-    upstream: Option<SocketAddr>,
+    upstream: Option<Arc<Upstream>>,
+    /// The request body's bytes, when one is forwarded (JSON log only).
+    body_seen: Option<Arc<AtomicU64>>,
+    /// Set for the JSON log: the sink the record goes to at the end.
+    json: Option<Arc<Shared>>,
+    is_json: bool,
 }
 
 impl AccessLog {
-    /// A log record for this request, or `None` when the access log is
-    /// filtered out (then no per-request log work is done at all).
-    fn start(arrived: Instant, conn: &ClientConn, req: &Request<Incoming>) -> Option<AccessLog> {
-        if !tracing::enabled!(target: "cutover::access", tracing::Level::INFO) {
-            return None;
-        }
+    /// A log record for this request, or `None` when the access log is off
+    /// or filtered out (then no per-request log work is done at all).
+    fn start(
+        mode: &AccessLogMode,
+        arrived: Instant,
+        conn: &ClientConn,
+        req: &Request<Incoming>,
+    ) -> Option<AccessLog> {
+        let is_json = match mode {
+            AccessLogMode::Off => return None,
+            AccessLogMode::Log => {
+                if !tracing::enabled!(target: "cutover::access", tracing::Level::INFO) {
+                    return None;
+                }
+                false
+            }
+            AccessLogMode::JsonStderr | AccessLogMode::JsonFile(_) => true,
+        };
+        let path = req.uri().path().as_bytes();
+        let mut text = Vec::with_capacity(path.len() + 48);
+        text.extend_from_slice(path);
         Some(AccessLog {
             start: arrived,
             client: conn.addr,
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
-            host: String::new(),
+            host_at: text.len(),
+            service_at: text.len(),
+            text,
             status: 0,
             upstream: None,
+            body_seen: None,
+            json: None,
+            is_json,
         })
     }
 
-    fn write(&self, bytes_sent: u64, completed: bool) {
+    fn set_host(&mut self, host: &str) {
+        self.text.truncate(self.host_at);
+        self.text.extend_from_slice(host.as_bytes());
+        self.service_at = self.text.len();
+    }
+
+    fn set_service(&mut self, name: &str) {
+        self.text.truncate(self.service_at);
+        self.text.extend_from_slice(name.as_bytes());
+    }
+
+    /// A counter for the request body's bytes (`bytes_in`), when the JSON
+    /// log is on and the request has a body.
+    fn count_body(&mut self, req: &Request<Incoming>) -> Option<Arc<AtomicU64>> {
+        if !self.is_json || req.body().is_end_stream() {
+            return None;
+        }
+        let seen = Arc::new(AtomicU64::new(0));
+        self.body_seen = Some(Arc::clone(&seen));
+        Some(seen)
+    }
+
+    /// Keeps the server's state for the end of the body (JSON log: the
+    /// sink lives there); the request path is done with it by then.
+    fn handing_to(mut self, shared: Arc<Shared>) -> AccessLog {
+        if self.is_json {
+            self.json = Some(shared);
+        }
+        self
+    }
+
+    fn write(self, bytes_sent: u64, completed: bool, elapsed: std::time::Duration) {
+        match &self.json {
+            Some(shared) => shared.access_log.push(access_log::Record {
+                arrived: self.start,
+                duration: elapsed,
+                client: self.client,
+                method: self.method,
+                host_at: self.host_at,
+                service_at: self.service_at,
+                text: self.text,
+                status: self.status,
+                bytes_in: self
+                    .body_seen
+                    .map_or(0, |seen| seen.load(Ordering::Relaxed)),
+                bytes_out: bytes_sent,
+                upstream: self.upstream,
+                completed,
+            }),
+            None => self.trace(bytes_sent, completed, elapsed),
+        }
+    }
+
+    /// The default access log: one `tracing` event.
+    fn trace(&self, bytes_sent: u64, completed: bool, elapsed: std::time::Duration) {
         let upstream = self
             .upstream
-            .map_or_else(|| "-".to_string(), |addr| addr.to_string());
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |upstream| upstream.addr.to_string());
+        let text = String::from_utf8_lossy(&self.text);
         tracing::info!(
             target: "cutover::access",
-            host = %self.host,
+            host = &text[self.host_at..self.service_at],
             client.addr = %self.client,
             method = %self.method,
-            path = %self.path,
+            path = &text[..self.host_at],
             status = self.status,
             bytes = bytes_sent,
-            duration_ms = %format_args!("{:.3}", self.start.elapsed().as_secs_f64() * 1000.0),
+            duration_ms = %format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0),
             upstream.addr = %upstream,
             completed,
         );

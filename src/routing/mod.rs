@@ -40,6 +40,8 @@ pub struct Shared {
     /// Connections per data-plane worker thread: the acceptor's choice of
     /// worker and `cutover status` read it.
     pub workers: WorkerLoad,
+    /// Where the request path hands JSON access-log records.
+    pub access_log: crate::access_log::Sink,
 }
 
 /// The HTTPS listener's port, read per redirect and changed when a reload
