@@ -281,3 +281,49 @@ async fn an_access_log_that_cannot_be_opened_stops_start_up() {
     let err = proxy.join().await.expect_err("start-up must fail");
     assert!(err.to_string().contains("cannot open access log"), "{err}");
 }
+
+/// logrotate's default (rename, then `cutover reload` in `postrotate`):
+/// lines before the reload stay in the renamed file, lines after it go
+/// to a new file at the configured path.
+#[tokio::test]
+async fn a_reload_reopens_the_file_after_a_rename() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = start_upstream("app").await;
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nadmin_socket = \"admin.sock\"\naccess_log = \"./access.log\"\n\
+             [[site]]\nhosts = [\"*\"]\nservice = \"app\"\n\
+             [service.app]\nupstream = \"{}\"\n",
+            upstream.addr
+        ),
+    )
+    .expect("write config");
+    let config = cutover::Config::load(&path).unwrap_or_else(|err| panic!("config: {err}"));
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let proxy = run_proxy(http, None, config).await;
+    let socket = dir.path().join("admin.sock");
+    wait_for_admin(&socket).await;
+
+    assert_eq!(http_get(proxy.http_addr, "a.test", "/one").await.status, 200);
+    let log = dir.path().join("access.log");
+    let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+    while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no line logged");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    std::fs::rename(&log, dir.path().join("access.log.1")).expect("rotate");
+    admin_call(&socket, cutover::admin::Command::Reload {}, IO_TIMEOUT)
+        .await
+        .expect("reload");
+    assert_eq!(http_get(proxy.http_addr, "a.test", "/two").await.status, 200);
+    proxy.stop().await.expect("clean stop");
+
+    let rotated = std::fs::read_to_string(dir.path().join("access.log.1")).expect("rotated");
+    let current = std::fs::read_to_string(&log).expect("reopened");
+    assert!(rotated.contains("\"/one\"") && !rotated.contains("\"/two\""), "{rotated}");
+    assert!(current.contains("\"/two\"") && !current.contains("\"/one\""), "{current}");
+}
