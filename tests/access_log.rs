@@ -308,7 +308,10 @@ async fn a_reload_reopens_the_file_after_a_rename() {
     let socket = dir.path().join("admin.sock");
     wait_for_admin(&socket).await;
 
-    assert_eq!(http_get(proxy.http_addr, "a.test", "/one").await.status, 200);
+    assert_eq!(
+        http_get(proxy.http_addr, "a.test", "/one").await.status,
+        200
+    );
     let log = dir.path().join("access.log");
     let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
     while std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
@@ -319,11 +322,20 @@ async fn a_reload_reopens_the_file_after_a_rename() {
     admin_call(&socket, cutover::admin::Command::Reload {}, IO_TIMEOUT)
         .await
         .expect("reload");
-    assert_eq!(http_get(proxy.http_addr, "a.test", "/two").await.status, 200);
+    assert_eq!(
+        http_get(proxy.http_addr, "a.test", "/two").await.status,
+        200
+    );
     proxy.stop().await.expect("clean stop");
 
     let rotated = std::fs::read_to_string(dir.path().join("access.log.1")).expect("rotated");
     let current = std::fs::read_to_string(&log).expect("reopened");
-    assert!(rotated.contains("\"/one\"") && !rotated.contains("\"/two\""), "{rotated}");
-    assert!(current.contains("\"/two\"") && !current.contains("\"/one\""), "{current}");
+    assert!(
+        rotated.contains("\"/one\"") && !rotated.contains("\"/two\""),
+        "{rotated}"
+    );
+    assert!(
+        current.contains("\"/two\"") && !current.contains("\"/one\""),
+        "{current}"
+    );
 }
