@@ -29,7 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
@@ -163,6 +163,7 @@ impl Sink {
             spare: Vec::new(),
             buf: Vec::with_capacity(64 * 1024),
             clock: Clock::default(),
+            repeats: Repeats::default(),
         };
         let thread = std::thread::Builder::new()
             .name("cutover-access-log".into())
@@ -266,6 +267,7 @@ struct Writer {
     /// The lines of one round, written with one `write`.
     buf: Vec<u8>,
     clock: Clock,
+    repeats: Repeats,
 }
 
 impl Writer {
@@ -313,7 +315,13 @@ impl Writer {
             }
             if !matches!(self.output, Output::Nowhere) {
                 for record in &self.spare {
-                    write_line(&mut self.buf, record, &mut self.clock, now);
+                    write_line_with(
+                        &mut self.buf,
+                        record,
+                        &mut self.clock,
+                        &mut self.repeats,
+                        now,
+                    );
                 }
             }
             self.spare.clear();
@@ -360,6 +368,59 @@ pub fn write_line(
     clock: &mut Clock,
     now: (SystemTime, Instant),
 ) {
+    write_line_with(out, record, clock, &mut Repeats::default(), now);
+}
+
+/// What consecutive lines usually share, formatted once: the client's IP
+/// (one client, many requests) and the upstream's colour and address.
+#[derive(Default)]
+pub struct Repeats {
+    client_ip: Option<IpAddr>,
+    client_ip_text: Vec<u8>,
+    /// Weak: a retired upstream's pool (and its idle connections) must not
+    /// live on for the log's sake; the allocation it keeps means the
+    /// address cannot be reused by another upstream while compared.
+    upstream: Option<Weak<Upstream>>,
+    /// `,"color":"blue","upstream":"127.0.0.1:9000"` for `upstream`.
+    upstream_text: Vec<u8>,
+}
+
+impl Repeats {
+    fn client_ip(&mut self, ip: IpAddr) -> &[u8] {
+        if self.client_ip != Some(ip) {
+            self.client_ip_text.clear();
+            write_ip(&mut self.client_ip_text, ip);
+            self.client_ip = Some(ip);
+        }
+        &self.client_ip_text
+    }
+
+    fn upstream(&mut self, upstream: &Arc<Upstream>) -> &[u8] {
+        let same = self
+            .upstream
+            .as_ref()
+            .is_some_and(|last| std::ptr::eq(last.as_ptr(), Arc::as_ptr(upstream)));
+        if !same {
+            let text = &mut self.upstream_text;
+            text.clear();
+            text.extend_from_slice(b",\"color\":\"");
+            escape(text, upstream.label.as_bytes());
+            text.extend_from_slice(b"\",\"upstream\":\"");
+            write_socket_addr(text, upstream.addr);
+            text.push(b'"');
+            self.upstream = Some(Arc::downgrade(upstream));
+        }
+        &self.upstream_text
+    }
+}
+
+fn write_line_with(
+    out: &mut Vec<u8>,
+    record: &Record,
+    clock: &mut Clock,
+    repeats: &mut Repeats,
+    now: (SystemTime, Instant),
+) {
     let text = &record.text;
     let path = &text[..record.host_at];
     let host = &text[record.host_at..record.service_at];
@@ -372,7 +433,9 @@ pub fn write_line(
         .unwrap_or(now.0);
     clock.write_rfc3339(out, wall);
     out.extend_from_slice(b"\",\"client\":\"");
-    write_socket_addr(out, record.client);
+    out.extend_from_slice(repeats.client_ip(record.client.ip()));
+    out.push(b':');
+    push_u64(out, u64::from(record.client.port()));
     out.extend_from_slice(b"\",\"host\":\"");
     escape(out, host);
     out.extend_from_slice(b"\",\"method\":\"");
@@ -398,13 +461,7 @@ pub fn write_line(
         out.push(b'"');
     }
     match &record.upstream {
-        Some(upstream) => {
-            out.extend_from_slice(b",\"color\":\"");
-            escape(out, upstream.label.as_bytes());
-            out.extend_from_slice(b"\",\"upstream\":\"");
-            write_socket_addr(out, upstream.addr);
-            out.push(b'"');
-        }
+        Some(upstream) => out.extend_from_slice(repeats.upstream(upstream)),
         None => out.extend_from_slice(b",\"color\":null,\"upstream\":null"),
     }
     out.extend_from_slice(if record.completed {
@@ -418,21 +475,39 @@ pub fn write_line(
 /// IPv6 form included).
 const LINE_FIXED: usize = 320;
 
-/// Decimal digits, pushed one by one: cheaper than a variable-length copy
-/// for the few digits a status or byte count has.
-fn push_u64(out: &mut Vec<u8>, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
+/// Decimal digits. Values below 100,000 (statuses, ports, most byte
+/// counts and durations) are written as one fixed-length copy each, with
+/// no loop; larger ones digit by digit.
+fn push_u64(out: &mut Vec<u8>, value: u64) {
+    let digit = |n: u64| b'0' + (n % 10) as u8;
+    match value {
+        0..=9 => out.push(digit(value)),
+        10..=99 => out.extend_from_slice(&[digit(value / 10), digit(value)]),
+        100..=999 => out.extend_from_slice(&[digit(value / 100), digit(value / 10), digit(value)]),
+        1000..=9999 => out.extend_from_slice(&[
+            digit(value / 1000),
+            digit(value / 100),
+            digit(value / 10),
+            digit(value),
+        ]),
+        10_000..=99_999 => out.extend_from_slice(&[
+            digit(value / 10_000),
+            digit(value / 1000),
+            digit(value / 100),
+            digit(value / 10),
+            digit(value),
+        ]),
+        _ => {
+            let mut digits = [0u8; 20];
+            let mut at = digits.len();
+            let mut rest = value;
+            while rest > 0 {
+                at -= 1;
+                digits[at] = digit(rest);
+                rest /= 10;
+            }
+            out.extend_from_slice(&digits[at..]);
         }
-    }
-    for &digit in &digits[at..] {
-        out.push(digit);
     }
 }
 
@@ -449,10 +524,17 @@ fn write_millis(out: &mut Vec<u8>, duration: Duration) {
     ]);
 }
 
-/// `1.2.3.4:5` or `[::1]:5`; IPv4 by hand (std's `Display` goes through
-/// the formatting machinery, several times the cost).
+/// `1.2.3.4:5` or `[::1]:5`.
 fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
-    match addr.ip() {
+    write_ip(out, addr.ip());
+    out.push(b':');
+    push_u64(out, u64::from(addr.port()));
+}
+
+/// `1.2.3.4` or `[::1]`; IPv4 by hand (std's `Display` goes through the
+/// formatting machinery, several times the cost).
+fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
         IpAddr::V4(ip) => {
             let [a, b, c, d] = ip.octets();
             push_u64(out, u64::from(a));
@@ -467,8 +549,6 @@ fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
             let _ = write!(out, "[{ip}]");
         }
     }
-    out.push(b':');
-    push_u64(out, u64::from(addr.port()));
 }
 
 /// Writes `bytes` as the inside of a JSON string: `"`, `\`, control
@@ -727,6 +807,26 @@ mod tests {
         write_millis(&mut out, Duration::from_micros(1_234_567));
         out.push(b' ');
         write_millis(&mut out, Duration::from_micros(5));
-        assert_eq!(String::from_utf8(out).unwrap(), "1234.567 0.005");
+        for value in [
+            0,
+            9,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            9999,
+            10_000,
+            99_999,
+            100_000,
+            u64::MAX,
+        ] {
+            out.push(b' ');
+            push_u64(&mut out, value);
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1234.567 0.005 0 9 10 99 100 999 1000 9999 10000 99999 100000 18446744073709551615"
+        );
     }
 }

@@ -18,10 +18,10 @@
 //! | `control/` | the controller (single writer), deploys, health, state file, watcher |
 //! | `proxy/` | the data plane: listeners, connection serving, the request path |
 //! | `routing/` | the snapshot and the one cell that holds it |
+//! | `access_log` | the JSON-lines access log: records from the request path, its writer thread |
 //! | `upstream/` | an upstream, its connection pool and HTTP/1.1 client |
 //! | `acme/` | automatic certificates: ACME orders, storage, renewal |
 //! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
-//! | `access_log` | the JSON-lines access log: records from the request path, its writer thread |
 //! | `config/`, `errors` | configuration, error chains |
 //! | `sd_notify` | readiness reports to systemd (`Type=notify`) |
 //!

@@ -3,7 +3,8 @@
 //!
 //! This is where the data plane and the control plane meet: the proxy
 //! reads the cell once per request, the controller is its only writer.
-//! Neither imports the other. May import: `upstream`, `tls`, `config`.
+//! Neither imports the other. May import: `access_log`, `upstream`, `tls`,
+//! `config`.
 
 pub mod snapshot;
 pub mod table;
