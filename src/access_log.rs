@@ -315,7 +315,7 @@ impl Writer {
             }
             if !matches!(self.output, Output::Nowhere) {
                 for record in &self.spare {
-                    write_line_with(
+                    write_line(
                         &mut self.buf,
                         record,
                         &mut self.clock,
@@ -353,22 +353,6 @@ impl Writer {
         }
         self.config = config;
     }
-}
-
-/// Formats one record as a JSON line onto `out`.
-///
-/// Written for the instruction count (the writer's work is most of what
-/// the JSON log costs): one `reserve` per line, so the fixed parts are
-/// constant-length copies; numbers and IPv4 addresses are pushed digit by
-/// digit rather than through `fmt` or variable-length `memcpy` calls; and
-/// strings that need no escaping (the usual case) are copied whole.
-pub fn write_line(
-    out: &mut Vec<u8>,
-    record: &Record,
-    clock: &mut Clock,
-    now: (SystemTime, Instant),
-) {
-    write_line_with(out, record, clock, &mut Repeats::default(), now);
 }
 
 /// What consecutive lines usually share, formatted once: the client's IP
@@ -414,7 +398,14 @@ impl Repeats {
     }
 }
 
-fn write_line_with(
+/// Formats one record as a JSON line onto `out`.
+///
+/// Written for the instruction count (the writer's work is most of what
+/// the JSON log costs): one `reserve` per line, so the fixed parts are
+/// constant-length copies; numbers are written without `fmt`; what repeats
+/// from line to line ([`Repeats`]) is formatted once; and strings that
+/// need no escaping (the usual case) are copied whole.
+pub fn write_line(
     out: &mut Vec<u8>,
     record: &Record,
     clock: &mut Clock,
@@ -778,7 +769,13 @@ mod tests {
             completed: false,
         };
         let mut out = Vec::new();
-        write_line(&mut out, &record, &mut Clock::default(), now);
+        write_line(
+            &mut out,
+            &record,
+            &mut Clock::default(),
+            &mut Repeats::default(),
+            now,
+        );
         assert_eq!(out.last(), Some(&b'\n'));
         let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
