@@ -296,6 +296,7 @@ mod state_machine {
             tasks: tokio_util::task::TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
             workers: crate::routing::WorkerLoad::new(0),
+            metrics: crate::metrics::Metrics::new(false),
         });
         let engine = Arc::clone(engine);
         let connect: super::Connect = Box::new(move || {
