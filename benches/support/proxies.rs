@@ -51,6 +51,8 @@ pub struct Options {
     /// cutover's `CUTOVER_RUNTIME` (`per-core` or `work-stealing`); `None`
     /// leaves cutover's default.
     pub cutover_runtime: Option<&'static str>,
+    /// cutover's `[server] metrics` endpoint on (a loopback port of its own).
+    pub cutover_metrics: bool,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             workers: 1,
             cutover_log: "warn",
             cutover_runtime: None,
+            cutover_metrics: false,
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct Running {
     pub http: SocketAddr,
     /// TLS listener (h2 and http/1.1 by ALPN).
     pub https: SocketAddr,
+    /// cutover's metrics endpoint, when [`Options::cutover_metrics`] is on.
+    pub metrics: Option<SocketAddr>,
     child: ChildGuard,
 }
 
@@ -134,8 +139,9 @@ pub fn start_under(
     std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
     let http = listen_addr();
     let https = listen_addr();
+    let metrics = (kind == Kind::Cutover && options.cutover_metrics).then(listen_addr);
     let command = match kind {
-        Kind::Cutover => cutover_command(dir, http, https, origin, options)?,
+        Kind::Cutover => cutover_command(dir, [http, https], metrics, origin, options)?,
         Kind::Nginx => nginx_command(dir, http, https, origin, options)?,
         Kind::Haproxy => haproxy_command(dir, http, https, origin, options)?,
     };
@@ -149,6 +155,7 @@ pub fn start_under(
         kind,
         http,
         https,
+        metrics,
         child,
     })
 }
@@ -165,8 +172,8 @@ fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
 
 fn cutover_command(
     dir: &Path,
-    http: SocketAddr,
-    https: SocketAddr,
+    [http, https]: [SocketAddr; 2],
+    metrics: Option<SocketAddr>,
     origin: SocketAddr,
     options: Options,
 ) -> Result<Command, String> {
@@ -180,6 +187,7 @@ fn cutover_command(
          http = \"{http}\"\n\
          https = \"{https}\"\n\
          workers = {workers}\n\
+         {metrics}\n\
          \n\
          [server.limits]\n\
          max_body_bytes = \"4GiB\"\n\
@@ -197,6 +205,7 @@ fn cutover_command(
          [service.up]\n\
          upstream = \"{origin}\"\n",
         workers = options.workers,
+        metrics = metrics.map_or(String::new(), |addr| format!("metrics = \"{addr}\"")),
         cert = cert.display(),
         key = key.display(),
     );

@@ -2,7 +2,7 @@
 //! snapshot, with deploys, health probes, the state file and the config
 //! watcher beside it.
 //!
-//! May import: `routing`, `upstream`, `acme`, `docker`, `tls`, `config`,
+//! May import: `routing`, `metrics`, `upstream`, `acme`, `docker`, `tls`, `config`,
 //! `errors`, `sd_notify`.
 //! Never the data plane (`proxy`): the two meet only in `routing`.
 //!
@@ -758,6 +758,9 @@ fn warn_on_restart_only_changes(old: &Config, new: &Config) {
     }
     if old.server.state_dir != new.server.state_dir || old.server.instance != new.server.instance {
         tracing::warn!("state_dir or instance changed; they take effect on restart");
+    }
+    if old.server.metrics != new.server.metrics {
+        tracing::warn!("the metrics address changed; it takes effect on restart");
     }
 }
 

@@ -333,3 +333,86 @@ fn encode_failures(encoder: &mut DescriptorEncoder, totals: &[Totals]) -> fmt::R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use crate::config::Limits;
+    use crate::upstream::stats::Failure;
+
+    /// A snapshot stand-in: the upstreams listed serve now.
+    #[derive(Default)]
+    struct Serving(Mutex<Vec<(String, Arc<Upstream>)>>);
+
+    impl UpstreamSource for Serving {
+        fn each_upstream(&self, f: &mut dyn FnMut(&str, &Arc<Upstream>)) {
+            for (service, upstream) in self.0.lock().expect("lock").iter() {
+                f(service, upstream);
+            }
+        }
+    }
+
+    fn upstream(port: u16, colour: &str) -> Arc<Upstream> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Upstream::new(addr, colour, &Limits::default())
+    }
+
+    fn requests(totals: &[Totals], colour: &str) -> u64 {
+        totals
+            .iter()
+            .find(|t| t.service == "web" && t.colour == colour)
+            .map_or(0, |t| t.stats.requests())
+    }
+
+    #[test]
+    fn a_retired_upstreams_counts_stay_in_the_totals() {
+        let serving = Serving::default();
+        let mut seen = Seen::default();
+        let blue = upstream(1, "blue");
+        serving
+            .0
+            .lock()
+            .expect("lock")
+            .push(("web".into(), Arc::clone(&blue)));
+        blue.stats().record(200, Duration::from_millis(1));
+        assert_eq!(requests(&seen.totals(&serving), "blue"), 1);
+
+        // Switched to green: blue is out of the snapshot but still alive
+        // (draining, or kept warm), and still counts.
+        let green = upstream(2, "green");
+        *serving.0.lock().expect("lock") = vec![("web".into(), Arc::clone(&green))];
+        blue.stats().record(503, Duration::from_millis(1));
+        blue.stats().record_failure(Failure::Connect);
+        green.stats().record(200, Duration::from_millis(1));
+        let totals = seen.totals(&serving);
+        assert_eq!(
+            (requests(&totals, "blue"), requests(&totals, "green")),
+            (2, 1)
+        );
+
+        // Blue retired (dropped): its final counts are carried.
+        drop(blue);
+        let totals = seen.totals(&serving);
+        assert_eq!(
+            (requests(&totals, "blue"), requests(&totals, "green")),
+            (2, 1)
+        );
+        assert_eq!(seen.live.len(), 1);
+        let blue_totals = totals.iter().find(|t| t.colour == "blue").expect("blue");
+        assert_eq!(blue_totals.failures, [1, 0, 0]);
+        assert_eq!(blue_totals.in_flight, 0);
+
+        // A later blue adds to the same series.
+        let blue_again = upstream(3, "blue");
+        *serving.0.lock().expect("lock") = vec![("web".into(), Arc::clone(&blue_again))];
+        blue_again.stats().record(200, Duration::from_millis(1));
+        let _guard = blue_again.begin_request();
+        let totals = seen.totals(&serving);
+        assert_eq!(requests(&totals, "blue"), 3);
+        let blue_totals = totals.iter().find(|t| t.colour == "blue").expect("blue");
+        assert_eq!(blue_totals.in_flight, 1);
+    }
+}

@@ -9,8 +9,10 @@
 //! scrape time ([`export`]), which walks the current routing snapshot, so
 //! the request path never looks a label set up or allocates one.
 //!
-//! Placed just below `routing` (it reads upstreams, certificates and the
-//! config, never the proxy or the controller, which record into it).
+//! May import: `upstream` (and what lies below it). Placed just below
+//! `routing`: the proxy and the controller record into it, `routing`
+//! builds the per-route counters and lets the scrape walk the snapshot
+//! (through [`UpstreamSource`]), and the app starts the endpoint.
 
 pub mod endpoint;
 pub mod export;

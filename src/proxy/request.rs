@@ -269,7 +269,7 @@ async fn dispatch(
         return Ok(Produced::Local(response));
     }
     let route_index = routes::route_index(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;
-    let route = &site.routes[route_index];
+    let route = site.routes.get(route_index).ok_or(ProxyError::NoRoute)?;
     if req.method() == Method::TRACE {
         // Never answered or forwarded: echoing a request back is how
         // cross-site tracing reads cookies and credentials.
