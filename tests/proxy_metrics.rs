@@ -49,6 +49,7 @@ upstream = "{app}"
 path = "/"
 interval = "50ms"
 healthy_after = 1
+deadline = "500ms"
 
 [service.down]
 upstream = "{down}"
@@ -358,6 +359,37 @@ async fn scrape_counts_requests_connections_and_switches_and_passes_promtool() {
         &[("service", "app"), ("outcome", "pass")],
     );
     assert!(passed >= Some(1.0), "no passed health check:\n{text}");
+
+    // A switch to an address nothing listens on fails its health gate.
+    let switch = Command::Switch {
+        service: "app".into(),
+        to: down.to_string(),
+        force: false,
+    };
+    admin_call(&admin, switch, IO_TIMEOUT)
+        .await
+        .expect_err("a switch to a closed port must fail");
+    let text = scrape(metrics).await;
+    let failed = [("service", "app"), ("outcome", "failed")];
+    assert_eq!(
+        sample(&text, "cutover_switches_total", &failed),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "cutover_switches_total", &switched),
+        Some(1.0),
+        "{text}"
+    );
+    let probes_failed = sample(
+        &text,
+        "cutover_health_checks_total",
+        &[("service", "app"), ("outcome", "fail")],
+    );
+    assert!(
+        probes_failed >= Some(1.0),
+        "no failed health check:\n{text}"
+    );
 
     promtool_check(&text);
 
