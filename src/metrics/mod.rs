@@ -142,6 +142,18 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// How many operations ended with `outcome` (for tests).
+    #[cfg(test)]
+    pub fn operations_counted(&self, op: Operation, service: &str, outcome: &str) -> u64 {
+        let labels = vec![
+            ("service", service.to_string()),
+            ("outcome", outcome.to_string()),
+        ];
+        self.operations[op as usize]
+            .get(&labels)
+            .map_or(0, |counter| counter.get())
+    }
+
     /// Records one health-check probe of `service`'s new upstream.
     pub fn health_check(&self, service: &str, passed: bool) {
         let outcome = if passed { "pass" } else { "fail" };
