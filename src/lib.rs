@@ -19,6 +19,7 @@
 //! | `proxy/` | the data plane: listeners, connection serving, the request path |
 //! | `routing/` | the snapshot and the one cell that holds it |
 //! | `access_log` | the JSON-lines access log: records from the request path, its writer thread |
+//! | `metrics/` | what both planes record, the Prometheus endpoint |
 //! | `upstream/` | an upstream, its connection pool and HTTP/1.1 client |
 //! | `acme/` | automatic certificates: ACME orders, storage, renewal |
 //! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
@@ -42,6 +43,7 @@ pub mod errors;
 pub mod fleet;
 pub mod handoff;
 mod io;
+mod metrics;
 mod proxy;
 mod rebind;
 mod routing;

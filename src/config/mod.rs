@@ -89,6 +89,11 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// Where the access log goes, and in which form.
     pub access_log: AccessLogMode,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens; `None`
+    /// (the default) serves no metrics and records none per request. Its
+    /// own listener, never one of the proxy's, so a scrape endpoint is
+    /// public only if this address is.
+    pub metrics: Option<SocketAddr>,
     pub limits: Limits,
 }
 
@@ -559,6 +564,7 @@ struct RawServer {
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
     access_log: Option<Spanned<String>>,
+    metrics: Option<Spanned<SocketAddr>>,
     #[serde(default)]
     limits: RawLimits,
 }
@@ -1126,6 +1132,17 @@ impl<'a> Validator<'a> {
             name
         });
         let access_log = self.access_log(raw.access_log);
+        let metrics = raw.metrics.map(|metrics| {
+            let span = metrics.span();
+            let addr = metrics.into_inner();
+            if Some(addr) == raw.http || Some(addr) == raw.https {
+                self.report(
+                    span,
+                    format!("metrics = \"{addr}\" is a proxy listener: give the metrics endpoint its own address"),
+                );
+            }
+            addr
+        });
         ServerConfig {
             http: raw.http,
             https: raw.https,
@@ -1139,6 +1156,7 @@ impl<'a> Validator<'a> {
                 .map_or(Duration::from_secs(30), |d| d.0),
             trusted_proxies,
             access_log,
+            metrics,
             limits,
         }
     }
@@ -1592,6 +1610,28 @@ service = "web"
         parse(&with_state).expect("valid with state_dir");
         // A static service needs no state file.
         parse("[service.web]\nupstream = \"127.0.0.1:9000\"\n").expect("valid");
+    }
+
+    #[test]
+    fn metrics_is_off_by_default_and_never_a_proxy_listener() {
+        let config = parse("[server]\nhttp = \"127.0.0.1:8080\"\n").expect("valid");
+        assert_eq!(config.server.metrics, None);
+        let config = parse("[server]\nmetrics = \"127.0.0.1:9100\"\n").expect("valid");
+        assert_eq!(
+            config.server.metrics,
+            Some("127.0.0.1:9100".parse().expect("addr"))
+        );
+        let err = parse("[server]\nhttp = \"127.0.0.1:8080\"\nmetrics = \"127.0.0.1:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its own address") && err.contains(":3"),
+            "{err}"
+        );
+        let err = parse("[server]\nmetrics = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2"), "{err}");
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! This is where the data plane and the control plane meet: the proxy
 //! reads the cell once per request, the controller is its only writer.
-//! Neither imports the other. May import: `access_log`, `upstream`, `tls`,
-//! `config`.
+//! Neither imports the other. May import: `access_log`, `metrics`,
+//! `upstream`, `tls`, `config`.
 
 pub mod snapshot;
 pub mod table;
@@ -17,7 +17,9 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::{Metrics, UpstreamSource};
 use crate::tls::acme::AcmeCerts;
+use crate::upstream::Upstream;
 
 pub use snapshot::{PauseGate, ServiceSlot, Snapshot};
 pub use workers::WorkerLoad;
@@ -43,6 +45,20 @@ pub struct Shared {
     pub workers: WorkerLoad,
     /// Where the request path hands JSON access-log records.
     pub access_log: crate::access_log::Sink,
+    /// What both planes record for the metrics endpoint.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The metrics endpoint reads the upstreams serving now from the cell.
+impl UpstreamSource for Shared {
+    fn each_upstream(&self, f: &mut dyn FnMut(&str, &Arc<Upstream>)) {
+        let snapshot = self.snapshot.load();
+        for (name, slot) in &snapshot.services {
+            if let Some(upstream) = &slot.active {
+                f(name, upstream);
+            }
+        }
+    }
 }
 
 /// The HTTPS listener's port, read per redirect and changed when a reload

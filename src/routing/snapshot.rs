@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::requests::RequestTally;
 use crate::routing::table::RouteTable;
 use crate::upstream::Upstream;
 
@@ -65,7 +66,8 @@ impl Snapshot {
     /// config still names the same address; otherwise it starts on the
     /// config's `upstream`, labelled blue.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        let routes = Arc::new(RouteTable::new(&config));
+        let tally = previous.and_then(|p| p.routes.tally().cloned());
+        let routes = Arc::new(RouteTable::counted(&config, tally));
         let services = config
             .services
             .values()
@@ -91,6 +93,13 @@ impl Snapshot {
             routes,
             services,
         }
+    }
+
+    /// This snapshot with its routes counting requests into `tally` (the
+    /// metrics endpoint is on); snapshots built from it keep counting there.
+    pub fn counted(mut self, tally: Arc<RequestTally>) -> Snapshot {
+        self.routes = Arc::new(RouteTable::counted(&self.config, Some(tally)));
+        self
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceSlot> {
