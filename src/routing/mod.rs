@@ -5,6 +5,7 @@
 //! reads the cell once per request, the controller is its only writer.
 //! Neither imports the other. May import: `upstream`, `tls`, `config`.
 
+pub mod canary;
 pub mod snapshot;
 pub mod table;
 pub mod workers;
@@ -18,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::tls::acme::AcmeCerts;
 
-pub use snapshot::{PauseGate, ServiceSlot, Snapshot};
+pub use snapshot::{Canary, PauseGate, ServiceSlot, Snapshot};
 pub use workers::WorkerLoad;
 
 /// State every connection and the controller share.

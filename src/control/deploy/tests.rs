@@ -322,7 +322,14 @@ mod state_machine {
         let choice = ImageChoice::Image(image.into());
         let progress = Progress::log_only();
         let report = controller
-            .deploy("web", choice, None, &progress, &CancellationToken::new())
+            .deploy(
+                "web",
+                choice,
+                None,
+                None,
+                &progress,
+                &CancellationToken::new(),
+            )
             .await?;
         Ok(report.container)
     }
