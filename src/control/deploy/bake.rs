@@ -46,6 +46,8 @@ pub(crate) enum Phase {
     Canary,
     /// A colour that took all traffic; the previous one is warm.
     Switch,
+    /// Nothing to go back to (a first deploy): no window.
+    Unjudged,
 }
 
 impl Phase {
@@ -53,6 +55,7 @@ impl Phase {
         match self {
             Phase::Canary => "canary",
             Phase::Switch => "switch",
+            Phase::Unjudged => "unjudged",
         }
     }
 }
@@ -74,6 +77,8 @@ pub(crate) enum Outcome {
         window: StatsSnapshot,
         reason: String,
         observed: Instant,
+        /// Time judged until the breach.
+        elapsed: Duration,
     },
     /// Another operation or the shutdown ended the window first.
     Ended(StatsSnapshot),
@@ -145,6 +150,7 @@ pub(crate) async fn judge(
                 window,
                 reason,
                 observed: Instant::now(),
+                elapsed: began.elapsed(),
             };
         }
         tick(&window, began.elapsed(), count);
@@ -152,6 +158,14 @@ pub(crate) async fn judge(
             return Outcome::Passed(window);
         }
     }
+}
+
+/// What a judge saw when a threshold broke.
+struct Breach {
+    window: StatsSnapshot,
+    reason: String,
+    observed: Instant,
+    elapsed: Duration,
 }
 
 /// The running windows (to end them) and the last verdict of each service
@@ -257,6 +271,13 @@ impl Deployer {
         let Some(bake) = settings.bake else {
             return Ok(None);
         };
+        if baking.phase == Phase::Unjudged {
+            progress.emit(
+                "bake",
+                "first deploy: no previous colour to roll back to, so no bake window",
+            );
+            return Ok(None);
+        }
         let Baking {
             upstream,
             baseline,
@@ -344,11 +365,18 @@ impl Deployer {
                 window,
                 reason,
                 observed,
-            } => Err(self
-                .breached(
-                    service, &upstream, phase, &window, reason, observed, &stop, progress,
-                )
-                .await),
+                elapsed,
+            } => {
+                let breach = Breach {
+                    window,
+                    reason,
+                    observed,
+                    elapsed,
+                };
+                Err(self
+                    .breached(service, &upstream, phase, breach, &stop, progress)
+                    .await)
+            }
         }
     }
 
@@ -370,20 +398,18 @@ impl Deployer {
                 window,
                 reason,
                 observed,
+                elapsed,
             } = outcome
             {
                 let progress = Progress::log_only();
+                let breach = Breach {
+                    window,
+                    reason,
+                    observed,
+                    elapsed,
+                };
                 let err = deployer
-                    .breached(
-                        &service,
-                        &upstream,
-                        Phase::Canary,
-                        &window,
-                        reason,
-                        observed,
-                        &stop,
-                        &progress,
-                    )
+                    .breached(&service, &upstream, Phase::Canary, breach, &stop, &progress)
                     .await;
                 tracing::error!(service, error = %err, "canary breached its bake thresholds");
             }
@@ -393,18 +419,22 @@ impl Deployer {
     /// A breach: traffic back to the previous colour now, then the error
     /// the attached command exits with (the figures, the reason, the time
     /// from the breach to the switch).
-    #[allow(clippy::too_many_arguments)]
     async fn breached(
         self: &Arc<Self>,
         service: &str,
         upstream: &Upstream,
         phase: Phase,
-        window: &StatsSnapshot,
-        reason: String,
-        observed: Instant,
+        breach: Breach,
         stop: &CancellationToken,
         progress: &Progress,
     ) -> ControlError {
+        let Breach {
+            window,
+            reason,
+            observed,
+            elapsed,
+        } = breach;
+        let window = &window;
         progress.emit(
             "breach",
             format!(
@@ -412,7 +442,7 @@ impl Deployer {
                 upstream.label
             ),
         );
-        let mut breached = report(upstream, phase, "breached", window, observed.elapsed());
+        let mut breached = report(upstream, phase, "breached", window, elapsed);
         breached.reason = Some(reason.clone());
         let rolled_back = self
             .roll_back_breach(service, phase, &reason, stop, progress)
@@ -461,7 +491,7 @@ impl Deployer {
                     .await
                     .map(|(_, published)| published)
             }
-            Phase::Switch => self.swap_back_after_breach(service, progress).await,
+            Phase::Switch | Phase::Unjudged => self.swap_back_after_breach(service, progress).await,
         }
     }
 }
@@ -548,13 +578,17 @@ mod tests {
         let until = Some(began + Duration::from_secs(5));
         let outcome = judge(&up, baseline, &bake(100, None), until, &stop, |_, _, _| {}).await;
         let Outcome::Breached {
-            window, observed, ..
+            window,
+            observed,
+            elapsed,
+            ..
         } = outcome
         else {
             panic!("no breach: {outcome:?}");
         };
         // 200 ok by 1.0 s, 10 errors at 1.025 s: seen at the 1.1 s tick.
         assert_eq!(observed - began, Duration::from_millis(1_100));
+        assert_eq!(elapsed, Duration::from_millis(1_100));
         assert_eq!((window.requests(), window.server_errors()), (210, 10));
         feeder.await.expect("feeder");
 

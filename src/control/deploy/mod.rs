@@ -275,11 +275,18 @@ impl Deployer {
             return Ok((report, baking));
         }
         let handover = self.switch_to(&attempt, &started, addr).await?;
+        let first = handover.activation.old.is_none();
         let baking = Baking {
             // A fresh upstream: its counters start at zero with the swap.
             baseline: crate::upstream::stats::StatsSnapshot::default(),
             upstream: Arc::clone(&handover.upstream),
-            phase: Phase::Switch,
+            // A first deploy has no previous colour to go back to: it is
+            // not judged.
+            phase: if first {
+                Phase::Unjudged
+            } else {
+                Phase::Switch
+            },
         };
         let drain_ms = handover.drain_time.as_millis() as u64;
         self.prune_images(service, &*attempt.engine, attempt.container.retain)
