@@ -442,6 +442,7 @@ impl Deployer {
                 upstream.label
             ),
         );
+        tracing::warn!(service, color = %upstream.label, phase = phase.name(), requests = window.requests(), errors = window.server_errors(), "bake breached: {reason}");
         let mut breached = report(upstream, phase, "breached", window, elapsed);
         breached.reason = Some(reason.clone());
         let rolled_back = self
