@@ -923,7 +923,19 @@ impl<'a> Validator<'a> {
                 .health
                 .map(|health| self.health(health))
                 .unwrap_or_default();
+            let bake_span = raw.bake.as_ref().map(Spanned::span);
             let bake = raw.bake.take().map(|bake| self.bake(bake));
+            if let (Some(bake), Some(container), Some(at)) = (&bake, &container, bake_span) {
+                if bake.window > container.keep_previous {
+                    self.report(
+                        at,
+                        format!(
+                            "bake window ({:?}) is longer than keep_previous ({:?}): the warm colour a breach rolls back to would be retired first",
+                            bake.window, container.keep_previous
+                        ),
+                    );
+                }
+            }
             services.insert(
                 name.clone(),
                 Service {
@@ -1564,6 +1576,14 @@ health = { path = "/actuator/health", expect_json = { status = "UP" }, healthy_a
         );
         let err = parse(&format!("{base}bake = {{ windw = \"1s\" }}\n")).unwrap_err();
         assert!(err.to_string().contains("proxy.toml:6:"), "{err}");
+        let err = parse(&format!(
+            "{base}keep_previous = \"1m\"\nbake = {{ window = \"2m\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("proxy.toml:7:8: bake window"),
+            "{err}"
+        );
         let err = parse("[service.web]\nupstream = \"127.0.0.1:1\"\nbake = {}\n").unwrap_err();
         assert!(err.to_string().contains("no `image`"), "{err}");
     }
