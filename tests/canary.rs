@@ -382,7 +382,7 @@ async fn healthy_version_passes_the_bake_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookie_keeps_clients_on_their_colour_until_promote_or_abort() {
-    let h = Harness::start("csticky", Opts::default()).await;
+    let mut h = Harness::start("csticky", Opts::default()).await;
     let v1 = h.image("v1", &[]).await;
     let v2 = h.image("v2", &[]).await;
     let v3 = h.image("v3", &[]).await;
@@ -418,6 +418,25 @@ async fn cookie_keeps_clients_on_their_colour_until_promote_or_abort() {
             assert_eq!(&seen.version, version, "sticky: {seen:?}");
             assert!(seen.set_cookie.is_none(), "a kept cookie is not set again");
         }
+    }
+    // A restart (SIGKILL) keeps the split, the canary's container and
+    // every client's colour.
+    h.proxy.kill9();
+    h.proxy.spawn().await;
+    let status = h.consistent().await;
+    assert_eq!(
+        status.canary.as_ref().map(|c| c.share_bp),
+        Some(5_000),
+        "{status:?}"
+    );
+    for (version, client) in on.iter_mut() {
+        let mut again = Client::connect(h.proxy.http, true).await.expect("connect");
+        again.cookie = client.cookie.clone();
+        for _ in 0..10 {
+            let seen = again.get().await.expect("GET");
+            assert_eq!(&seen.version, version, "sticky after a restart: {seen:?}");
+        }
+        *client = again;
     }
     // A cookie for a colour that is not serving is reassigned.
     let mut stale = Client::connect(h.proxy.http, true).await.expect("connect");
