@@ -282,10 +282,8 @@ async fn dispatch(
             {
                 forward::Hop::Answer => Produced::Local(options_answer()),
                 forward::Hop::Forward => {
-                    let Choice {
-                        upstream,
-                        set_cookie,
-                    } = pick_upstream(shared, snapshot, name, req.headers()).await?;
+                    let Choice { upstream, assigned } =
+                        pick_upstream(shared, snapshot, name, req.headers()).await?;
                     if let Some(log) = log {
                         log.upstream = Some(upstream.addr);
                     }
@@ -296,7 +294,13 @@ async fn dispatch(
                         arrived,
                     };
                     let mut produced = forward(shared, snapshot, exchange, req, upstream).await?;
-                    if let Some(cookie) = set_cookie {
+                    // The snapshot is this request's own: its canary is
+                    // the one that assigned it.
+                    let cookie = assigned.and_then(|to| {
+                        let canary = snapshot.service(name)?.canary.as_ref()?;
+                        Some(canary.set_cookie(to))
+                    });
+                    if let Some(cookie) = cookie {
                         match &mut produced {
                             Produced::Local(response) => {
                                 response.headers_mut().append(header::SET_COOKIE, cookie)
@@ -378,7 +382,7 @@ fn choose(slot: &ServiceSlot, name: &str, headers: &http::HeaderMap) -> Result<C
     Ok(match &slot.canary {
         None => Choice {
             upstream: Arc::clone(active),
-            set_cookie: None,
+            assigned: None,
         },
         Some(canary) => canary.choose(
             active,

@@ -42,12 +42,21 @@ pub struct Canary {
     set_canary: HeaderValue,
 }
 
-/// Where one request goes, and the cookie its response must set (only for
-/// a request that was assigned, not one that named its colour).
+/// Where one request goes, and whether it was assigned (then its response
+/// sets the cookie, see [`Canary::set_cookie`]) rather than sent where its
+/// cookie named. A flag, not the header value: it is held across the
+/// upstream exchange, inside every request's future.
 #[derive(Debug)]
 pub struct Choice {
     pub upstream: Arc<Upstream>,
-    pub set_cookie: Option<HeaderValue>,
+    pub assigned: Option<Assigned>,
+}
+
+/// The colour a request was assigned to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Assigned {
+    Active,
+    Canary,
 }
 
 impl Canary {
@@ -82,6 +91,14 @@ impl Canary {
         &self.cookie
     }
 
+    /// The `Set-Cookie` value for a request assigned to `to`.
+    pub fn set_cookie(&self, to: Assigned) -> HeaderValue {
+        match to {
+            Assigned::Active => self.set_active.clone(),
+            Assigned::Canary => self.set_canary.clone(),
+        }
+    }
+
     /// The upstream for a request with these `Cookie` header values, given
     /// the service's `active` upstream and one random draw.
     pub fn choose<'a>(
@@ -93,19 +110,19 @@ impl Canary {
         match self.named(cookies) {
             Some(Named::Active) => Choice {
                 upstream: Arc::clone(active),
-                set_cookie: None,
+                assigned: None,
             },
             Some(Named::Canary) => Choice {
                 upstream: Arc::clone(&self.upstream),
-                set_cookie: None,
+                assigned: None,
             },
             None if draw % FULL_SHARE < self.share_bp => Choice {
                 upstream: Arc::clone(&self.upstream),
-                set_cookie: Some(self.set_canary.clone()),
+                assigned: Some(Assigned::Canary),
             },
             None => Choice {
                 upstream: Arc::clone(active),
-                set_cookie: Some(self.set_active.clone()),
+                assigned: Some(Assigned::Active),
             },
         }
     }
@@ -201,30 +218,31 @@ mod tests {
         // No cookie: draws below the share go to the canary, with a cookie.
         let picked = canary.choose(&blue, none.iter(), 999);
         assert!(Arc::ptr_eq(&picked.upstream, &green));
+        assert_eq!(picked.assigned, Some(Assigned::Canary));
         assert_eq!(
-            picked.set_cookie.as_ref().map(|v| v.to_str().unwrap_or("")),
-            Some("cutover_web=green-d2; Path=/; HttpOnly; SameSite=Lax")
+            canary.set_cookie(Assigned::Canary).to_str().unwrap_or(""),
+            "cutover_web=green-d2; Path=/; HttpOnly; SameSite=Lax"
         );
         let picked = canary.choose(&blue, none.iter(), 1_000);
         assert!(Arc::ptr_eq(&picked.upstream, &blue));
-        assert!(picked.set_cookie.is_some());
+        assert_eq!(picked.assigned, Some(Assigned::Active));
         // A cookie naming a serving colour wins over any draw.
         let cookies = [HeaderValue::from_static("a=1; cutover_web=green-d2; b=2")];
         let picked = canary.choose(&blue, cookies.iter(), 9_999);
-        assert!(Arc::ptr_eq(&picked.upstream, &green) && picked.set_cookie.is_none());
+        assert!(Arc::ptr_eq(&picked.upstream, &green) && picked.assigned.is_none());
         let cookies = [
             HeaderValue::from_static("x=y"),
             HeaderValue::from_static("cutover_web=blue-d1"),
         ];
         let picked = canary.choose(&blue, cookies.iter(), 0);
-        assert!(Arc::ptr_eq(&picked.upstream, &blue) && picked.set_cookie.is_none());
+        assert!(Arc::ptr_eq(&picked.upstream, &blue) && picked.assigned.is_none());
         // A colour that is gone (an older deploy of green), or another
         // service's cookie: reassigned.
         for stale in ["cutover_web=green-d0", "cutover_webx=green-d2"] {
             let cookies = [HeaderValue::from_static(stale)];
             let picked = canary.choose(&blue, cookies.iter(), 5_000);
             assert!(Arc::ptr_eq(&picked.upstream, &blue), "{stale}");
-            assert!(picked.set_cookie.is_some(), "{stale}");
+            assert!(picked.assigned.is_some(), "{stale}");
         }
     }
 
