@@ -442,6 +442,7 @@ mod upstream {
 
 mod targets {
     use super::*;
+    use support::proxies::NginxConfig;
 
     pub struct Running {
         pub addr: SocketAddr,
@@ -616,38 +617,11 @@ mod targets {
     }
 
     fn nginx_config(dir: &Path, listen: SocketAddr, upstream: SocketAddr) -> String {
-        let d = dir.display();
-        format!(
-            "worker_processes 1;\n\
-             user root;\n\
-             daemon off;\n\
-             master_process on;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n\
-             \x20   access_log off;\n\
-             \x20   keepalive_requests 1000000;\n\
-             \x20   client_body_temp_path {d}/client_body;\n\
-             \x20   proxy_temp_path {d}/proxy;\n\
-             \x20   fastcgi_temp_path {d}/fastcgi;\n\
-             \x20   uwsgi_temp_path {d}/uwsgi;\n\
-             \x20   scgi_temp_path {d}/scgi;\n\
-             \x20   upstream up {{\n\
-             \x20       server {upstream};\n\
-             \x20       keepalive 64;\n\
-             \x20       keepalive_requests 1000000;\n\
-             \x20   }}\n\
-             \x20   server {{\n\
-             \x20       listen {listen};\n\
-             \x20       location / {{\n\
-             \x20           proxy_pass http://up;\n\
-             \x20           proxy_http_version 1.1;\n\
-             \x20           proxy_set_header Connection \"\";\n\
-             \x20       }}\n\
-             \x20   }}\n\
-             }}\n"
-        )
+        NginxConfig {
+            connections: 4096,
+            ..NginxConfig::new(dir, listen, upstream)
+        }
+        .render()
     }
 
     pub fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<(Nginx, NginxFlipper), String> {

@@ -14,7 +14,11 @@
 //!   the origin itself answering directly (the reference row "hyper HTTP/1
 //!   server alone": what hyper's server side costs per request with a
 //!   trivial service), cutover, nginx and HAProxy, configured as in
-//!   `support/proxies.rs` with one worker each.
+//!   `support/proxies.rs` with one worker each; then cutover again with its
+//!   metrics endpoint on (`[server] metrics`), scraped once after the
+//!   warm-up as Prometheus would be (the scrape itself is not counted: it
+//!   is per scrape interval, not per request) and once after the count,
+//!   whose request total must cover the counted load.
 //! - Per target: wait until it answers, send an unmeasured warm-up of
 //!   `BENCH_INSTR_WARMUP` requests, `callgrind_control --zero`, send
 //!   `BENCH_INSTR_REQUESTS` requests (`h2load --h1 -c16`, keep-alive), then
@@ -71,6 +75,15 @@ fn main() {
     };
     let text = markdown(&rows);
     println!("{text}");
+    if let (Some(off), Some(on)) = (
+        Row::per_request_of(&rows, "cutover"),
+        Row::per_request_of(&rows, METRICS_ROW),
+    ) {
+        println!(
+            "metrics on: {on:.0} against {off:.0} instructions per request ({:+.1}%)",
+            100.0 * (on - off) / off
+        );
+    }
     let path = results_path("instructions");
     write_json(
         &path,
@@ -215,7 +228,8 @@ fn run_all(settings: &Settings) -> Vec<Row> {
                     &callgrind(&outfile),
                 )
             });
-        let outcome = started.and_then(|proxy| count(proxy.pid(), proxy.http, &outfile, settings));
+        let outcome =
+            started.and_then(|proxy| count(proxy.pid(), proxy.http, None, &outfile, settings));
         let cutover_requests = match (&outcome, kind) {
             (Ok(count), Kind::Cutover) => Some(count.requests),
             _ => None,
@@ -227,10 +241,67 @@ fn run_all(settings: &Settings) -> Vec<Row> {
         });
         if let Some(requests) = cutover_requests {
             rows.extend(by_source(&dump_of(&outfile), requests));
+            rows.push(measure_cutover_with_metrics(&dir, origin.addr, settings));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     rows
+}
+
+/// The name of the row with the metrics endpoint on.
+const METRICS_ROW: &str = "cutover, metrics on (scraped)";
+
+/// cutover with `[server] metrics` on, scraped as Prometheus would.
+fn measure_cutover_with_metrics(dir: &Path, origin: SocketAddr, settings: &Settings) -> Row {
+    eprintln!("counting cutover with metrics on ...");
+    let target_dir = dir.join("cutover-metrics");
+    let outfile = target_dir.join("callgrind.out");
+    let options = Options {
+        cutover_metrics: true,
+        ..Options::default()
+    };
+    let outcome = proxies::start_under(
+        Kind::Cutover,
+        &target_dir,
+        origin,
+        options,
+        &callgrind(&outfile),
+    )
+    .and_then(|proxy| count(proxy.pid(), proxy.http, proxy.metrics, &outfile, settings));
+    Row {
+        target: METRICS_ROW.to_string(),
+        outcome,
+        part_of_cutover: false,
+    }
+}
+
+/// One scrape of a metrics endpoint: the sum of its
+/// `cutover_http_requests_total` samples.
+fn scrape_requests_total(metrics: SocketAddr) -> Result<u64, String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect(metrics).map_err(|err| format!("scrape: {err}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|err| err.to_string())?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .map_err(|err| format!("scrape: {err}"))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|err| format!("scrape: {err}"))?;
+    if !text.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "scrape answered: {}",
+            text.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with("cutover_http_requests_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// The origin itself under callgrind, answering the load directly.
@@ -239,7 +310,7 @@ fn measure_origin_alone(dir: &Path, settings: &Settings) -> Row {
     let outfile = dir.join("origin.callgrind.out");
     // Ready: it prints its address only once it is listening.
     let origin = Origin::spawn_under(&callgrind(&outfile));
-    let outcome = count(origin.pid(), origin.addr, &outfile, settings);
+    let outcome = count(origin.pid(), origin.addr, None, &outfile, settings);
     Row {
         target: "hyper HTTP/1 server alone (the origin)".to_string(),
         outcome,
@@ -262,13 +333,31 @@ fn callgrind(outfile: &Path) -> Vec<OsString> {
 }
 
 /// Warm-up, zero the counters, the counted load, dump: the instructions
-/// `pid` executed for exactly `settings.requests` requests.
-fn count(pid: u32, addr: SocketAddr, outfile: &Path, settings: &Settings) -> Result<Count, String> {
+/// `pid` executed for exactly `settings.requests` requests. With a
+/// `metrics` endpoint it is scraped after the warm-up and after the dump.
+fn count(
+    pid: u32,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+    outfile: &Path,
+    settings: &Settings,
+) -> Result<Count, String> {
     let url = format!("http://{addr}/");
     load(&url, settings.warmup)?;
+    let before = metrics.map(scrape_requests_total).transpose()?;
     callgrind_control("--zero", pid)?;
     load(&url, settings.requests)?;
     callgrind_control("--dump", pid)?;
+    if let (Some(metrics), Some(before)) = (metrics, before) {
+        let after = scrape_requests_total(metrics)?;
+        if after < before + settings.requests {
+            return Err(format!(
+                "the metrics counted {} requests of {}",
+                after - before,
+                settings.requests
+            ));
+        }
+    }
     let instructions = dump_total(&dump_of(outfile))?;
     Ok(Count {
         requests: settings.requests,

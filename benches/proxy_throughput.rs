@@ -301,6 +301,7 @@ fn run_all(settings: &Settings) -> Vec<Row> {
             workers: settings.workers,
             cutover_log,
             cutover_runtime,
+            ..proxies::Options::default()
         };
         let dir = scratch
             .path()

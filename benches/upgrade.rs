@@ -598,6 +598,7 @@ mod nginx {
     //! nginx with a master process, upgraded the documented way.
 
     use super::*;
+    use support::proxies::NginxConfig;
 
     /// nginx re-executes `argv[0]` on `USR2`, so it must be started by its
     /// absolute path.
@@ -620,43 +621,17 @@ mod nginx {
                 return Err("not installed (apt-get install -y nginx)".to_string());
             };
             let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let d = dir.display();
-            // As proxies.rs configures it for the other scenarios, with the
-            // master process and `daemon on`: a master started with `daemon
-            // off` ignores USR2 while its parent lives ("the changing
-            // binary signal is ignored").
-            let config = format!(
-                "worker_processes 1;\n\
-                 master_process on;\n\
-                 daemon on;\n\
-                 user root;\n\
-                 pid {d}/nginx.pid;\n\
-                 error_log {d}/error.log notice;\n\
-                 events {{ worker_connections 4096; }}\n\
-                 http {{\n\
-                 \x20   access_log off;\n\
-                 \x20   keepalive_requests 1000000;\n\
-                 \x20   keepalive_timeout 300s;\n\
-                 \x20   client_body_temp_path {d}/client_body;\n\
-                 \x20   proxy_temp_path {d}/proxy;\n\
-                 \x20   fastcgi_temp_path {d}/fastcgi;\n\
-                 \x20   uwsgi_temp_path {d}/uwsgi;\n\
-                 \x20   scgi_temp_path {d}/scgi;\n\
-                 \x20   upstream up {{\n\
-                 \x20       server {origin};\n\
-                 \x20       keepalive 64;\n\
-                 \x20       keepalive_requests 1000000;\n\
-                 \x20   }}\n\
-                 \x20   server {{\n\
-                 \x20       listen {http};\n\
-                 \x20       location / {{\n\
-                 \x20           proxy_pass http://up;\n\
-                 \x20           proxy_http_version 1.1;\n\
-                 \x20           proxy_set_header Connection \"\";\n\
-                 \x20       }}\n\
-                 \x20   }}\n\
-                 }}\n"
-            );
+            // As proxies.rs configures it for the other scenarios, with
+            // `daemon on`: a master started with `daemon off` ignores USR2
+            // while its parent lives ("the changing binary signal is
+            // ignored").
+            let config = NginxConfig {
+                daemon: true,
+                error_log_level: "notice",
+                connections: 4096,
+                ..NginxConfig::new(dir, http, origin)
+            }
+            .render();
             let path = dir.join("nginx.conf");
             std::fs::write(&path, config)
                 .map_err(|err| format!("write {}: {err}", path.display()))?;

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::control::state::{StateError, StateStore};
 use crate::control::{identity, watch, Controller, Progress};
 use crate::handoff::Upgrader;
+use crate::metrics::Metrics;
 use crate::proxy::{Listeners, RuntimeMode, Server, Workers};
 use crate::rebind::{Kind, LiveListeners};
 use crate::routing::{RedirectPort, Shared, Snapshot, WorkerLoad};
@@ -51,6 +52,8 @@ pub enum ServerError {
     Runtime(String),
     #[error("cannot start the worker threads: {0}")]
     Workers(std::io::Error),
+    #[error("metrics endpoint: cannot listen on {0}: {1}")]
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// What `cutover serve` adds to [`run`]: an admin socket handed over by
@@ -107,14 +110,28 @@ pub async fn run_with(
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map(|a| a.port());
+    let metrics = Metrics::new(config.server.metrics.is_some());
+    let mut snapshot = Snapshot::build(Arc::clone(&config), None);
+    if let Some(tally) = metrics.requests() {
+        snapshot = snapshot.counted(Arc::clone(tally));
+    }
+    let metrics_listener = match config.server.metrics {
+        Some(addr) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|err| ServerError::Metrics(addr, err))?,
+        ),
+        None => None,
+    };
     let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(Snapshot::build(Arc::clone(&config), None)),
+        snapshot: ArcSwap::from_pointee(snapshot),
         https_port: RedirectPort::new(https_port),
         shutdown: CancellationToken::new(),
         handed_over: AtomicBool::new(false),
         tasks: TaskTracker::new(),
         acme: Arc::clone(&acme_certs),
         workers: WorkerLoad::new(worker_threads),
+        metrics: Arc::clone(&metrics),
     });
     let acme = match &config.acme {
         Some(_) => Some(acme::Manager::new(
@@ -135,6 +152,7 @@ pub async fn run_with(
             "containers are labelled cutover.instance={instance}"
         );
     }
+    let resolver_for_metrics = resolver.clone();
     let controller = Controller::new(Arc::clone(&shared), state, resolver, acme.clone(), instance);
     let upgraded = CancellationToken::new();
     if startup.upgradable && config.source.is_some() {
@@ -211,6 +229,21 @@ pub async fn run_with(
     if let Some(acme) = &acme {
         acme.start(&config);
     }
+    if let (Some(addr), Some(listener)) = (config.server.metrics, metrics_listener) {
+        let certificates = certificate_expiries(acme.clone(), resolver_for_metrics);
+        let scrape = crate::metrics::endpoint::scrape(
+            &metrics,
+            Arc::clone(&shared) as _,
+            Some(certificates),
+        );
+        shared.tasks.spawn(crate::metrics::serve(
+            addr,
+            listener,
+            scrape,
+            shared.shutdown.clone(),
+            shared.tasks.clone(),
+        ));
+    }
     crate::sd_notify::notify(&format!("READY=1\nMAINPID={}", std::process::id()));
     if let Some(on_ready) = startup.on_ready {
         on_ready();
@@ -278,6 +311,29 @@ fn upgrade_on_sigusr2(controller: Arc<Controller>, upgraded: CancellationToken) 
             }
         }
     });
+}
+
+/// The certificates' names and expiry for the metrics endpoint: the
+/// automatic ones, then the `[[tls]]` files (each by its first name).
+fn certificate_expiries(
+    acme: Option<Arc<acme::Manager>>,
+    resolver: Option<Arc<SniResolver>>,
+) -> crate::metrics::export::CertExpiries {
+    Box::new(move || {
+        let mut certificates = acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        if let Some(resolver) = &resolver {
+            certificates.extend(
+                resolver
+                    .describe_static()
+                    .iter()
+                    .map(acme::CertStatus::of_file),
+            );
+        }
+        certificates
+            .into_iter()
+            .filter_map(|c| Some((c.name, c.not_after?)))
+            .collect()
+    })
 }
 
 fn tls_acceptor(

@@ -18,6 +18,7 @@
 //! | `control/` | the controller (single writer), deploys, health, state file, watcher |
 //! | `proxy/` | the data plane: listeners, connection serving, the request path |
 //! | `routing/` | the snapshot and the one cell that holds it |
+//! | `metrics/` | what both planes record, the Prometheus endpoint |
 //! | `upstream/` | an upstream, its connection pool and HTTP/1.1 client |
 //! | `acme/` | automatic certificates: ACME orders, storage, renewal |
 //! | `docker`, `tls/`, `io/` | the Docker engine, certificates, body and socket wrappers |
@@ -40,6 +41,7 @@ pub mod errors;
 pub mod fleet;
 pub mod handoff;
 mod io;
+mod metrics;
 mod proxy;
 mod rebind;
 mod routing;

@@ -51,6 +51,8 @@ pub struct Options {
     /// cutover's `CUTOVER_RUNTIME` (`per-core` or `work-stealing`); `None`
     /// leaves cutover's default.
     pub cutover_runtime: Option<&'static str>,
+    /// cutover's `[server] metrics` endpoint on (a loopback port of its own).
+    pub cutover_metrics: bool,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             workers: 1,
             cutover_log: "warn",
             cutover_runtime: None,
+            cutover_metrics: false,
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct Running {
     pub http: SocketAddr,
     /// TLS listener (h2 and http/1.1 by ALPN).
     pub https: SocketAddr,
+    /// cutover's metrics endpoint, when [`Options::cutover_metrics`] is on.
+    pub metrics: Option<SocketAddr>,
     child: ChildGuard,
 }
 
@@ -134,8 +139,9 @@ pub fn start_under(
     std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
     let http = listen_addr();
     let https = listen_addr();
+    let metrics = (kind == Kind::Cutover && options.cutover_metrics).then(listen_addr);
     let command = match kind {
-        Kind::Cutover => cutover_command(dir, http, https, origin, options)?,
+        Kind::Cutover => cutover_command(dir, [http, https], metrics, origin, options)?,
         Kind::Nginx => nginx_command(dir, http, https, origin, options)?,
         Kind::Haproxy => haproxy_command(dir, http, https, origin, options)?,
     };
@@ -149,6 +155,7 @@ pub fn start_under(
         kind,
         http,
         https,
+        metrics,
         child,
     })
 }
@@ -165,8 +172,8 @@ fn write_config(dir: &Path, name: &str, text: &str) -> Result<PathBuf, String> {
 
 fn cutover_command(
     dir: &Path,
-    http: SocketAddr,
-    https: SocketAddr,
+    [http, https]: [SocketAddr; 2],
+    metrics: Option<SocketAddr>,
     origin: SocketAddr,
     options: Options,
 ) -> Result<Command, String> {
@@ -180,6 +187,7 @@ fn cutover_command(
          http = \"{http}\"\n\
          https = \"{https}\"\n\
          workers = {workers}\n\
+         {metrics}\n\
          \n\
          [server.limits]\n\
          max_body_bytes = \"4GiB\"\n\
@@ -197,6 +205,7 @@ fn cutover_command(
          [service.up]\n\
          upstream = \"{origin}\"\n",
         workers = options.workers,
+        metrics = metrics.map_or(String::new(), |addr| format!("metrics = \"{addr}\"")),
         cert = cert.display(),
         key = key.display(),
     );
@@ -224,57 +233,21 @@ fn nginx_command(
         return Err("not installed (apt-get install -y nginx)".to_string());
     }
     let (cert, key) = dev_cert();
-    let d = dir.display();
     // One worker runs without a master (one process to measure); more
     // workers need the master.
     let (workers, master) = match options.workers {
-        1 => ("1".to_string(), "off"),
-        0 => ("auto".to_string(), "on"),
-        n => (n.to_string(), "on"),
+        1 => ("1".to_string(), false),
+        0 => ("auto".to_string(), true),
+        n => (n.to_string(), true),
     };
-    let config = format!(
-        "worker_processes {workers};\n\
-         master_process {master};\n\
-         user root;\n\
-         daemon off;\n\
-         worker_rlimit_nofile {nofile};\n\
-         pid {d}/nginx.pid;\n\
-         error_log {d}/error.log warn;\n\
-         events {{ worker_connections {nofile}; }}\n\
-         http {{\n\
-         \x20   access_log off;\n\
-         \x20   keepalive_requests 1000000;\n\
-         \x20   keepalive_timeout 300s;\n\
-         \x20   client_max_body_size 0;\n\
-         \x20   client_body_temp_path {d}/client_body;\n\
-         \x20   proxy_temp_path {d}/proxy;\n\
-         \x20   fastcgi_temp_path {d}/fastcgi;\n\
-         \x20   uwsgi_temp_path {d}/uwsgi;\n\
-         \x20   scgi_temp_path {d}/scgi;\n\
-         \x20   upstream up {{\n\
-         \x20       server {origin};\n\
-         \x20       keepalive 64;\n\
-         \x20       keepalive_requests 1000000;\n\
-         \x20   }}\n\
-         \x20   server {{\n\
-         \x20       listen {http};\n\
-         \x20       listen {https} ssl http2;\n\
-         \x20       ssl_certificate {cert};\n\
-         \x20       ssl_certificate_key {key};\n\
-         \x20       ssl_protocols TLSv1.2 TLSv1.3;\n\
-         \x20       location / {{\n\
-         \x20           proxy_pass http://up;\n\
-         \x20           proxy_http_version 1.1;\n\
-         \x20           proxy_set_header Connection \"\";\n\
-         \x20           proxy_request_buffering off;\n\
-         \x20           proxy_buffering off;\n\
-         \x20       }}\n\
-         \x20   }}\n\
-         }}\n",
-        cert = cert.display(),
-        key = key.display(),
-        nofile = open_files_hard_limit(),
-    );
+    let config = NginxConfig {
+        workers,
+        master,
+        tls: Some((https, cert, key)),
+        streaming: true,
+        ..NginxConfig::new(dir, http, origin)
+    }
+    .render();
     let path = write_config(dir, "nginx.conf", &config)?;
     let mut command = Command::new("nginx");
     command
@@ -285,6 +258,120 @@ fn nginx_command(
         .arg("-e")
         .arg(dir.join("error.log"));
     Ok(command)
+}
+
+/// The nginx reverse-proxy configuration every bench runs, with what the
+/// benches vary as fields: one upstream with a keep-alive pool, keep-alive
+/// clients without a request limit, no access log, temp paths in `dir`.
+pub struct NginxConfig<'a> {
+    pub dir: &'a Path,
+    /// `worker_processes`: a count or `auto`.
+    pub workers: String,
+    /// `master_process`: off measures one process; a binary upgrade or a
+    /// reload needs the master.
+    pub master: bool,
+    /// `daemon`: a master started with `daemon off` ignores `USR2` while
+    /// its parent lives, so the binary-upgrade bench runs it daemonised.
+    pub daemon: bool,
+    pub listen: SocketAddr,
+    /// A TLS listener (HTTP/2 and HTTP/1.1 by ALPN) with this certificate
+    /// and key.
+    pub tls: Option<(SocketAddr, PathBuf, PathBuf)>,
+    pub upstream: SocketAddr,
+    /// Bodies streamed both ways without a size limit (nginx buffers to
+    /// disk by default), as cutover and HAProxy do.
+    pub streaming: bool,
+    pub error_log_level: &'static str,
+    /// `worker_connections` and `worker_rlimit_nofile`.
+    pub connections: u64,
+}
+
+impl<'a> NginxConfig<'a> {
+    /// One worker under a master, in the foreground, plain HTTP only.
+    pub fn new(dir: &'a Path, listen: SocketAddr, upstream: SocketAddr) -> NginxConfig<'a> {
+        NginxConfig {
+            dir,
+            workers: "1".to_string(),
+            master: true,
+            daemon: false,
+            listen,
+            tls: None,
+            upstream,
+            streaming: false,
+            error_log_level: "warn",
+            connections: open_files_hard_limit().min(1 << 20),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let d = self.dir.display();
+        let on_off = |on: bool| if on { "on" } else { "off" };
+        let tls = self
+            .tls
+            .as_ref()
+            .map_or(String::new(), |(addr, cert, key)| {
+                format!(
+                    "\x20       listen {addr} ssl http2;\n\
+                 \x20       ssl_certificate {};\n\
+                 \x20       ssl_certificate_key {};\n\
+                 \x20       ssl_protocols TLSv1.2 TLSv1.3;\n",
+                    cert.display(),
+                    key.display()
+                )
+            });
+        let (body_size, buffering) = if self.streaming {
+            (
+                "\x20   client_max_body_size 0;\n",
+                "\x20           proxy_request_buffering off;\n\
+                 \x20           proxy_buffering off;\n",
+            )
+        } else {
+            ("", "")
+        };
+        format!(
+            "worker_processes {workers};\n\
+             master_process {master};\n\
+             daemon {daemon};\n\
+             user root;\n\
+             worker_rlimit_nofile {connections};\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log {level};\n\
+             events {{ worker_connections {connections}; }}\n\
+             http {{\n\
+             \x20   access_log off;\n\
+             \x20   keepalive_requests 1000000;\n\
+             \x20   keepalive_timeout 300s;\n\
+             {body_size}\
+             \x20   client_body_temp_path {d}/client_body;\n\
+             \x20   proxy_temp_path {d}/proxy;\n\
+             \x20   fastcgi_temp_path {d}/fastcgi;\n\
+             \x20   uwsgi_temp_path {d}/uwsgi;\n\
+             \x20   scgi_temp_path {d}/scgi;\n\
+             \x20   upstream up {{\n\
+             \x20       server {upstream};\n\
+             \x20       keepalive 64;\n\
+             \x20       keepalive_requests 1000000;\n\
+             \x20   }}\n\
+             \x20   server {{\n\
+             \x20       listen {listen};\n\
+             {tls}\
+             \x20       location / {{\n\
+             \x20           proxy_pass http://up;\n\
+             \x20           proxy_http_version 1.1;\n\
+             \x20           proxy_set_header Connection \"\";\n\
+             {buffering}\
+             \x20       }}\n\
+             \x20   }}\n\
+             }}\n",
+            workers = self.workers,
+            master = on_off(self.master),
+            daemon = on_off(self.daemon),
+            connections = self.connections,
+            level = self.error_log_level,
+            upstream = self.upstream,
+            listen = self.listen,
+        )
+    }
 }
 
 fn haproxy_command(

@@ -87,6 +87,11 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Peers whose `X-Forwarded-For` we extend instead of replacing.
     pub trusted_proxies: Vec<IpNet>,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens; `None`
+    /// (the default) serves no metrics and records none per request. Its
+    /// own listener, never one of the proxy's, so a scrape endpoint is
+    /// public only if this address is.
+    pub metrics: Option<SocketAddr>,
     pub limits: Limits,
 }
 
@@ -552,6 +557,7 @@ struct RawServer {
     shutdown_timeout: Option<DurationValue>,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
+    metrics: Option<Spanned<SocketAddr>>,
     #[serde(default)]
     limits: RawLimits,
 }
@@ -1179,6 +1185,17 @@ impl<'a> Validator<'a> {
             }
             name
         });
+        let metrics = raw.metrics.map(|metrics| {
+            let span = metrics.span();
+            let addr = metrics.into_inner();
+            if Some(addr) == raw.http || Some(addr) == raw.https {
+                self.report(
+                    span,
+                    format!("metrics = \"{addr}\" is a proxy listener: give the metrics endpoint its own address"),
+                );
+            }
+            addr
+        });
         ServerConfig {
             http: raw.http,
             https: raw.https,
@@ -1191,6 +1208,7 @@ impl<'a> Validator<'a> {
                 .shutdown_timeout
                 .map_or(Duration::from_secs(30), |d| d.0),
             trusted_proxies,
+            metrics,
             limits,
         }
     }
@@ -1647,6 +1665,28 @@ service = "web"
         parse(&with_state).expect("valid with state_dir");
         // A static service needs no state file.
         parse("[service.web]\nupstream = \"127.0.0.1:9000\"\n").expect("valid");
+    }
+
+    #[test]
+    fn metrics_is_off_by_default_and_never_a_proxy_listener() {
+        let config = parse("[server]\nhttp = \"127.0.0.1:8080\"\n").expect("valid");
+        assert_eq!(config.server.metrics, None);
+        let config = parse("[server]\nmetrics = \"127.0.0.1:9100\"\n").expect("valid");
+        assert_eq!(
+            config.server.metrics,
+            Some("127.0.0.1:9100".parse().expect("addr"))
+        );
+        let err = parse("[server]\nhttp = \"127.0.0.1:8080\"\nmetrics = \"127.0.0.1:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its own address") && err.contains(":3"),
+            "{err}"
+        );
+        let err = parse("[server]\nmetrics = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2"), "{err}");
     }
 
     #[test]

@@ -94,7 +94,15 @@ impl Deployer {
             record,
         } = target;
         match gate {
-            Gate::Probe => check_health(upstream.addr, settings, progress).await?,
+            Gate::Probe => {
+                check_health(
+                    upstream.addr,
+                    settings,
+                    progress,
+                    &self.writer.shared().metrics,
+                )
+                .await?
+            }
             Gate::Skipped => progress.emit(
                 "health",
                 format!("skipping health check of {} (--force)", upstream.addr),

@@ -2,7 +2,7 @@
 //! snapshot, with deploys, health probes, the state file and the config
 //! watcher beside it.
 //!
-//! May import: `routing`, `upstream`, `acme`, `docker`, `tls`, `config`,
+//! May import: `routing`, `metrics`, `upstream`, `acme`, `docker`, `tls`, `config`,
 //! `errors`, `sd_notify`.
 //! Never the data plane (`proxy`): the two meet only in `routing`.
 //!
@@ -53,6 +53,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::acme::{self, CertStatus};
 use crate::config::{Config, Service};
 use crate::docker::DockerError;
+use crate::metrics::{Metrics, Operation};
 use crate::routing::{Canary, PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
@@ -255,9 +256,12 @@ impl Controller {
         progress: &Progress,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<report::DeployReport, ControlError> {
-        self.deployer
+        let started = Instant::now();
+        let result = self
+            .deployer
             .deploy(service, choice, canary, docker_config, progress, cancel)
-            .await
+            .await;
+        self.measure(Operation::Deploy, service, started, result)
     }
 
     /// Switches everything to the service's canary, then bakes it.
@@ -287,9 +291,34 @@ impl Controller {
         progress: &Progress,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<report::RollbackReport, ControlError> {
-        self.deployer
+        let started = Instant::now();
+        let result = self
+            .deployer
             .rollback(service, docker_config, progress, cancel)
-            .await
+            .await;
+        self.measure(Operation::Rollback, service, started, result)
+    }
+
+    /// Records an operation's outcome and duration for the metrics
+    /// endpoint, and hands its result on. A refusal before any work (the
+    /// service busy or unknown) is an outcome too: `refused`.
+    fn measure<T>(
+        &self,
+        operation: Operation,
+        service: &str,
+        started: Instant,
+        result: Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(ControlError::Busy(_) | ControlError::UnknownService(_)) => "refused",
+            Err(_) => "failed",
+        };
+        self.writer
+            .shared()
+            .metrics
+            .operation(operation, service, outcome, started.elapsed());
+        result
     }
 
     /// Start-up reconciliation of the container services with the engine.
@@ -345,6 +374,18 @@ impl Controller {
     /// Moves `service` to the upstream at `to`: health check (unless
     /// `force`), persist, swap, drain. Returns a summary for the caller.
     pub async fn switch(
+        self: &Arc<Self>,
+        service: &str,
+        to: SocketAddr,
+        force: bool,
+        progress: &Progress,
+    ) -> Result<SwitchReport, ControlError> {
+        let started = Instant::now();
+        let result = self.switch_now(service, to, force, progress).await;
+        self.measure(Operation::Switch, service, started, result)
+    }
+
+    async fn switch_now(
         self: &Arc<Self>,
         service: &str,
         to: SocketAddr,
@@ -785,6 +826,9 @@ fn warn_on_restart_only_changes(old: &Config, new: &Config) {
     if old.server.state_dir != new.server.state_dir || old.server.instance != new.server.instance {
         tracing::warn!("state_dir or instance changed; they take effect on restart");
     }
+    if old.server.metrics != new.server.metrics {
+        tracing::warn!("the metrics address changed; it takes effect on restart");
+    }
 }
 
 /// The colour a new upstream gets: the other one (see [`Color::after`]).
@@ -796,6 +840,7 @@ pub(crate) async fn check_health(
     addr: SocketAddr,
     settings: &Service,
     progress: &Progress,
+    metrics: &Metrics,
 ) -> Result<(), ControlError> {
     let check = &settings.health;
     progress.emit(
@@ -809,6 +854,7 @@ pub(crate) async fn check_health(
     // attempt: CI logs stay readable through a slow start.
     let mut last_failure = String::new();
     health::wait_healthy(addr, check, |report| {
+        metrics.health_check(&settings.name, report.result.is_ok());
         let outcome = match &report.result {
             Ok(()) => "ok".to_string(),
             Err(err) => err.to_string(),
@@ -921,6 +967,7 @@ mod tests {
             tasks: TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
             workers: crate::routing::WorkerLoad::new(0),
+            metrics: crate::metrics::Metrics::new(false),
         });
         let store = StateStore::new(dir.path());
         let write_lock = store.write_lock();

@@ -350,6 +350,10 @@ where
 /// releasing an in-flight count, writing the access log.
 pub trait OnBodyEnd: Send + 'static {
     fn on_end(&mut self, bytes_sent: u64, completed: bool);
+
+    /// Called just before `on_end` when the body itself failed (rather
+    /// than the client going away): an upstream's response cut off.
+    fn on_error(&mut self) {}
 }
 
 pin_project! {
@@ -410,6 +414,7 @@ where
             }
             Some(Err(_)) => {
                 if let Some(mut end) = this.end.take() {
+                    end.on_error();
                     end.on_end(*this.sent, false);
                 }
             }

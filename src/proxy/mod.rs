@@ -2,7 +2,7 @@
 //! HTTP/2 server), the strictness checks, forwarding rules and the request
 //! path itself.
 //!
-//! May import: `routing`, `upstream`, `io`, `tls`, `config`, `errors`.
+//! May import: `routing`, `metrics`, `upstream`, `io`, `tls`, `config`, `errors`.
 //! Never the control plane: a request sees only the snapshot.
 
 mod forward;

@@ -27,6 +27,7 @@ use crate::io::body::{
     self, BodyLimitError, ExactLength, LimitedBody, MinRate, OnBodyEnd, ProxyBody, TrackedBody,
 };
 use crate::io::slowio::Stalled;
+use crate::metrics::requests::Tally;
 use crate::proxy::forward::{self, ClientFacts};
 use crate::proxy::h1::ClientUpgrade;
 use crate::proxy::static_dir;
@@ -38,6 +39,7 @@ use crate::tls::acme::HTTP01_PATH_PREFIX;
 use crate::upstream::h1::{self, RequestFraming};
 use crate::upstream::pool::{Answer, SendError};
 use crate::upstream::response::UpstreamBody;
+use crate::upstream::stats::Failure;
 use crate::upstream::{Connection, InFlight, Upstream};
 
 /// Facts about one client connection, prepared once per connection.
@@ -214,10 +216,11 @@ async fn serve_request(
 
 /// A response, and whether it streams from an upstream (whose in-flight
 /// guard must live until the body ends; the body itself hands its
-/// connection back to the pool when it ends cleanly).
+/// connection back to the pool when it ends cleanly), with where its
+/// answer is counted when the metrics endpoint is on.
 enum Produced {
     Local(Response<ProxyBody>),
-    Upstream(Response<UpstreamBody>, InFlight),
+    Upstream(Response<UpstreamBody>, InFlight, Option<Tally>),
 }
 
 async fn dispatch(
@@ -247,9 +250,13 @@ async fn dispatch(
         Some(text) => normalize_host(text).ok_or(ProxyError::BadRequest("invalid host"))?,
         None => Cow::Borrowed(""),
     };
+    let site_index = snapshot
+        .routes
+        .site_index(&host)
+        .ok_or_else(|| ProxyError::UnknownHost(host.to_string()))?;
     let site = snapshot
         .routes
-        .site(&host)
+        .site_at(site_index)
         .ok_or_else(|| ProxyError::UnknownHost(host.to_string()))?;
     let mut log = log;
     if let Some(log) = log.as_deref_mut() {
@@ -262,7 +269,8 @@ async fn dispatch(
         let response = https_redirect(&host, shared.https_port.get(), req.uri());
         return Ok(Produced::Local(response));
     }
-    let route = routes::route(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;
+    let route_index = routes::route_index(site, req.uri().path()).ok_or(ProxyError::NoRoute)?;
+    let route = site.routes.get(route_index).ok_or(ProxyError::NoRoute)?;
     if req.method() == Method::TRACE {
         // Never answered or forwarded: echoing a request back is how
         // cross-site tracing reads cookies and credentials.
@@ -292,6 +300,10 @@ async fn dispatch(
                         conn,
                         authority: &authority,
                         arrived,
+                        tally: snapshot
+                            .routes
+                            .counts(site_index, route_index)
+                            .map(|counts| Tally::new(counts, &method)),
                     };
                     let mut produced = forward(shared, snapshot, exchange, req, upstream).await?;
                     // The snapshot is this request's own: its canary is
@@ -305,7 +317,7 @@ async fn dispatch(
                             Produced::Local(response) => {
                                 response.headers_mut().append(header::SET_COOKIE, cookie)
                             }
-                            Produced::Upstream(response, _) => {
+                            Produced::Upstream(response, ..) => {
                                 response.headers_mut().append(header::SET_COOKIE, cookie)
                             }
                         };
@@ -317,7 +329,7 @@ async fn dispatch(
     };
     match &mut produced {
         Produced::Local(response) => add_site_headers(response, site, conn),
-        Produced::Upstream(response, _) => add_site_headers(response, site, conn),
+        Produced::Upstream(response, ..) => add_site_headers(response, site, conn),
     }
     Ok(produced)
 }
@@ -518,6 +530,8 @@ struct Exchange<'a> {
     conn: &'a ClientConn,
     authority: &'a HeaderValue,
     arrived: Instant,
+    /// Where the answer is counted (the metrics endpoint is on).
+    tally: Option<Tally>,
 }
 
 /// Forwards one request to `upstream` and relays the answer. An answer
@@ -527,24 +541,36 @@ struct Exchange<'a> {
 async fn forward(
     shared: &Shared,
     snapshot: &Snapshot,
-    exchange: Exchange<'_>,
+    mut exchange: Exchange<'_>,
     req: Request<Incoming>,
     upstream: Arc<Upstream>,
 ) -> Result<Produced, ProxyError> {
     let arrived = exchange.arrived;
+    let tally = exchange.tally.take();
     let stats_of = Arc::clone(&upstream);
     let result = relay_exchange(shared, snapshot, exchange, req, upstream).await;
-    match &result {
-        Ok(Produced::Upstream(..)) => {}
-        Ok(Produced::Local(response)) => stats_of
-            .stats()
-            .record(response.status().as_u16(), arrived.elapsed()),
-        Err(err) if err.status().is_server_error() => stats_of
-            .stats()
-            .record(err.status().as_u16(), arrived.elapsed()),
-        // The client's own fault (a body too large or too slow) says
-        // nothing about the version behind the upstream.
-        Err(_) => {}
+    let status = match result {
+        // Counted when its body ends (`RequestEnd`).
+        Ok(Produced::Upstream(response, guard, _)) => {
+            return Ok(Produced::Upstream(response, guard, tally));
+        }
+        Ok(Produced::Local(ref response)) => response.status(),
+        Err(ref err) => err.status(),
+    };
+    if let Err(err) = &result {
+        match err {
+            ProxyError::UpstreamConnect(_) => stats_of.stats().record_failure(Failure::Connect),
+            ProxyError::UpstreamTimeout => stats_of.stats().record_failure(Failure::Timeout),
+            _ => {}
+        }
+    }
+    // The client's own fault (a body too large or too slow) says nothing
+    // about the version behind the upstream, but it was a request.
+    if result.is_ok() || status.is_server_error() {
+        stats_of.stats().record(status.as_u16(), arrived.elapsed());
+    }
+    if let Some(tally) = &tally {
+        tally.record(&stats_of.label, status.as_u16());
     }
     result
 }
@@ -651,7 +677,7 @@ async fn relay_exchange(
     let headers = response.headers_mut();
     forward::strip_hop_by_hop(headers);
     forward::append_via(headers);
-    Ok(Produced::Upstream(response, guard))
+    Ok(Produced::Upstream(response, guard, None))
 }
 
 /// The HTTP/1.1 request head sent upstream, written in one pass over the
@@ -808,11 +834,12 @@ fn finish(produced: Produced, arrived: Instant, log: Option<AccessLog>) -> Respo
                     status: log.status,
                     log: Some(log),
                     in_flight: None,
+                    tally: None,
                 };
                 response.map(|body| TrackedBody::new(body, end).boxed_unsync())
             }
         },
-        Produced::Upstream(response, guard) => {
+        Produced::Upstream(response, guard, tally) => {
             let status = response.status().as_u16();
             let log = log.map(|mut log| {
                 log.status = status;
@@ -823,6 +850,7 @@ fn finish(produced: Produced, arrived: Instant, log: Option<AccessLog>) -> Respo
                 status,
                 log,
                 in_flight: Some(guard),
+                tally,
             };
             response.map(|body| TrackedBody::new(body, end).boxed_unsync())
         }
@@ -837,15 +865,27 @@ struct RequestEnd {
     /// Dropped with this record at the end of the body, which releases the
     /// upstream's in-flight count; its upstream's stats count the answer.
     in_flight: Option<InFlight>,
+    /// Where the answer is counted by site and method (metrics on).
+    tally: Option<Tally>,
 }
 
 impl OnBodyEnd for RequestEnd {
-    fn on_end(&mut self, bytes_sent: u64, completed: bool) {
+    fn on_error(&mut self) {
         if let Some(in_flight) = &self.in_flight {
             in_flight
                 .upstream()
                 .stats()
-                .record(self.status, self.arrived.elapsed());
+                .record_failure(Failure::Truncated);
+        }
+    }
+
+    fn on_end(&mut self, bytes_sent: u64, completed: bool) {
+        if let Some(in_flight) = &self.in_flight {
+            let upstream = in_flight.upstream();
+            upstream.stats().record(self.status, self.arrived.elapsed());
+            if let Some(tally) = &self.tally {
+                tally.record(&upstream.label, self.status);
+            }
         }
         if let Some(log) = &self.log {
             log.write(bytes_sent, completed);

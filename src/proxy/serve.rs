@@ -23,6 +23,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::config::Limits;
 use crate::io::slowio::StallTimeout;
+use crate::metrics::{Listener, OpenConnection, Protocol};
 use crate::proxy::h1;
 use crate::proxy::request::{self, ClientConn};
 use crate::proxy::workers::{Accepted, Dispatch, Workers};
@@ -198,6 +199,7 @@ impl Server {
         match tls {
             None => {
                 let conn = ClientConn::new(addr, false);
+                let _open = self.open(Listener::Http, Protocol::Http1);
                 // Plain HTTP is HTTP/1.1 only (no h2c).
                 self.serve_http1(stream, conn).await;
             }
@@ -215,10 +217,12 @@ impl Server {
                     }
                     Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(b"h2") => {
                         let conn = ClientConn::new(addr, true);
+                        let _open = self.open(Listener::Https, Protocol::Http2);
                         Box::pin(self.serve_http2(stream, conn)).await;
                     }
                     Ok(Ok(stream)) => {
                         let conn = ClientConn::new(addr, true);
+                        let _open = self.open(Listener::Https, Protocol::Http1);
                         self.serve_http1(stream, conn).await;
                     }
                     Ok(Err(err)) => {
@@ -228,6 +232,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Counts the connection as open while the guard lives (metrics on).
+    fn open(&self, listener: Listener, protocol: Protocol) -> Option<OpenConnection> {
+        self.shared.metrics.connection_open(listener, protocol)
     }
 
     /// Serves HTTP/1.1 on one connection until it closes (see [`h1`]).

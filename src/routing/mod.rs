@@ -3,7 +3,8 @@
 //!
 //! This is where the data plane and the control plane meet: the proxy
 //! reads the cell once per request, the controller is its only writer.
-//! Neither imports the other. May import: `upstream`, `tls`, `config`.
+//! Neither imports the other. May import: `metrics`, `upstream`, `tls`,
+//! `config`.
 
 pub mod canary;
 pub mod snapshot;
@@ -17,7 +18,9 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::{Metrics, UpstreamSource};
 use crate::tls::acme::AcmeCerts;
+use crate::upstream::Upstream;
 
 pub use snapshot::{Canary, PauseGate, ServiceSlot, Snapshot};
 pub use workers::WorkerLoad;
@@ -41,6 +44,20 @@ pub struct Shared {
     /// Connections per data-plane worker thread: the acceptor's choice of
     /// worker and `cutover status` read it.
     pub workers: WorkerLoad,
+    /// What both planes record for the metrics endpoint.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The metrics endpoint reads the upstreams serving now from the cell.
+impl UpstreamSource for Shared {
+    fn each_upstream(&self, f: &mut dyn FnMut(&str, &Arc<Upstream>)) {
+        let snapshot = self.snapshot.load();
+        for (name, slot) in &snapshot.services {
+            if let Some(upstream) = &slot.active {
+                f(name, upstream);
+            }
+        }
+    }
 }
 
 /// The HTTPS listener's port, read per redirect and changed when a reload

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub use super::canary::Canary;
 
 use crate::config::Config;
+use crate::metrics::requests::RequestTally;
 use crate::routing::table::RouteTable;
 use crate::upstream::Upstream;
 
@@ -70,7 +71,8 @@ impl Snapshot {
     /// config still names the same address; otherwise it starts on the
     /// config's `upstream`, labelled blue.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        let routes = Arc::new(RouteTable::new(&config));
+        let tally = previous.and_then(|p| p.routes.tally().cloned());
+        let routes = Arc::new(RouteTable::counted(&config, tally));
         let services = config
             .services
             .values()
@@ -97,6 +99,13 @@ impl Snapshot {
             routes,
             services,
         }
+    }
+
+    /// This snapshot with its routes counting requests into `tally` (the
+    /// metrics endpoint is on); snapshots built from it keep counting there.
+    pub fn counted(mut self, tally: Arc<RequestTally>) -> Snapshot {
+        self.routes = Arc::new(RouteTable::counted(&self.config, Some(tally)));
+        self
     }
 
     pub fn service(&self, name: &str) -> Option<&ServiceSlot> {

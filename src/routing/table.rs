@@ -6,8 +6,12 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use crate::config::{Config, Route, Site};
+#[cfg(test)]
+use crate::config::Route;
+use crate::config::{Action, Config, Site};
+use crate::metrics::requests::{RequestTally, RouteCounts};
 
 /// Host → site lookup plus each site's routes.
 #[derive(Debug)]
@@ -20,10 +24,38 @@ pub struct RouteTable {
     wildcards: Vec<(String, usize)>,
     /// The `hosts = ["*"]` site, if any: unknown hosts land here instead of 421.
     catch_all: Option<usize>,
+    /// With the metrics endpoint on: where each route to a service counts
+    /// its requests, `[site][route]`, found here once rather than per request.
+    counts: Vec<Vec<Option<Arc<RouteCounts>>>>,
+    /// Where those blocks come from, for the tables built after this one.
+    tally: Option<Arc<RequestTally>>,
 }
 
 impl RouteTable {
     pub fn new(config: &Config) -> RouteTable {
+        RouteTable::counted(config, None)
+    }
+
+    /// A table whose routes to services count their requests in `tally`
+    /// (the metrics endpoint is on); a site is labelled by its first host.
+    pub fn counted(config: &Config, tally: Option<Arc<RequestTally>>) -> RouteTable {
+        let counts = match &tally {
+            None => Vec::new(),
+            Some(tally) => config
+                .sites
+                .iter()
+                .map(|site| {
+                    let label = site.hosts.first().map_or("", String::as_str);
+                    site.routes
+                        .iter()
+                        .map(|route| match &route.action {
+                            Action::Service(name) => Some(tally.counts_for(label, name)),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .collect(),
+        };
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
         let mut catch_all = None;
@@ -44,14 +76,37 @@ impl RouteTable {
             exact,
             wildcards,
             catch_all,
+            counts,
+            tally,
         }
+    }
+
+    /// Where this table's blocks come from (`None`: metrics are off).
+    pub fn tally(&self) -> Option<&Arc<RequestTally>> {
+        self.tally.as_ref()
     }
 
     /// The site for a host name (already lower-cased, port removed).
     /// Exact names win over wildcards, wildcards over the catch-all.
     pub fn site(&self, host: &str) -> Option<&Site> {
-        let index = self
-            .exact
+        self.site_index(host)
+            .and_then(|index| self.sites.get(index))
+    }
+
+    /// The site at `index` (from [`RouteTable::site_index`]).
+    pub fn site_at(&self, index: usize) -> Option<&Site> {
+        self.sites.get(index)
+    }
+
+    /// Where route `route` of site `site` counts its requests, when the
+    /// metrics endpoint is on and the route forwards to a service.
+    pub fn counts(&self, site: usize, route: usize) -> Option<&Arc<RouteCounts>> {
+        self.counts.get(site)?.get(route)?.as_ref()
+    }
+
+    /// [`RouteTable::site`], as an index.
+    pub fn site_index(&self, host: &str) -> Option<usize> {
+        self.exact
             .get(host)
             .copied()
             .or_else(|| {
@@ -62,18 +117,23 @@ impl RouteTable {
                     })
                     .map(|(_, index)| *index)
             })
-            .or(self.catch_all)?;
-        self.sites.get(index)
+            .or(self.catch_all)
     }
 }
 
 /// The route whose prefix matches `path` longest. Prefixes match whole path
 /// segments: `/api` matches `/api` and `/api/users` but not `/apiary`, so a
 /// route never captures a neighbour by accident (nginx's plain prefixes do).
+#[cfg(test)]
 pub fn route<'a>(site: &'a Site, path: &str) -> Option<&'a Route> {
+    route_index(site, path).and_then(|index| site.routes.get(index))
+}
+
+/// [`route`], as an index into the site's routes.
+pub fn route_index(site: &Site, path: &str) -> Option<usize> {
     site.routes
         .iter()
-        .find(|route| prefix_matches(&route.path, path))
+        .position(|route| prefix_matches(&route.path, path))
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {

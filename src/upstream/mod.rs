@@ -63,8 +63,9 @@ pub struct Upstream {
     /// Cancelled when the upstream is retired, to close tunnels deliberately.
     tunnels: CancellationToken,
     /// What it answered (status classes, latencies): a canary's bake
-    /// judges these, the metrics endpoint exports them.
-    stats: UpstreamStats,
+    /// judges these, the metrics endpoint exports them (an `Arc` so the
+    /// exporter can keep the final counts of a retired upstream).
+    stats: Arc<UpstreamStats>,
 }
 
 impl Upstream {
@@ -104,12 +105,17 @@ impl Upstream {
             upgraded: AtomicUsize::new(0),
             idle: Notify::new(),
             tunnels: CancellationToken::new(),
-            stats: UpstreamStats::default(),
+            stats: Arc::default(),
         })
     }
 
     /// What this upstream answered so far.
     pub fn stats(&self) -> &UpstreamStats {
+        &self.stats
+    }
+
+    /// The stats as a shared handle, which outlives this upstream.
+    pub fn stats_handle(&self) -> &Arc<UpstreamStats> {
         &self.stats
     }
 

@@ -31,6 +31,20 @@ pub struct UpstreamStats {
     latency_buckets: [AtomicU64; BUCKETS],
     /// Sum of all latencies, in microseconds.
     latency_sum_micros: AtomicU64,
+    /// Failures by kind ([`Failure`]), for the metrics endpoint.
+    failures: [AtomicU64; 3],
+}
+
+/// How an exchange with the upstream failed, counted apart from the
+/// status it became (a 502 says "bad gateway", not which of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made.
+    Connect = 0,
+    /// The upstream went silent past `upstream_timeout`.
+    Timeout = 1,
+    /// The response body broke off before its end.
+    Truncated = 2,
 }
 
 impl UpstreamStats {
@@ -47,6 +61,16 @@ impl UpstreamStats {
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.latency_sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Counts one failed exchange.
+    pub fn record_failure(&self, failure: Failure) {
+        self.failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failures so far, indexed by [`Failure`].
+    pub fn failures(&self) -> [u64; 3] {
+        self.failures.each_ref().map(|c| c.load(Ordering::Relaxed))
     }
 
     /// The counters as they are now.
@@ -74,6 +98,17 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// Adds `other`'s counts to these (totals of several upstreams).
+    pub fn add(&mut self, other: &StatsSnapshot) {
+        for (sum, n) in self.by_class.iter_mut().zip(other.by_class) {
+            *sum += n;
+        }
+        for (sum, n) in self.latency_buckets.iter_mut().zip(other.latency_buckets) {
+            *sum += n;
+        }
+        self.latency_sum_micros += other.latency_sum_micros;
+    }
+
     /// Every answer counted.
     pub fn requests(&self) -> u64 {
         self.by_class.iter().sum()

@@ -530,7 +530,7 @@ impl Deployer {
             // A graceful shutdown cancels the deploy, so the half-started
             // container is removed now instead of at the next start.
             _ = cancel.cancelled() => Err("cutover is shutting down; the deploy was cancelled".to_string()),
-            healthy = check_health(addr, settings, attempt.progress) => healthy.map_err(|err| err.to_string()),
+            healthy = check_health(addr, settings, attempt.progress, &self.writer.shared().metrics) => healthy.map_err(|err| err.to_string()),
             reason = exited => Err(reason),
         }
     }

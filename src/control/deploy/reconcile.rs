@@ -404,7 +404,14 @@ impl Deployer {
             }
         };
         if let Some(addr) = started.host_addr {
-            if let Err(err) = check_health(addr, settings, &Progress::log_only()).await {
+            if let Err(err) = check_health(
+                addr,
+                settings,
+                &Progress::log_only(),
+                &self.writer.shared().metrics,
+            )
+            .await
+            {
                 tracing::error!(service, container = %info.name, error = %err, "the restarted active container is not healthy");
             }
         }

@@ -59,6 +59,7 @@ mod state_machine {
     use crate::control::state::StateStore;
     use crate::control::{ControlError, Controller, ImageChoice, Progress};
     use crate::docker::{ContainerInfo, ContainerRuntime, ContainerSpec, DockerError};
+    use crate::metrics::Operation;
     use crate::routing::{Shared, Snapshot};
 
     /// An engine in memory: containers are entries in a map, each
@@ -296,6 +297,7 @@ mod state_machine {
             tasks: tokio_util::task::TaskTracker::new(),
             acme: crate::tls::acme::AcmeCerts::new(),
             workers: crate::routing::WorkerLoad::new(0),
+            metrics: crate::metrics::Metrics::new(false),
         });
         let engine = Arc::clone(engine);
         let connect: super::Connect = Box::new(move || {
@@ -513,6 +515,15 @@ mod state_machine {
         assert_eq!(previous.container.map(|c| c.id), Some(green.clone()));
         assert!(engine.container(&green).is_some_and(|c| c.running));
         assert_eq!(engine.changes_to(&blue), vec![format!("create {blue}")]);
+        let metrics = &controller.writer.shared().metrics;
+        assert_eq!(
+            metrics.operations_counted(Operation::Deploy, "web", "ok"),
+            2
+        );
+        assert_eq!(
+            metrics.operations_counted(Operation::Rollback, "web", "ok"),
+            1
+        );
     }
 
     /// The old colour runs for `keep_previous` (30 s) after the switch, then
