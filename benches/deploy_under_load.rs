@@ -339,6 +339,7 @@ fn deploy(
         image: Some(image.to_string()),
         tag: None,
         docker_config: None,
+        canary: None,
     };
     let began = Instant::now();
     let call = cutover::admin::call(socket, &command, |_, _| {});

@@ -82,6 +82,25 @@ enum Command {
         /// A tag of the service's configured `image`.
         #[arg(long)]
         tag: Option<String>,
+        /// Give the new colour this share of the clients (e.g. `10%`),
+        /// sticky per client by cookie, and keep the old colour active
+        /// until `promote` or `abort`.
+        #[arg(long, value_name = "SHARE")]
+        canary: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Switch everything to the service's canary (with the usual drain; the
+    /// old colour stays warm), then judge it for the bake window.
+    Promote {
+        service: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// End the service's canary: every client back on the active colour,
+    /// the canary's container removed.
+    Abort {
+        service: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -185,6 +204,7 @@ fn main() -> ExitCode {
             service,
             image,
             tag,
+            canary,
             admin,
         } => client(
             &admin,
@@ -193,8 +213,11 @@ fn main() -> ExitCode {
                 image,
                 tag,
                 docker_config: callers_docker_config(),
+                canary,
             },
         ),
+        Command::Promote { service, admin } => client(&admin, AdminCommand::Promote { service }),
+        Command::Abort { service, admin } => client(&admin, AdminCommand::Abort { service }),
         Command::Rollback { service, admin } => client(
             &admin,
             AdminCommand::Rollback {
@@ -337,6 +360,39 @@ fn print_status(status: &StatusReport) {
             None => println!("  active:    none (requests get 503)"),
             Some(active) => println!("  active:    {}", active_line(active)),
         }
+        if let Some(canary) = &service.canary {
+            println!(
+                "  canary:    {} {}  share {}%  image {}  requests {}  5xx {}  in-flight {}",
+                canary.color,
+                canary.upstream,
+                f64::from(canary.share_bp) / 100.0,
+                canary.image.as_deref().unwrap_or("-"),
+                canary.requests,
+                canary.errors,
+                canary.in_flight,
+            );
+        }
+        if let Some(bake) = &service.bake {
+            let p99 = bake
+                .p99_ms
+                .map_or("-".to_string(), |ms| format!("<= {ms} ms"));
+            println!(
+                "  bake:      {} ({}) {}  {} requests  {} 5xx  p99 {p99}  after {} ms{}{}",
+                bake.color,
+                bake.phase,
+                bake.state,
+                bake.requests,
+                bake.errors,
+                bake.elapsed_ms,
+                bake.reason
+                    .as_ref()
+                    .map(|r| format!("  reason: {r}"))
+                    .unwrap_or_default(),
+                bake.breach_to_switch_ms
+                    .map(|ms| format!("  breach to switch {ms} ms"))
+                    .unwrap_or_default(),
+            );
+        }
         if let Some(previous) = &service.previous {
             println!(
                 "  previous:  {} {}  image {}  warm for {}s more",
@@ -432,6 +488,8 @@ fn active_line(active: &ActiveStatus) -> String {
             .as_ref()
             .map(|id| format!("container {}", id.get(..12).unwrap_or(id))),
     );
+    parts.push(format!("requests {}", active.requests));
+    parts.push(format!("5xx {}", active.errors));
     parts.push(format!("in-flight {}", active.in_flight));
     parts.push(format!("websockets {}", active.websockets));
     parts.join("  ")

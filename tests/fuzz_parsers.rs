@@ -405,14 +405,17 @@ fn command() -> impl Strategy<Value = Command> {
         }),
         text().prop_map(|service| Command::Pause { service }),
         text().prop_map(|service| Command::Resume { service }),
-        (text(), opt(), opt(), opt()).prop_map(|(service, image, tag, docker_config)| {
-            Command::Deploy {
+        (text(), opt(), opt(), opt(), opt()).prop_map(
+            |(service, image, tag, docker_config, canary)| Command::Deploy {
                 service,
                 image,
                 tag,
                 docker_config,
+                canary,
             }
-        }),
+        ),
+        text().prop_map(|service| Command::Promote { service }),
+        text().prop_map(|service| Command::Abort { service }),
         (text(), opt()).prop_map(|(service, docker_config)| Command::Rollback {
             service,
             docker_config

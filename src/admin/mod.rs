@@ -323,6 +323,7 @@ async fn run_command(
             image,
             tag,
             docker_config,
+            canary,
         } => {
             let choice = match (image, tag) {
                 (Some(image), None) => ImageChoice::Image(image),
@@ -334,10 +335,16 @@ async fn run_command(
                     ))
                 }
             };
+            let canary = canary
+                .as_deref()
+                .map(crate::control::parse_share)
+                .transpose()
+                .map_err(|err| ErrorReply::new(ErrorKind::Refused, err))?;
             controller
                 .deploy(
                     &service,
                     choice,
+                    canary,
                     docker_config.map(PathBuf::from),
                     progress,
                     cancel,
@@ -345,6 +352,14 @@ async fn run_command(
                 .await
                 .map(Report::Deploy)
         }
+        Command::Promote { service } => controller
+            .promote(&service, progress, cancel)
+            .await
+            .map(Report::Promote),
+        Command::Abort { service } => controller
+            .abort(&service, progress)
+            .await
+            .map(Report::Abort),
         Command::Rollback {
             service,
             docker_config,

@@ -13,9 +13,9 @@ use serde_json::Value;
 
 pub use crate::acme::CertStatus;
 pub use crate::control::report::{
-    ActiveStatus, DeployReport, DeployTimings, DrainReport, ErrorKind, PauseReport, PreviousStatus,
-    ReloadReport, RenewReport, Report, RollbackReport, ServiceStatus, StatusReport, SwapBackReport,
-    SwapTimings, SwitchReport,
+    AbortReport, ActiveStatus, BakeReport, CanaryStatus, DeployReport, DeployTimings, DrainReport,
+    ErrorKind, PauseReport, PreviousStatus, PromoteReport, ReloadReport, RenewReport, Report,
+    RollbackReport, ServiceStatus, StatusReport, SwapBackReport, SwapTimings, SwitchReport,
 };
 pub use crate::control::state::DeployRecord;
 
@@ -52,7 +52,15 @@ pub enum Command {
         /// The caller's docker config.json, for pull credentials.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         docker_config: Option<String>,
+        /// Run the new colour as a canary with this share of the clients
+        /// (`"10%"`) instead of switching everything to it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<String>,
     },
+    /// Switch everything to the service's canary (with the usual drain).
+    Promote { service: String },
+    /// End the service's canary: every client back on the active colour.
+    Abort { service: String },
     /// Swap back to the warm previous colour, or redeploy its image.
     Rollback {
         service: String,
@@ -156,6 +164,8 @@ pub fn decode_report(command: &Command, result: Value) -> Result<Report, serde_j
         Command::Renew { .. } => Report::Renew(serde_json::from_value(result)?),
         Command::Deploy { .. } => Report::Deploy(serde_json::from_value(result)?),
         Command::Rollback { .. } => Report::Rollback(serde_json::from_value(result)?),
+        Command::Promote { .. } => Report::Promote(serde_json::from_value(result)?),
+        Command::Abort { .. } => Report::Abort(serde_json::from_value(result)?),
         Command::Upgrade { .. } => Report::Upgrade(serde_json::from_value(result)?),
     })
 }

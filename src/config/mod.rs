@@ -269,6 +269,26 @@ pub struct Service {
     pub pause_timeout: Duration,
     /// Present when the deploy controller runs this service as containers.
     pub container: Option<ContainerSettings>,
+    /// The bake window after a deploy, a canary or a promote: `None`
+    /// judges nothing (the deploy ends at the switch, as before).
+    pub bake: Option<BakeSettings>,
+}
+
+/// `bake = { window = "2m", max_error_rate = "1%", min_requests = 200,
+/// max_p99 = "800ms" }`: what the new colour must keep to while it is
+/// judged, or traffic goes back to the warm previous colour at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BakeSettings {
+    /// How long the new colour is judged after a full switch, and how long
+    /// `deploy --canary` stays attached judging the canary.
+    pub window: Duration,
+    /// Largest share of 5xx answers (0..=1) tolerated.
+    pub max_error_rate: f64,
+    /// Answers needed before anything is judged: a handful of requests
+    /// says nothing about a rate.
+    pub min_requests: u64,
+    /// Largest p99 latency tolerated, when set.
+    pub max_p99: Option<Duration>,
 }
 
 /// How the deploy controller runs a service's containers.
@@ -646,6 +666,16 @@ struct RawService {
     keep_previous: Option<DurationValue>,
     retain: Option<usize>,
     docker_config: Option<Spanned<PathBuf>>,
+    bake: Option<Spanned<RawBake>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawBake {
+    window: Option<DurationValue>,
+    max_error_rate: Option<String>,
+    min_requests: Option<u64>,
+    max_p99: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -733,6 +763,19 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     parse_size(size).map_err(|_| {
         format!("invalid rate {text:?}; expected bytes per second such as 500 or \"1KiB/s\"")
     })
+}
+
+/// Parses a share written `"1%"`, `"0.5%"` or `"10"` (percent either way)
+/// into a fraction 0..=1.
+pub fn parse_percent(text: &str) -> Result<f64, String> {
+    let trimmed = text.trim();
+    let number = trimmed.strip_suffix('%').unwrap_or(trimmed).trim();
+    match number.parse::<f64>() {
+        Ok(value) if (0.0..=100.0).contains(&value) => Ok(value / 100.0),
+        _ => Err(format!(
+            "invalid percentage {text:?}; expected a share such as \"1%\" or \"0.5%\" (0 to 100)"
+        )),
+    }
 }
 
 /// Parses `"500ms"`, `"30s"`, `"15m"`, `"2h"`, `"1d"`.
@@ -913,6 +956,19 @@ impl<'a> Validator<'a> {
                 .health
                 .map(|health| self.health(health))
                 .unwrap_or_default();
+            let bake_span = raw.bake.as_ref().map(Spanned::span);
+            let bake = raw.bake.take().map(|bake| self.bake(bake));
+            if let (Some(bake), Some(container), Some(at)) = (&bake, &container, bake_span) {
+                if bake.window > container.keep_previous {
+                    self.report(
+                        at,
+                        format!(
+                            "bake window ({:?}) is longer than keep_previous ({:?}): the warm colour a breach rolls back to would be retired first",
+                            bake.window, container.keep_previous
+                        ),
+                    );
+                }
+            }
             services.insert(
                 name.clone(),
                 Service {
@@ -923,6 +979,7 @@ impl<'a> Validator<'a> {
                     websocket_grace: raw.websocket_grace.map_or(Duration::from_secs(10), |d| d.0),
                     pause_timeout: raw.pause_timeout.map_or(Duration::from_secs(30), |d| d.0),
                     container,
+                    bake,
                 },
             );
         }
@@ -947,7 +1004,8 @@ impl<'a> Validator<'a> {
                 || raw.keep_previous.is_some()
                 || raw.retain.is_some()
                 || raw.stop_timeout.is_some()
-                || raw.docker_config.is_some();
+                || raw.docker_config.is_some()
+                || raw.bake.is_some();
             if container_only {
                 self.report(
                     span,
@@ -1015,6 +1073,29 @@ impl<'a> Validator<'a> {
                 .take()
                 .map(|p| self.named_file("docker_config", p)),
         })
+    }
+
+    fn bake(&mut self, spanned: Spanned<RawBake>) -> BakeSettings {
+        let span = spanned.span();
+        let raw = spanned.into_inner();
+        let window = raw.window.map_or(Duration::from_secs(120), |d| d.0);
+        if window.is_zero() {
+            self.report(span.clone(), "bake window must be longer than 0s".into());
+        }
+        let max_error_rate = match raw.max_error_rate.as_deref().map(parse_percent) {
+            None => 0.01,
+            Some(Ok(rate)) => rate,
+            Some(Err(err)) => {
+                self.report(span.clone(), format!("bake max_error_rate: {err}"));
+                0.01
+            }
+        };
+        BakeSettings {
+            window,
+            max_error_rate,
+            min_requests: raw.min_requests.unwrap_or(100),
+            max_p99: raw.max_p99.map(|d| d.0),
+        }
     }
 
     fn health(&mut self, spanned: Spanned<RawHealth>) -> HealthCheck {
@@ -1549,6 +1630,38 @@ health = { path = "/actuator/health", expect_json = { status = "UP" }, healthy_a
             err.to_string().contains("proxy.toml:6:14: host_ports"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn bake_settings_and_located_errors() {
+        let base = "[server]\nstate_dir = \"s\"\n[service.web]\nimage = \"x\"\nport = 1\n";
+        let config = parse(&format!(
+            "{base}bake = {{ window = \"2m\", max_error_rate = \"1%\", min_requests = 200, max_p99 = \"800ms\" }}\n"
+        ))
+        .expect("valid");
+        let bake = config.services["web"].bake.expect("bake");
+        assert_eq!(bake.window, Duration::from_secs(120));
+        assert!((bake.max_error_rate - 0.01).abs() < 1e-12);
+        assert_eq!(bake.min_requests, 200);
+        assert_eq!(bake.max_p99, Some(Duration::from_millis(800)));
+        let err = parse(&format!("{base}bake = {{ max_error_rate = \"lots\" }}\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("proxy.toml:6:8: bake max_error_rate"),
+            "{err}"
+        );
+        let err = parse(&format!("{base}bake = {{ windw = \"1s\" }}\n")).unwrap_err();
+        assert!(err.to_string().contains("proxy.toml:6:"), "{err}");
+        let err = parse(&format!(
+            "{base}keep_previous = \"1m\"\nbake = {{ window = \"2m\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("proxy.toml:7:8: bake window"),
+            "{err}"
+        );
+        let err = parse("[service.web]\nupstream = \"127.0.0.1:1\"\nbake = {}\n").unwrap_err();
+        assert!(err.to_string().contains("no `image`"), "{err}");
     }
 
     /// Four mistakes that each stop serde: all four are listed, at their

@@ -32,6 +32,10 @@ pub(crate) enum Gate {
     /// The caller already proved it (a deploy watches its container while
     /// probing).
     Passed,
+    /// One probe, not `healthy_after` in a row: the automatic rollback of
+    /// a breached bake, to a warm colour that was serving moments ago and
+    /// must take the traffic back now.
+    Once,
 }
 
 /// What a cut-over to a container records: the outgoing upstream becomes
@@ -61,6 +65,8 @@ pub(crate) struct Target<'a> {
 /// What [`Deployer::cut_over`] did.
 pub(crate) struct Handover {
     pub activation: Activation,
+    /// The upstream that took the traffic.
+    pub upstream: Arc<Upstream>,
     /// `None` when nothing was active before.
     pub drain: Option<DrainReport>,
     /// Time spent draining.
@@ -102,8 +108,15 @@ impl Deployer {
                 format!("skipping health check of {} (--force)", upstream.addr),
             ),
             Gate::Passed => {}
+            Gate::Once => super::health::probe(upstream.addr, &settings.health)
+                .await
+                .map_err(|reason| ControlError::Unhealthy {
+                    addr: upstream.addr,
+                    reason,
+                })?,
         }
         let outgoing = self.writer.active(service);
+        let incoming = Arc::clone(&upstream);
         let saved_record = self.record(service);
         let activation = match &record {
             // The outgoing upstream becomes the warm previous colour, the
@@ -140,6 +153,7 @@ impl Deployer {
         }
         Ok(Handover {
             activation,
+            upstream: incoming,
             drain: drain_report,
             drain_time,
         })

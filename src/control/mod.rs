@@ -38,7 +38,7 @@ pub mod upgrade;
 pub mod watch;
 mod writer;
 
-pub use deploy::ImageChoice;
+pub use deploy::{parse_share, ImageChoice};
 pub use writer::Activation;
 
 use std::collections::HashMap;
@@ -54,7 +54,7 @@ use crate::acme::{self, CertStatus};
 use crate::config::{Config, Service};
 use crate::docker::DockerError;
 use crate::metrics::{Metrics, Operation};
-use crate::routing::{PauseGate, ServiceSlot, Shared, Snapshot};
+use crate::routing::{Canary, PauseGate, ServiceSlot, Shared, Snapshot};
 use crate::tls::{CertStore, SniResolver};
 use crate::upstream::Upstream;
 use color::Color;
@@ -62,8 +62,8 @@ use deploy::{Deployer, Records};
 use health::ProbeError;
 use listening::{ListenChange, Listening};
 use report::{
-    ActiveStatus, DrainReport, ErrorKind, PauseReport, PreviousStatus, ReloadReport, RenewReport,
-    ServiceStatus, StatusReport, SwitchReport, UpgradeReport,
+    ActiveStatus, CanaryStatus, DrainReport, ErrorKind, PauseReport, PreviousStatus, ReloadReport,
+    RenewReport, ServiceStatus, StatusReport, SwitchReport, UpgradeReport,
 };
 use state::{now_unix, StateError, StateStore};
 use upgrade::Upgrade;
@@ -144,6 +144,9 @@ pub enum ControlError {
     /// The operation was tried and failed.
     #[error("{0}")]
     Failed(String),
+    /// The new colour broke its bake thresholds; traffic went back.
+    #[error("{0}")]
+    BakeFailed(String),
     /// The request cannot be done as asked (nothing to roll back to, no
     /// automatic certificate to renew, a malformed argument).
     #[error("{0}")]
@@ -167,6 +170,7 @@ impl ControlError {
             | ControlError::State(_)
             | ControlError::Docker(_)
             | ControlError::DeployFailed { .. }
+            | ControlError::BakeFailed(_)
             | ControlError::Failed(_) => ErrorKind::Failed,
         }
     }
@@ -241,10 +245,13 @@ impl Controller {
 
     /// Deploys `choice` to `service` (see [`Deployer`]); Ok only when
     /// traffic switched to it.
+    /// With `canary` (basis points, see [`parse_share`]) the new colour
+    /// takes that share of the clients and the old one stays active.
     pub async fn deploy(
         &self,
         service: &str,
         choice: ImageChoice,
+        canary: Option<u32>,
         docker_config: Option<std::path::PathBuf>,
         progress: &Progress,
         cancel: &tokio_util::sync::CancellationToken,
@@ -252,9 +259,28 @@ impl Controller {
         let started = Instant::now();
         let result = self
             .deployer
-            .deploy(service, choice, docker_config, progress, cancel)
+            .deploy(service, choice, canary, docker_config, progress, cancel)
             .await;
         self.measure(Operation::Deploy, service, started, result)
+    }
+
+    /// Switches everything to the service's canary, then bakes it.
+    pub async fn promote(
+        &self,
+        service: &str,
+        progress: &Progress,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<report::PromoteReport, ControlError> {
+        self.deployer.promote(service, progress, cancel).await
+    }
+
+    /// Ends the service's canary: every client back on the active colour.
+    pub async fn abort(
+        &self,
+        service: &str,
+        progress: &Progress,
+    ) -> Result<report::AbortReport, ControlError> {
+        self.deployer.abort(service, progress).await
     }
 
     /// Back to the warm previous colour, or the previous image.
@@ -324,6 +350,22 @@ impl Controller {
             });
             slot.pinned = true;
             tracing::info!(service = %name, color = %saved.color, upstream.addr = %saved.addr, "restored active upstream from state file");
+            slot.canary = match (&saved.canary, &slot.active) {
+                (Some(canary), Some(active)) => {
+                    let upstream = match canary.container.clone() {
+                        Some(container) => Upstream::for_container(
+                            canary.addr,
+                            canary.color.clone(),
+                            container,
+                            limits,
+                        ),
+                        None => Upstream::new(canary.addr, canary.color.clone(), limits),
+                    };
+                    tracing::info!(service = %name, color = %canary.color, share_bp = canary.share_bp, "restored the canary split from state file");
+                    Some(Canary::new(&name, active, upstream, canary.share_bp))
+                }
+                _ => None,
+            };
         }
         self.writer.publish(snapshot);
         Ok(())
@@ -351,6 +393,13 @@ impl Controller {
         progress: &Progress,
     ) -> Result<SwitchReport, ControlError> {
         let _busy = self.writer.claim(service)?;
+        if let Some(canary) = self.writer.canary(service) {
+            return Err(ControlError::Refused(format!(
+                "{service} has a canary running ({}): `promote` or `abort` it first",
+                canary.upstream.label
+            )));
+        }
+        self.deployer.end_bake(service);
         let (config, settings) = self.writer.service_config(service)?;
         let color = next_color(self.active(service).as_deref());
         let target = cutover::Target {
@@ -694,6 +743,22 @@ impl Controller {
                     .get(name)
                     .map(|since| now_unix().saturating_sub(*since)),
                 health: None,
+                requests: upstream.stats().snapshot().requests(),
+                errors: upstream.stats().snapshot().server_errors(),
+            });
+            let canary = slot.canary.as_ref().map(|canary| {
+                let upstream = &canary.upstream;
+                let figures = upstream.stats().snapshot();
+                CanaryStatus {
+                    color: upstream.label.clone(),
+                    upstream: upstream.addr.to_string(),
+                    container: upstream.container.as_ref().map(|c| c.id.clone()),
+                    image: upstream.container.as_ref().map(|c| c.image.clone()),
+                    share_bp: canary.share_bp,
+                    requests: figures.requests(),
+                    errors: figures.server_errors(),
+                    in_flight: upstream.in_flight(),
+                }
             });
             let record = self.deployer.record(name);
             let now = now_unix();
@@ -720,6 +785,8 @@ impl Controller {
                     pinned: slot.pinned,
                     busy: busy.contains(name),
                     managed,
+                    canary,
+                    bake: self.deployer.last_bake(name),
                 },
             );
         }

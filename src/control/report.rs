@@ -85,6 +85,73 @@ pub struct DeployReport {
     pub deploy_id: String,
     pub timings: DeployTimings,
     pub drain: Option<DrainReport>,
+    /// `deploy --canary`: the share the new colour took, in basis points;
+    /// the old colour stays active until `promote` or `abort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_share_bp: Option<u32>,
+    /// The bake window's verdict, when the service has `bake`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeReport>,
+}
+
+/// What a bake window saw of the new colour, and what it decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeReport {
+    /// The colour judged.
+    pub color: String,
+    /// `"canary"` or `"switch"`: judged as a share, or after a full switch.
+    pub phase: String,
+    /// `"running"`, `"passed"`, `"breached"` (rolled back) or
+    /// `"interrupted"` (another operation, or shutdown, ended it).
+    pub state: String,
+    /// Answers of the new colour since the window began.
+    pub requests: u64,
+    /// Of those, 5xx (the app's own and cutover's 502/504 for it).
+    pub errors: u64,
+    /// p99 latency, as the upper bound of its histogram bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<u64>,
+    /// Time judged so far.
+    pub elapsed_ms: u64,
+    /// Why it breached, in words with the thresholds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// From the tick that saw the breach to the snapshot that sent every
+    /// new request back to the previous colour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breach_to_switch_ms: Option<u64>,
+    /// Unix seconds of the last change.
+    pub at: u64,
+}
+
+/// The result of `promote`: the canary took all traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteReport {
+    pub service: String,
+    pub color: String,
+    pub image: Option<String>,
+    pub upstream: String,
+    /// Always `true`: tells this report from the others.
+    pub promoted: bool,
+    pub timings: SwapTimings,
+    pub drain: Option<DrainReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeReport>,
+}
+
+/// The result of `abort` (or `rollback` during a canary): every client is
+/// back on the active colour and the canary's container is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortReport {
+    pub service: String,
+    /// The colour that serves everything again.
+    pub color: String,
+    /// The canary that was ended.
+    pub aborted_canary: String,
+    pub canary_image: Option<String>,
+    /// The canary's container was stopped and removed.
+    pub removed: bool,
+    pub drain: DrainReport,
 }
 
 /// The result of an instant rollback: traffic went back to the warm
@@ -106,9 +173,12 @@ pub struct SwapBackReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RollbackReport {
-    /// Listed first: only this variant has the `instant` field.
+    /// A rollback during a canary is an abort; listed first: only this
+    /// variant has the `aborted_canary` field.
+    Abort(AbortReport),
+    /// Only this variant has the `instant` field.
     Instant(SwapBackReport),
-    Redeploy(DeployReport),
+    Redeploy(Box<DeployReport>),
 }
 
 /// The result of `pause` and `resume`.
@@ -166,6 +236,27 @@ pub struct ServiceStatus {
     pub busy: bool,
     /// The service runs containers (it has an `image`).
     pub managed: bool,
+    /// The canary taking a share of the clients, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+    /// The last bake window (running, passed or breached) since start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeReport>,
+}
+
+/// A service's canary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    pub color: String,
+    pub upstream: String,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    /// Its share of newly assigned clients, in basis points.
+    pub share_bp: u32,
+    /// Answers it gave since it started, and how many were 5xx.
+    pub requests: u64,
+    pub errors: u64,
+    pub in_flight: usize,
 }
 
 /// The active upstream of a service.
@@ -183,6 +274,12 @@ pub struct ActiveStatus {
     /// "healthy" or "unhealthy: why", from one probe made for this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// Answers it gave since it became active (since this server started),
+    /// and how many were 5xx.
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub errors: u64,
 }
 
 /// The warm previous colour of a service.
@@ -216,6 +313,8 @@ pub enum Report {
     Renew(RenewReport),
     Deploy(DeployReport),
     Rollback(RollbackReport),
+    Promote(PromoteReport),
+    Abort(AbortReport),
     Upgrade(UpgradeReport),
 }
 

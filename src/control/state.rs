@@ -58,6 +58,22 @@ pub struct ServiceState {
     /// The last deploy's outcome, for status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_deploy: Option<DeployRecord>,
+    /// A canary taking a share of the clients (`deploy --canary`): a
+    /// restart keeps serving the split, and reconciliation keeps its
+    /// container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryState>,
+}
+
+/// A running canary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanaryState {
+    pub color: String,
+    pub addr: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerState>,
+    /// Its share of newly assigned clients, in basis points.
+    pub share_bp: u32,
 }
 
 /// The previous colour and when it will be retired.
@@ -289,6 +305,7 @@ mod tests {
                 previous: None,
                 history: vec!["web:v2".into()],
                 last_deploy: None,
+                canary: None,
             },
         );
         store.save(&state).expect("save");

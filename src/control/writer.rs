@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::deploy::Records;
 use super::report::SwapTimings;
-use super::state::{now_unix, ServiceState, State, StateError, StateStore};
+use super::state::{now_unix, CanaryState, ServiceState, State, StateError, StateStore};
 use super::ControlError;
 use crate::config::{Config, Service};
-use crate::routing::{ServiceSlot, Shared, Snapshot};
+use crate::routing::{Canary, ServiceSlot, Shared, Snapshot};
 use crate::upstream::Upstream;
 
 /// What [`Writer::activate`] did.
@@ -32,6 +32,9 @@ pub struct Activation {
     pub persist: Duration,
     /// Time of the swap itself: one `ArcSwap::store`.
     pub swap: Duration,
+    /// When the new snapshot was stored (a bake's breach-to-switch time
+    /// ends here).
+    pub published: Instant,
 }
 
 impl Activation {
@@ -174,6 +177,8 @@ impl Writer {
                 active: Some(upstream),
                 pinned: true,
                 pause: slot.pause,
+                // A full switch ends any canary.
+                canary: None,
             },
         );
         let persist_started = Instant::now();
@@ -182,8 +187,45 @@ impl Writer {
         let next = Arc::new(next);
         let swap_started = Instant::now();
         self.shared.snapshot.store(next);
-        let swap = swap_started.elapsed();
-        Ok(Activation { old, persist, swap })
+        let published = Instant::now();
+        let swap = published - swap_started;
+        Ok(Activation {
+            old,
+            persist,
+            swap,
+            published,
+        })
+    }
+
+    /// Persists and then publishes the service's canary (`None` ends it:
+    /// every client back on the active colour); returns the canary it
+    /// replaced and when the new snapshot was stored.
+    pub(crate) async fn set_canary(
+        &self,
+        service: &str,
+        canary: Option<Arc<Canary>>,
+    ) -> Result<(Option<Arc<Canary>>, Instant), ControlError> {
+        let _writer = self.lock.lock().await;
+        let (current, slot) = self.current_slot(service)?;
+        if canary.is_some() && slot.active.is_none() {
+            return Err(ControlError::Refused(format!(
+                "service {service:?} has no active colour to run a canary beside"
+            )));
+        }
+        let old = slot.canary.clone();
+        let next = current.with_slot(service, ServiceSlot { canary, ..slot });
+        self.persist(&next).await?;
+        self.shared.snapshot.store(Arc::new(next));
+        Ok((old, Instant::now()))
+    }
+
+    /// The service's canary right now.
+    pub(crate) fn canary(&self, service: &str) -> Option<Arc<Canary>> {
+        self.shared
+            .snapshot
+            .load()
+            .service(service)
+            .and_then(|slot| slot.canary.clone())
     }
 
     /// Stops routing to the service (503) and persists that.
@@ -244,6 +286,12 @@ impl Writer {
                     previous: record.previous,
                     history: record.history,
                     last_deploy: record.last_deploy,
+                    canary: slot.canary.as_ref().map(|canary| CanaryState {
+                        color: canary.upstream.label.clone(),
+                        addr: canary.upstream.addr,
+                        container: canary.upstream.container.clone(),
+                        share_bp: canary.share_bp,
+                    }),
                 },
             );
         }

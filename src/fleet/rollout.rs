@@ -297,6 +297,7 @@ async fn deploy_one(run: &HostRun, plan: &Plan, expect: &Expect, width: usize) -
         image: None,
         tag: None,
         docker_config: None,
+        canary: None,
     };
     let image = match ssh::call(host, &args, plan.deploy_timeout, progress).await {
         Ok(result) => match crate::admin::proto::decode_report(&command, result) {

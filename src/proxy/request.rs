@@ -34,8 +34,9 @@ use crate::proxy::forward::{self, ClientFacts};
 use crate::proxy::h1::ClientUpgrade;
 use crate::proxy::static_dir;
 use crate::proxy::strict::{self, Violation};
+use crate::routing::canary::{self, Choice};
 use crate::routing::table::{self as routes, normalize_host};
-use crate::routing::{Shared, Snapshot};
+use crate::routing::{ServiceSlot, Shared, Snapshot};
 use crate::tls::acme::HTTP01_PATH_PREFIX;
 use crate::upstream::h1::{self, RequestFraming};
 use crate::upstream::pool::{Answer, SendError};
@@ -296,7 +297,8 @@ async fn dispatch(
             {
                 forward::Hop::Answer => Produced::Local(options_answer()),
                 forward::Hop::Forward => {
-                    let upstream = pick_upstream(shared, snapshot, name).await?;
+                    let Choice { upstream, assigned } =
+                        pick_upstream(shared, snapshot, name, req.headers()).await?;
                     if let Some(log) = log {
                         log.upstream = Some(Arc::clone(&upstream));
                     }
@@ -311,7 +313,24 @@ async fn dispatch(
                             .counts(site_index, route_index)
                             .map(|counts| Tally::new(counts, &method)),
                     };
-                    forward(shared, snapshot, exchange, req, upstream).await?
+                    let mut produced = forward(shared, snapshot, exchange, req, upstream).await?;
+                    // The snapshot is this request's own: its canary is
+                    // the one that assigned it.
+                    let cookie = assigned.and_then(|to| {
+                        let canary = snapshot.service(name)?.canary.as_ref()?;
+                        Some(canary.set_cookie(to))
+                    });
+                    if let Some(cookie) = cookie {
+                        match &mut produced {
+                            Produced::Local(response) => {
+                                response.headers_mut().append(header::SET_COOKIE, cookie)
+                            }
+                            Produced::Upstream(response, ..) => {
+                                response.headers_mut().append(header::SET_COOKIE, cookie)
+                            }
+                        };
+                    }
+                    produced
                 }
             }
         }
@@ -341,22 +360,23 @@ fn options_answer() -> Response<ProxyBody> {
     response
 }
 
-/// The service's active upstream. While the service is paused the request
-/// waits (up to the service's `pause_timeout`, then 503) and then takes the
-/// upstream that is active at release time, which is the point of pausing.
+/// The service's upstream for this request: the active one, or, while a
+/// canary runs, the colour the request's sticky cookie names or the share
+/// assigns (with the cookie to set). While the service is paused the
+/// request waits (up to the service's `pause_timeout`, then 503) and then
+/// takes the upstream that is active at release time, which is the point
+/// of pausing.
 async fn pick_upstream(
     shared: &Shared,
     snapshot: &Snapshot,
     name: &str,
-) -> Result<Arc<Upstream>, ProxyError> {
+    headers: &http::HeaderMap,
+) -> Result<Choice, ProxyError> {
     let slot = snapshot
         .service(name)
         .ok_or_else(|| ProxyError::NoUpstream(name.to_string()))?;
     let Some(gate) = &slot.pause else {
-        return slot
-            .active
-            .clone()
-            .ok_or_else(|| ProxyError::NoUpstream(name.to_string()));
+        return choose(slot, name, headers);
     };
     let limit = snapshot
         .config
@@ -366,12 +386,30 @@ async fn pick_upstream(
     if !gate.wait(limit).await {
         return Err(ProxyError::PausedTooLong(name.to_string()));
     }
-    shared
-        .snapshot
-        .load()
+    let now = shared.snapshot.load();
+    let slot = now
         .service(name)
-        .and_then(|slot| slot.active.clone())
-        .ok_or_else(|| ProxyError::NoUpstream(name.to_string()))
+        .ok_or_else(|| ProxyError::NoUpstream(name.to_string()))?;
+    choose(slot, name, headers)
+}
+
+/// The slot's active upstream; with a canary, the sticky or assigned one.
+fn choose(slot: &ServiceSlot, name: &str, headers: &http::HeaderMap) -> Result<Choice, ProxyError> {
+    let active = slot
+        .active
+        .as_ref()
+        .ok_or_else(|| ProxyError::NoUpstream(name.to_string()))?;
+    Ok(match &slot.canary {
+        None => Choice {
+            upstream: Arc::clone(active),
+            assigned: None,
+        },
+        Some(canary) => canary.choose(
+            active,
+            headers.get_all(header::COOKIE).iter(),
+            canary::draw(),
+        ),
+    })
 }
 
 /// The authority the client addressed: the URI's (HTTP/2 `:authority`,

@@ -6,6 +6,7 @@
 //! Neither imports the other. May import: `access_log`, `metrics`,
 //! `upstream`, `tls`, `config`.
 
+pub mod canary;
 pub mod snapshot;
 pub mod table;
 pub mod workers;
@@ -21,7 +22,7 @@ use crate::metrics::{Metrics, UpstreamSource};
 use crate::tls::acme::AcmeCerts;
 use crate::upstream::Upstream;
 
-pub use snapshot::{PauseGate, ServiceSlot, Snapshot};
+pub use snapshot::{Canary, PauseGate, ServiceSlot, Snapshot};
 pub use workers::WorkerLoad;
 
 /// State every connection and the controller share.

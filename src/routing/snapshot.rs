@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+pub use super::canary::Canary;
+
 use crate::config::Config;
 use crate::metrics::requests::RequestTally;
 use crate::routing::table::RouteTable;
@@ -37,6 +39,9 @@ pub struct ServiceSlot {
     pub pinned: bool,
     /// Present while the service is paused.
     pub pause: Option<Arc<PauseGate>>,
+    /// Present while a canary takes a share of the service's clients
+    /// (`deploy --canary`); `active` keeps the rest.
+    pub canary: Option<Arc<Canary>>,
 }
 
 /// Holds requests of a paused service until it is resumed.
@@ -84,6 +89,7 @@ impl Snapshot {
                         .map(|addr| Upstream::new(addr, "blue", &config.server.limits)),
                     pinned: false,
                     pause: None,
+                    canary: None,
                 });
                 (service.name.clone(), slot)
             })

@@ -314,8 +314,8 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
         answer.version
     }
 
-    /// Status and engine agree: the active container (and the previous one,
-    /// if status names one) is running, and no other container of the service
+    /// Status and engine agree: the active container (and the previous one
+    /// and the canary, if status names them) is running, and no other container of the service
     /// exists. Returns the status.
     pub async fn consistent(&self) -> ServiceStatus {
         let status = self.status().await;
@@ -337,6 +337,13 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
                     .previous
                     .as_ref()
                     .map(|p| (&p.container, &p.image, &p.color)),
+            ),
+            (
+                "canary",
+                status
+                    .canary
+                    .as_ref()
+                    .map(|c| (&c.container, &c.image, &c.color)),
             ),
         ];
         for (role, named_by_status) in roles {

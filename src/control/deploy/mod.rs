@@ -18,6 +18,8 @@
 //! moves to a container that passed its health check, and a failed deploy
 //! leaves the serving colour untouched.
 
+mod bake;
+mod canary;
 mod engine;
 mod reconcile;
 mod records;
@@ -42,6 +44,8 @@ use super::{check_health, next_color, ControlError, Progress};
 use crate::config::{Config, ContainerSettings, Service};
 use crate::docker::{ContainerInfo, ContainerRuntime, ContainerSpec};
 use crate::upstream::Upstream;
+use bake::{Bakes, Baking, Phase};
+pub use canary::parse_share;
 use engine::EngineHandle;
 pub(crate) use engine::{docker, Connect};
 pub(crate) use records::{Records, ServiceRecord};
@@ -96,6 +100,8 @@ pub(crate) struct Deployer {
     /// [`identity`](super::identity)): the label on every container it
     /// starts.
     instance: String,
+    /// Running bake windows and their last verdicts.
+    bakes: Bakes,
 }
 
 impl Deployer {
@@ -111,6 +117,7 @@ impl Deployer {
             engine: EngineHandle::new(connect),
             records,
             instance,
+            bakes: Bakes::default(),
         })
     }
 
@@ -171,20 +178,32 @@ impl Deployer {
     /// Deploys `choice` to `service`; Ok only when traffic switched to it.
     /// `cancel` (the server's shutdown, through the caller's token) stops a
     /// deploy in its health check and removes its new container.
+    /// With `canary` (basis points) the new colour takes that share of the
+    /// clients instead of all of them. With the service's `bake`, the
+    /// command then stays attached for the bake window and fails (after
+    /// rolling back) on a breach.
     pub async fn deploy(
         self: &Arc<Self>,
         service: &str,
         choice: ImageChoice,
+        canary: Option<u32>,
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<DeployReport, ControlError> {
-        let _busy = self.writer.claim(service)?;
-        let result = self
-            .deploy_claimed(service, choice, docker_config, progress, cancel)
-            .await;
-        self.note_engine_outcome(&result);
-        result
+        let (mut report, baking) = {
+            let _busy = self.writer.claim(service)?;
+            self.end_bake(service);
+            let result = self
+                .deploy_claimed(service, choice, canary, docker_config, progress, cancel)
+                .await;
+            self.note_engine_outcome(&result);
+            result?
+        };
+        // The claim is released: `abort`, `promote` and `rollback` may end
+        // the window.
+        report.bake = self.bake(service, baking, progress, cancel).await?;
+        Ok(report)
     }
 
     /// Keeps `status`'s docker line current: an operation that reached the
@@ -204,10 +223,17 @@ impl Deployer {
         self: &Arc<Self>,
         service: &str,
         choice: ImageChoice,
+        canary: Option<u32>,
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<DeployReport, ControlError> {
+    ) -> Result<(DeployReport, Baking), ControlError> {
+        self.refuse_during_canary(service)?;
+        if canary.is_some() && self.writer.active(service).is_none() {
+            return Err(ControlError::Refused(format!(
+                "{service} has no active colour to run a canary beside: deploy without --canary first"
+            )));
+        }
         let attempt = self
             .prepare(service, choice, docker_config, progress)
             .await?;
@@ -217,7 +243,51 @@ impl Deployer {
             return Err(self.fail_deploy(&attempt, &started, reason).await);
         }
         let healthy_ms = attempt.began.elapsed().as_millis() as u64 - start_ms;
+        if let Some(share_bp) = canary {
+            let (upstream, persist) = self
+                .start_canary(&attempt, &started, addr, share_bp)
+                .await?;
+            let report = DeployReport {
+                service: service.to_string(),
+                color: attempt.color.to_string(),
+                image: attempt.image.clone(),
+                container: started.id.clone(),
+                upstream: addr.to_string(),
+                deploy_id: attempt.deploy_id.clone(),
+                timings: DeployTimings {
+                    start_ms,
+                    healthy_ms,
+                    persist_us: persist.as_micros() as u64,
+                    swap_ns: 0,
+                    drain_ms: 0,
+                    total_ms: attempt.began.elapsed().as_millis() as u64,
+                },
+                drain: None,
+                canary_share_bp: Some(share_bp),
+                bake: None,
+            };
+            let baseline = upstream.stats().snapshot();
+            let baking = Baking {
+                upstream,
+                baseline,
+                phase: Phase::Canary,
+            };
+            return Ok((report, baking));
+        }
         let handover = self.switch_to(&attempt, &started, addr).await?;
+        let first = handover.activation.old.is_none();
+        let baking = Baking {
+            // A fresh upstream: its counters start at zero with the swap.
+            baseline: crate::upstream::stats::StatsSnapshot::default(),
+            upstream: Arc::clone(&handover.upstream),
+            // A first deploy has no previous colour to go back to: it is
+            // not judged.
+            phase: if first {
+                Phase::Unjudged
+            } else {
+                Phase::Switch
+            },
+        };
         let drain_ms = handover.drain_time.as_millis() as u64;
         self.prune_images(service, &*attempt.engine, attempt.container.retain)
             .await;
@@ -229,7 +299,7 @@ impl Deployer {
             ..
         } = attempt;
         progress.emit("done", format!("deployed {image} to {service} as {color}"));
-        Ok(DeployReport {
+        let report = DeployReport {
             service: service.to_string(),
             color: color.to_string(),
             image,
@@ -245,7 +315,10 @@ impl Deployer {
                 total_ms: began.elapsed().as_millis() as u64,
             },
             drain: handover.drain,
-        })
+            canary_share_bp: None,
+            bake: None,
+        };
+        Ok((report, baking))
     }
 
     /// Everything checked before a container starts: the service runs

@@ -15,6 +15,7 @@ use crate::control::identity::{self, Named};
 use crate::control::state::{ContainerState, PreviousState};
 use crate::control::{check_health, health, ControlError, Progress};
 use crate::docker::{ContainerInfo, ContainerRuntime};
+use crate::routing::Canary;
 use crate::upstream::Upstream;
 
 /// How often, and for how long, a container left behind by an engine
@@ -85,6 +86,11 @@ impl Deployer {
             .as_ref()
             .and_then(|p| p.container.as_ref().map(|c| c.id.clone()));
         let starting = record.starting.clone();
+        let canary = self.writer.canary(service);
+        let canary_id = canary
+            .as_ref()
+            .and_then(|c| c.upstream.container.as_ref().map(|c| c.id.clone()));
+        let mut canary_info = None;
         let mut starting_seen = false;
         let (mut active_info, mut previous_info, mut others) = (None, None, Vec::new());
         for info in own {
@@ -99,6 +105,8 @@ impl Deployer {
                 active_info = Some(info);
             } else if Some(&info.id) == previous_id.as_ref() && info.running {
                 previous_info = Some(info);
+            } else if Some(&info.id) == canary_id.as_ref() && info.running {
+                canary_info = Some(info);
             } else {
                 others.push(info);
             }
@@ -118,10 +126,18 @@ impl Deployer {
         if active_serves {
             self.keep_recorded_previous(service, record.previous, previous_info.is_some())
                 .await;
-        } else if !self
-            .previous_takes_over(service, settings, record.previous, previous_info)
-            .await?
-        {
+            if let Some(canary) = canary {
+                others.extend(
+                    self.keep_canary(service, settings, &canary, canary_info)
+                        .await?,
+                );
+            }
+        } else if !{
+            // No split without its active colour: the canary goes too.
+            others.extend(canary_info.take());
+            self.previous_takes_over(service, settings, record.previous, previous_info)
+                .await?
+        } {
             if active.is_none() {
                 // The state file names no active colour (first start, or
                 // the file was lost): a container of this instance that
@@ -144,6 +160,50 @@ impl Deployer {
         Ok(())
     }
 
+    /// The recorded canary's container runs and answers a probe: the split
+    /// goes on (re-pointed if its published port changed). Otherwise the
+    /// split ends and its container, if any, is returned for removal. An
+    /// interrupted bake is not resumed: the split stays as it was.
+    async fn keep_canary(
+        &self,
+        service: &str,
+        settings: &Service,
+        canary: &Canary,
+        info: Option<ContainerInfo>,
+    ) -> Result<Option<ContainerInfo>, ControlError> {
+        let addr = info
+            .as_ref()
+            .map(|i| i.host_addr.unwrap_or(canary.upstream.addr));
+        match (info, addr) {
+            (Some(_), Some(addr)) if probe_a_few(addr, settings).await => {
+                if addr != canary.upstream.addr {
+                    let (Some(active), Some(state)) = (
+                        self.writer.active(service),
+                        canary.upstream.container.clone(),
+                    ) else {
+                        return Ok(None);
+                    };
+                    let limits = self.writer.current_config().server.limits.clone();
+                    let upstream = Upstream::for_container(
+                        addr,
+                        canary.upstream.label.clone(),
+                        state,
+                        &limits,
+                    );
+                    let moved = Canary::new(service, &active, upstream, canary.share_bp);
+                    self.writer.set_canary(service, Some(moved)).await?;
+                }
+                tracing::info!(service, color = %canary.upstream.label, "kept the canary split");
+                Ok(None)
+            }
+            (info, _) => {
+                tracing::error!(service, color = %canary.upstream.label, "the canary is gone or unhealthy: every client back on the active colour");
+                self.writer.set_canary(service, None).await?;
+                Ok(info)
+            }
+        }
+    }
+
     /// This instance's containers of `service` (see [`identity`]). The
     /// others are logged and left alone.
     pub(super) async fn own_containers(
@@ -155,9 +215,11 @@ impl Deployer {
         let listed = engine.list_service(service, port).await?;
         let active = self.writer.active(service);
         let record = self.records.get(service);
+        let canary = self.writer.canary(service);
         let ids = [
             active.as_ref().and_then(|u| u.container.as_ref()),
             record.previous.as_ref().and_then(|p| p.container.as_ref()),
+            canary.as_ref().and_then(|c| c.upstream.container.as_ref()),
         ];
         let named = Named {
             ids: ids.iter().flatten().map(|c| c.id.as_str()).collect(),

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{container_settings, Deployer, ImageChoice};
@@ -28,6 +29,16 @@ impl Deployer {
         cancel: &CancellationToken,
     ) -> Result<RollbackReport, ControlError> {
         let _busy = self.writer.claim(service)?;
+        self.end_bake(service);
+        if self.writer.canary(service).is_some() {
+            // During a canary the previous colour is the active one: a
+            // rollback ends the canary.
+            progress.emit("rollback", "a canary is running: aborting it");
+            return self
+                .abort_claimed(service, "rolled back (canary aborted)", progress)
+                .await
+                .map(|(report, _)| RollbackReport::Abort(report));
+        }
         let result = self
             .rollback_claimed(service, docker_config, progress, cancel)
             .await;
@@ -43,7 +54,7 @@ impl Deployer {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<RollbackReport, ControlError> {
-        let (config, settings) = self.writer.service_config(service)?;
+        let (_, settings) = self.writer.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let engine = self.engine().await?;
         let record = self.records.get(service);
@@ -59,9 +70,9 @@ impl Deployer {
                     previous,
                 };
                 return self
-                    .swap_back(service, warm, &config, &settings, &container, progress)
+                    .swap_back(service, warm, Gate::Probe, &settings, &container, progress)
                     .await
-                    .map(RollbackReport::Instant);
+                    .map(|(report, _)| RollbackReport::Instant(report));
             }
             progress.emit(
                 "rollback",
@@ -87,12 +98,38 @@ impl Deployer {
         self.deploy_claimed(
             service,
             ImageChoice::Image(target),
+            None,
             docker_config,
             progress,
             cancel,
         )
         .await
-        .map(RollbackReport::Redeploy)
+        .map(|(report, _)| RollbackReport::Redeploy(Box::new(report)))
+    }
+
+    /// After a breached bake of a full switch: straight back to the warm
+    /// previous colour (one probe, no history walk, no redeploy: if it is
+    /// gone, nothing is rolled back and the caller says so). Returns when
+    /// the snapshot was stored. The caller holds the busy claim.
+    pub(super) async fn swap_back_after_breach(
+        self: &Arc<Self>,
+        service: &str,
+        progress: &Progress,
+    ) -> Result<Instant, ControlError> {
+        let (_, settings) = self.writer.service_config(service)?;
+        let container = container_settings(service, &settings)?;
+        let previous = self.records.get(service).previous.ok_or_else(|| {
+            ControlError::Refused(format!(
+                "{service} has no warm previous colour to go back to"
+            ))
+        })?;
+        // The warm colour served until the switch; its record names where.
+        // (A restart re-reads its port; within a bake window there was none.)
+        let addr = previous.addr;
+        let warm = Warm { previous, addr };
+        self.swap_back(service, warm, Gate::Once, &settings, &container, progress)
+            .await
+            .map(|(_, published)| published)
     }
 
     /// The instant rollback: the previous container is still running.
@@ -100,11 +137,12 @@ impl Deployer {
         self: &Arc<Self>,
         service: &str,
         Warm { previous, addr }: Warm,
-        config: &crate::config::Config,
+        gate: Gate,
         settings: &Service,
         container: &ContainerSettings,
         progress: &Progress,
-    ) -> Result<SwapBackReport, ControlError> {
+    ) -> Result<(SwapBackReport, Instant), ControlError> {
+        let config = self.writer.current_config();
         progress.emit(
             "rollback",
             format!(
@@ -124,7 +162,7 @@ impl Deployer {
             service,
             upstream,
             settings,
-            gate: Gate::Probe,
+            gate,
             // On failure the warm colour stays the rollback target.
             record: Some(Record {
                 container,
@@ -144,7 +182,7 @@ impl Deployer {
         if let Err(err) = self.writer.save_state().await {
             tracing::error!(service, error = %err, "could not record the rollback");
         }
-        Ok(SwapBackReport {
+        let report = SwapBackReport {
             service: service.to_string(),
             color: previous.color,
             image,
@@ -152,7 +190,8 @@ impl Deployer {
             upstream: addr.to_string(),
             timings: handover.activation.timings(),
             drain: handover.drain,
-        })
+        };
+        Ok((report, handover.activation.published))
     }
 }
 

@@ -325,7 +325,14 @@ mod state_machine {
         let choice = ImageChoice::Image(image.into());
         let progress = Progress::log_only();
         let report = controller
-            .deploy("web", choice, None, &progress, &CancellationToken::new())
+            .deploy(
+                "web",
+                choice,
+                None,
+                None,
+                &progress,
+                &CancellationToken::new(),
+            )
             .await?;
         Ok(report.container)
     }
@@ -551,5 +558,75 @@ mod state_machine {
         .await;
         let saved = StateStore::new(dir.path()).load().expect("state file");
         assert_eq!(saved.services["web"].previous, None);
+    }
+
+    mod canary {
+        //! Canary deploys against the fake engine: the split survives a
+        //! restart with its container, and abort removes that container.
+
+        use std::sync::Arc;
+
+        use tokio_util::sync::CancellationToken;
+
+        use super::*;
+
+        #[tokio::test(start_paused = true)]
+        async fn a_restart_keeps_the_split_and_the_canary_container_until_abort() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let engine = Arc::new(FakeEngine::default());
+            let (controller, blue, blue_addr) = blue_serving(&engine, dir.path()).await;
+            let green_addr = app(200).await;
+            engine.publish_next(green_addr);
+            let report = controller
+                .deploy(
+                    "web",
+                    ImageChoice::Image("web:v2".into()),
+                    Some(1_000),
+                    None,
+                    &Progress::log_only(),
+                    &CancellationToken::new(),
+                )
+                .await
+                .expect("canary deploy");
+            assert_eq!(report.canary_share_bp, Some(1_000));
+            let green = report.container;
+            assert_eq!(
+                serving(&controller),
+                (blue.clone(), blue_addr),
+                "blue stays active"
+            );
+            let saved = StateStore::new(dir.path()).load().expect("state file");
+            let canary = saved.services["web"]
+                .canary
+                .clone()
+                .expect("split persisted");
+            assert_eq!((canary.color.as_str(), canary.share_bp), ("green", 1_000));
+
+            drop(controller);
+            let restarted = controller_for_restart(dir.path(), &engine);
+            restarted.restore().await.expect("restore");
+            restarted.reconcile().await;
+            assert_eq!(serving(&restarted), (blue.clone(), blue_addr));
+            let split = restarted
+                .writer
+                .canary("web")
+                .expect("the split is restored");
+            assert_eq!((split.upstream.addr, split.share_bp), (green_addr, 1_000));
+            assert!(
+                engine.container(&green).is_some_and(|c| c.running),
+                "reconciliation keeps the canary's container"
+            );
+
+            let aborted = restarted
+                .abort("web", &Progress::log_only())
+                .await
+                .expect("abort");
+            assert!(aborted.removed, "{aborted:?}");
+            assert!(engine.container(&green).is_none(), "the canary is removed");
+            assert!(restarted.writer.canary("web").is_none());
+            let saved = StateStore::new(dir.path()).load().expect("state file");
+            assert!(saved.services["web"].canary.is_none());
+            assert_eq!(serving(&restarted), (blue, blue_addr));
+        }
     }
 }

@@ -14,9 +14,12 @@
 //! | `HEALTHY_AFTER_MS` | `/health` answers 503 until this long after process start  |
 //! | `CRASH_AFTER_MS`   | exit with code 3 this long after process start             |
 //! | `IGNORE_SIGTERM=1` | keep running on SIGTERM (SIGINT still exits)               |
+//! | `FAIL_PERCENT=N`   | `/` answers 500 to N% of its requests, spread evenly       |
 //!
 //! Endpoints: `/`, `/health`, `/slow?ms=N`, `/headers`; anything else is 404.
-//! Every response carries an `x-app-version` header.
+//! Every response carries an `x-app-version` header; a 500 made by
+//! `FAIL_PERCENT` also carries `x-app-failure: deliberate`, so tests count
+//! the app's own failures apart from any the proxy would cause.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -48,6 +51,7 @@ struct Config {
     healthy_after: Option<Duration>,
     crash_after: Option<Duration>,
     ignore_sigterm: bool,
+    fail_percent: u64,
 }
 
 impl Config {
@@ -60,6 +64,10 @@ impl Config {
             healthy_after: env_millis("HEALTHY_AFTER_MS"),
             crash_after: env_millis("CRASH_AFTER_MS"),
             ignore_sigterm: env_flag("IGNORE_SIGTERM"),
+            fail_percent: std::env::var("FAIL_PERCENT")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(0, |p| p.min(100)),
         }
     }
 }
@@ -68,6 +76,8 @@ impl Config {
 struct State {
     config: Config,
     started: Instant,
+    /// Requests to `/` so far, for `FAIL_PERCENT`.
+    root_requests: std::sync::atomic::AtomicU64,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -104,6 +114,7 @@ async fn main() {
     let state = Arc::new(State {
         config: Config::from_env(),
         started: Instant::now(),
+        root_requests: std::sync::atomic::AtomicU64::new(0),
     });
     if let Some(after) = state.config.crash_after {
         tokio::spawn(crash_after(after));
@@ -179,6 +190,15 @@ async fn serve_connection(stream: tokio::net::TcpStream, peer: SocketAddr, state
 async fn route(req: Request<Incoming>, state: &State) -> Resp {
     let version = &state.config.version;
     let mut resp = match req.uri().path() {
+        "/" if deliberate_failure(state) => {
+            let mut resp = text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "deliberate failure (FAIL_PERCENT)\n".to_string(),
+            );
+            resp.headers_mut()
+                .insert("x-app-failure", HeaderValue::from_static("deliberate"));
+            resp
+        }
         "/" => text(StatusCode::OK, format!("version={version}\n")),
         "/health" => health(state),
         "/slow" => slow(req.uri().query(), version).await,
@@ -189,6 +209,19 @@ async fn route(req: Request<Incoming>, state: &State) -> Resp {
         resp.headers_mut().insert("x-app-version", value);
     }
     resp
+}
+
+/// Whether this request to `/` is one of the `FAIL_PERCENT` that fail:
+/// request n fails when n·p/100 steps up, so failures are spread evenly.
+fn deliberate_failure(state: &State) -> bool {
+    let percent = state.config.fail_percent;
+    if percent == 0 {
+        return false;
+    }
+    let n = state
+        .root_requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (n + 1) * percent / 100 != n * percent / 100
 }
 
 fn health(state: &State) -> Resp {
