@@ -918,7 +918,12 @@ mod loadgen {
                         .latencies_us
                         .push(u32::try_from(elapsed).unwrap_or(u32::MAX)),
                     Outcome::Closed => break,
-                    Outcome::Failed(kind) => {
+                    // The flip's origin never fails on purpose: a 500 is a failure.
+                    outcome @ (Outcome::Failed(_) | Outcome::Deliberate) => {
+                        let kind = match outcome {
+                            Outcome::Failed(kind) => kind,
+                            _ => "status 500".to_string(),
+                        };
                         stats
                             .latencies_us
                             .push(u32::try_from(elapsed).unwrap_or(u32::MAX));

@@ -22,13 +22,26 @@
 //!   deploy's start to the last one's reply), and each deploy's wall time
 //!   with the reply's `timings` (start_ms, healthy_ms, persist_us, swap_ns,
 //!   drain_ms, total_ms).
+//! - Bad versions, under the same load, after the good deploys: the
+//!   service has a bake window (`bake = { window = "3s", max_error_rate =
+//!   "5%", min_requests = 100 }`, so every good deploy above also waits out
+//!   its 3 s window), and two images of the test app that answer 500 to
+//!   `BENCH_FAIL_PERCENT` (20) % of `GET /` (`FAIL_PERCENT`, marked
+//!   `x-app-failure: deliberate`) are deployed: one as a full switch, one
+//!   with `--canary 10%`. Each must be rolled back by the bake (the deploy
+//!   fails) and the service must end on the last good version. Reported per
+//!   bad deploy: the bake's figures and `breach_to_switch_ms`, the time
+//!   from the judge's tick that saw the breach to the published snapshot
+//!   that sends every new request back (target: under 100 ms). The app's
+//!   deliberate 500s are counted apart; any other non-200 is a failure.
 //! - Clean-up (also on panic): containers labelled `cutover.managed=true`
 //!   and `cutover.service=<this run's service>`, then this run's images.
 //!
 //! Output: Markdown on stdout and JSON in
 //! `target/bench-results/deploy_under_load.json` (or `$BENCH_RESULTS`).
 //! Environment: `BENCH_DEPLOYS` (default 5), `BENCH_CONNECTIONS` (64),
-//! `BENCH_STEADY_SECONDS` (3), `BENCH_CUTOVER_BIN`. Needs a Docker engine.
+//! `BENCH_STEADY_SECONDS` (3), `BENCH_FAIL_PERCENT` (20),
+//! `BENCH_CUTOVER_BIN`. Needs a Docker engine.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -56,6 +69,7 @@ fn main() {
     let deploys: usize = env_or("BENCH_DEPLOYS", 5).clamp(1, 50);
     let connections: usize = env_or("BENCH_CONNECTIONS", 64).max(1);
     let steady_seconds: u64 = env_or("BENCH_STEADY_SECONDS", 3).clamp(1, 60);
+    let fail_percent: u32 = env_or("BENCH_FAIL_PERCENT", 20).clamp(1, 100);
 
     println!("# cutover deploys under load\n");
     println!(
@@ -104,9 +118,26 @@ fn main() {
         ));
         images.push(image);
     }
+    // The bad versions: the same app failing a share of its requests.
+    let mut bad_images = Vec::new();
+    for kind in BadKind::ALL {
+        let version = format!("bad-{}", kind.name());
+        let tag = format!("{repo}:{version}");
+        cleanup.images.push(tag.clone());
+        let fail = fail_percent.to_string();
+        let image = runtime.block_on(images::build_testapp_image_with_env(
+            &tag,
+            &format!("{service}-{version}"),
+            &[
+                ("APP_VERSION", version.as_str()),
+                ("FAIL_PERCENT", fail.as_str()),
+            ],
+        ));
+        bad_images.push((kind, image));
+    }
     eprintln!(
         "built {} images in {:.1} s",
-        images.len(),
+        images.len() + bad_images.len(),
         build_began.elapsed().as_secs_f64()
     );
 
@@ -131,8 +162,9 @@ fn main() {
          image = \"{repo}\"\n\
          port = 8080\n\
          stop_timeout = \"1s\"\n\
-         keep_previous = \"5s\"\n\
-         health = {{ path = \"/health\", interval = \"100ms\" }}\n",
+         keep_previous = \"10s\"\n\
+         health = {{ path = \"/health\", interval = \"100ms\" }}\n\
+         bake = {{ window = \"3s\", max_error_rate = \"5%\", min_requests = 100 }}\n",
         socket.display(),
         dir.join("state").display()
     );
@@ -164,7 +196,7 @@ fn main() {
     }
 
     // v0 before any load: the service must serve something to load.
-    let initial = deploy(&runtime, &socket, &service, &images[0]);
+    let initial = deploy(&runtime, &socket, &service, &images[0], None);
     let initial = match initial {
         Ok(d) => d,
         Err(err) => panic!(
@@ -178,7 +210,8 @@ fn main() {
     // Load, then steady window, then the deploys.
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let hard_limit = Duration::from_secs(steady_seconds + 60 * deploys as u64);
+    let hard_limit =
+        Duration::from_secs(steady_seconds + 60 * (deploys + BadKind::ALL.len()) as u64);
     let load = {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || loadgen::run(http, connections, started, hard_limit, stop))
@@ -196,7 +229,7 @@ fn main() {
             break;
         }
         let at = started.elapsed();
-        match deploy(&runtime, &socket, &service, image) {
+        match deploy(&runtime, &socket, &service, image, None) {
             Ok(mut d) => {
                 d.at_s = at.as_secs_f64();
                 d.end_s = started.elapsed().as_secs_f64();
@@ -209,18 +242,40 @@ fn main() {
         }
     }
     let deploys_end = started.elapsed();
+    let mut bad_results = Vec::new();
+    if deploy_error.is_none() {
+        for (kind, image) in &bad_images {
+            std::thread::sleep(Duration::from_secs(1));
+            if started.elapsed() + Duration::from_secs(10) > hard_limit {
+                deploy_error = Some("ran out of the load's time budget".to_string());
+                break;
+            }
+            let at = started.elapsed();
+            let mut bad = bad_deploy(&runtime, &socket, &service, image, *kind);
+            bad.at_s = at.as_secs_f64();
+            bad.end_s = started.elapsed().as_secs_f64();
+            bad_results.push(bad);
+        }
+    }
+    let bad_end = started.elapsed();
+    let serving_after = active_image(&runtime, &socket, &service);
     stop.store(true, Ordering::Relaxed);
     let load = load.join().expect("the load generator thread panicked");
 
     // Reporting.
     let steady = load.window(Duration::ZERO, steady_end);
     let during = load.window(steady_end, deploys_end);
+    let during_bad = load.window(deploys_end, bad_end);
     let mut text = String::new();
     let _ = writeln!(
         text,
         "| window | seconds | requests | FAILED | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|---:|"
     );
-    for (name, w) in [("steady (no deploy)", &steady), ("during deploys", &during)] {
+    for (name, w) in [
+        ("steady (no deploy)", &steady),
+        ("during deploys", &during),
+        ("during bad deploys", &during_bad),
+    ] {
         let _ = writeln!(
             text,
             "| {name} | {:.1} | {} | {} | {:.3} | {:.3} | {:.3} |",
@@ -251,8 +306,55 @@ fn main() {
     for (i, d) in results.iter().enumerate() {
         row(&mut text, &format!("#{}", i + 1), d);
     }
+    let _ = writeln!(
+        text,
+        "\n| bad deploy ({fail_percent}% 500s) | image | at s | wall ms | deploy failed | bake | requests judged | 5xx | breach_to_switch_ms |\n|---|---|---:|---:|---|---|---:|---:|---:|"
+    );
+    for bad in &bad_results {
+        let bake = bad.bake.as_ref();
+        let _ = writeln!(
+            text,
+            "| {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
+            bad.kind.describe(),
+            bad.image,
+            bad.at_s,
+            bad.wall_ms,
+            if bad.failed { "yes" } else { "NO" },
+            bake.map_or("none".to_string(), |b| format!("{} ({})", b.state, b.phase)),
+            bake.map_or(0, |b| b.requests),
+            bake.map_or(0, |b| b.errors),
+            bake.and_then(|b| b.breach_to_switch_ms)
+                .map_or("-".to_string(), |ms| ms.to_string()),
+        );
+    }
+    let last_good = results.last().map_or(&initial.image, |d| &d.image);
+    let rolled_back = bad_results.len() == BadKind::ALL.len()
+        && bad_results.iter().all(BadDeploy::rolled_back)
+        && serving_after.as_deref() == Some(last_good.as_str());
+    let breach_to_switch_max = bad_results
+        .iter()
+        .filter_map(|bad| bad.bake.as_ref().and_then(|b| b.breach_to_switch_ms))
+        .max();
     println!("- load average at end: {}\n", load_average());
     println!("{text}");
+    println!(
+        "After the bad deploys the service serves {} (last good: {last_good}). \
+         The bad versions' own 500s: {} (counted apart, not failures).\n",
+        serving_after.as_deref().unwrap_or("nothing"),
+        load.deliberate
+    );
+    println!(
+        "**Bake breach → every new request on the previous colour: max {} ms** (target < 100 ms after the breach is observed){}\n",
+        breach_to_switch_max.map_or("-".to_string(), |ms| ms.to_string()),
+        if rolled_back && breach_to_switch_max.is_some_and(|ms| ms < 100) { " — MEETS" } else { " — MISSES" }
+    );
+    for bad in bad_results.iter().filter(|bad| !bad.rolled_back()) {
+        println!(
+            "BAD DEPLOY NOT ROLLED BACK ({}): {}\n",
+            bad.kind.describe(),
+            bad.error
+        );
+    }
     if let Some(err) = &deploy_error {
         println!("DEPLOY ERROR: {err}\n");
     }
@@ -267,10 +369,11 @@ fn main() {
         }
     }
     println!(
-        "\n**cutover FAILED REQUESTS during the run: {}** (target 0) over {} requests, {} deploys under load, {} reconnects{}",
+        "\n**cutover FAILED REQUESTS during the run: {}** (target 0) over {} requests, {} deploys and {} bad deploys under load, {} reconnects{}",
         load.failed(),
         load.samples.len(),
         results.len(),
+        bad_results.len(),
         load.reconnects,
         if load.failed() == 0 && deploy_error.is_none() { " — MEETS" } else { " — MISSES" }
     );
@@ -290,7 +393,7 @@ fn main() {
             "timings": d.timings, "drain": d.drain})
     };
     let json = serde_json::json!({
-        "settings": {"deploys": deploys, "connections": connections, "steady_seconds": steady_seconds},
+        "settings": {"deploys": deploys, "connections": connections, "steady_seconds": steady_seconds, "fail_percent": fail_percent},
         "requests": load.samples.len(),
         "failed": load.failed(),
         "failure_kinds": load.kinds,
@@ -301,6 +404,15 @@ fn main() {
         "initial_deploy": deploy_json(&initial),
         "deploys": results.iter().map(deploy_json).collect::<Vec<_>>(),
         "deploy_error": deploy_error,
+        "during_bad_deploys": window_json(&during_bad),
+        "deliberate_500s": load.deliberate,
+        "bad_deploys": bad_results.iter().map(|bad| serde_json::json!({
+            "kind": bad.kind.name(), "image": bad.image, "at_s": bad.at_s, "end_s": bad.end_s,
+            "wall_ms": bad.wall_ms, "deploy_failed": bad.failed, "error": bad.error, "bake": bad.bake,
+        })).collect::<Vec<_>>(),
+        "serving_after_bad_deploys": serving_after,
+        "bad_deploys_rolled_back": rolled_back,
+        "breach_to_switch_ms_max": breach_to_switch_max,
         "load_average_at_end": load_average(),
     });
     if let Some(parent) = path.parent() {
@@ -333,13 +445,14 @@ fn deploy(
     socket: &Path,
     service: &str,
     image: &str,
+    canary: Option<&str>,
 ) -> Result<Deployed, String> {
     let command = cutover::admin::Command::Deploy {
         service: service.to_string(),
         image: Some(image.to_string()),
         tag: None,
         docker_config: None,
-        canary: None,
+        canary: canary.map(str::to_string),
     };
     let began = Instant::now();
     let call = cutover::admin::call(socket, &command, |_, _| {});
@@ -359,6 +472,106 @@ fn deploy(
         timings: result.timings,
         drain: result.drain,
     })
+}
+
+/// How a bad version is deployed.
+#[derive(Debug, Clone, Copy)]
+enum BadKind {
+    Switch,
+    Canary,
+}
+
+impl BadKind {
+    const ALL: [BadKind; 2] = [BadKind::Switch, BadKind::Canary];
+
+    fn name(self) -> &'static str {
+        match self {
+            BadKind::Switch => "switch",
+            BadKind::Canary => "canary",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            BadKind::Switch => "full switch",
+            BadKind::Canary => "canary 10%",
+        }
+    }
+
+    fn canary(self) -> Option<&'static str> {
+        match self {
+            BadKind::Switch => None,
+            BadKind::Canary => Some("10%"),
+        }
+    }
+}
+
+/// What deploying a bad version did: the deploy should fail with the
+/// bake's breach, which the service's status then reports.
+struct BadDeploy {
+    kind: BadKind,
+    image: String,
+    at_s: f64,
+    end_s: f64,
+    wall_ms: f64,
+    /// The deploy command failed (what a breach must cause).
+    failed: bool,
+    error: String,
+    bake: Option<cutover::admin::proto::BakeReport>,
+}
+
+impl BadDeploy {
+    fn rolled_back(&self) -> bool {
+        self.failed
+            && self
+                .bake
+                .as_ref()
+                .is_some_and(|bake| bake.state == "breached" && bake.breach_to_switch_ms.is_some())
+    }
+}
+
+fn bad_deploy(
+    runtime: &tokio::runtime::Runtime,
+    socket: &Path,
+    service: &str,
+    image: &str,
+    kind: BadKind,
+) -> BadDeploy {
+    let began = Instant::now();
+    let outcome = deploy(runtime, socket, service, image, kind.canary());
+    let wall_ms = began.elapsed().as_secs_f64() * 1000.0;
+    let bake = service_status(runtime, socket, service).and_then(|status| status.bake);
+    BadDeploy {
+        kind,
+        image: image.to_string(),
+        at_s: 0.0,
+        end_s: 0.0,
+        wall_ms,
+        failed: outcome.is_err(),
+        error: outcome.err().unwrap_or_default(),
+        bake,
+    }
+}
+
+fn service_status(
+    runtime: &tokio::runtime::Runtime,
+    socket: &Path,
+    service: &str,
+) -> Option<cutover::admin::proto::ServiceStatus> {
+    let command = cutover::admin::Command::Status {
+        service: Some(service.to_string()),
+    };
+    let call = cutover::admin::call(socket, &command, |_, _| {});
+    let report = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), call).await })
+        .ok()?
+        .ok()?;
+    report.into_status()?.services.remove(service)
+}
+
+/// The image the service's active colour runs.
+fn active_image(runtime: &tokio::runtime::Runtime, socket: &Path, service: &str) -> Option<String> {
+    service_status(runtime, socket, service)?.active?.image
 }
 
 /// Stops cutover (SIGTERM, then SIGKILL) and removes this run's containers
@@ -455,6 +668,8 @@ mod loadgen {
         pub failures: Vec<(f64, String)>,
         pub kinds: BTreeMap<String, u64>,
         pub reconnects: u64,
+        /// The bad versions' own 500s (not failures).
+        pub deliberate: u64,
     }
 
     impl LoadResult {
@@ -499,6 +714,7 @@ mod loadgen {
         samples: Vec<(u64, u32, bool)>,
         failures: Vec<(f64, String)>,
         reconnects: u64,
+        deliberate: u64,
     }
 
     pub fn run(
@@ -528,11 +744,13 @@ mod loadgen {
             failures: Vec::new(),
             kinds: BTreeMap::new(),
             reconnects: 0,
+            deliberate: 0,
         };
         for s in stats {
             result.samples.extend(s.samples);
             result.failures.extend(s.failures);
             result.reconnects += s.reconnects;
+            result.deliberate += s.deliberate;
         }
         result.failures.sort_by(|a, b| a.0.total_cmp(&b.0));
         for (_, kind) in &result.failures {
@@ -573,6 +791,10 @@ mod loadgen {
                 let latency = u32::try_from(began.elapsed().as_micros()).unwrap_or(u32::MAX);
                 match outcome {
                     Outcome::Ok => stats.samples.push((at, latency, false)),
+                    Outcome::Deliberate => {
+                        stats.samples.push((at, latency, false));
+                        stats.deliberate += 1;
+                    }
                     Outcome::Closed => break,
                     Outcome::Failed(kind) => {
                         stats.samples.push((at, latency, true));

@@ -253,6 +253,7 @@ fn targets(results: &[(&str, &str, Option<Value>)]) -> Vec<Target> {
     ));
     list.push(failures_target(results));
     list.push(deploy_target(results));
+    list.push(bake_target(results));
     list.push(upgrade_target(results));
     let memory = rows(results, "memory");
     let in_scenario = |target, scenario| find(&memory, target, &[("scenario", scenario)]);
@@ -449,6 +450,44 @@ fn deploy_target(results: &[(&str, &str, Option<Value>)]) -> Target {
                 met: Some(failed == 0 && error.is_none() && deploys > 0),
             }
         }
+        None => Target {
+            name,
+            measured: "-".to_string(),
+            met: None,
+        },
+    }
+}
+
+/// A bad version (a share of 500s) rolled back by the bake window, as a
+/// full switch and as a canary, with every new request back on the
+/// previous colour under 100 ms after the breach was observed.
+fn bake_target(results: &[(&str, &str, Option<Value>)]) -> Target {
+    let deploy = results
+        .iter()
+        .find(|(s, _, _)| *s == "deploy_under_load")
+        .and_then(|(_, _, v)| v.as_ref());
+    let name = "bake breach → all new requests on the previous colour < 100 ms";
+    let figures = deploy.and_then(|d| {
+        Some((
+            d["bad_deploys_rolled_back"].as_bool()?,
+            d["breach_to_switch_ms_max"].as_u64(),
+            d["bad_deploys"].as_array()?.len(),
+        ))
+    });
+    match figures {
+        Some((rolled_back, max_ms, bad)) => Target {
+            name,
+            measured: format!(
+                "max {} ms over {bad} bad deploys; {}",
+                max_ms.map_or("-".to_string(), |ms| ms.to_string()),
+                if rolled_back {
+                    "all rolled back"
+                } else {
+                    "NOT all rolled back"
+                }
+            ),
+            met: Some(rolled_back && max_ms.is_some_and(|ms| ms < 100)),
+        },
         None => Target {
             name,
             measured: "-".to_string(),

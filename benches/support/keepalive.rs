@@ -24,6 +24,10 @@ pub enum Outcome {
     /// The connection was closed before a request was sent on it (the
     /// server ended keep-alive): not a failure, reconnect.
     Closed,
+    /// The app itself answered 500 on purpose (the test app's
+    /// `FAIL_PERCENT`, marked `x-app-failure: deliberate`): a bad version's
+    /// own failure, counted apart from the proxy's.
+    Deliberate,
     /// The request failed; the text says how.
     Failed(String),
 }
@@ -58,19 +62,26 @@ pub async fn request(sender: &mut Sender, host: &str) -> Outcome {
             .await
             .map_err(|err| format!("request: {}", cutover::errors::chain(&err)))?;
         let status = response.status();
+        let deliberate = response
+            .headers()
+            .get("x-app-failure")
+            .is_some_and(|value| value == "deliberate");
         response
             .into_body()
             .collect()
             .await
             .map_err(|err| format!("body: {}", cutover::errors::chain(&err)))?;
         if status == StatusCode::OK {
-            Ok(())
+            Ok(false)
+        } else if deliberate && status == StatusCode::INTERNAL_SERVER_ERROR {
+            Ok(true)
         } else {
             Err(format!("status {}", status.as_u16()))
         }
     };
     match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-        Ok(Ok(())) => Outcome::Ok,
+        Ok(Ok(false)) => Outcome::Ok,
+        Ok(Ok(true)) => Outcome::Deliberate,
         Ok(Err(kind)) => Outcome::Failed(kind),
         Err(_) => Outcome::Failed("timeout (5 s)".to_string()),
     }
