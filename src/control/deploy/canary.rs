@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::bake::{Baking, Phase};
-use super::{container_settings, deploy_record, short, Attempt, Deployer};
+use super::{container_settings, deploy_record, short, Attempt, Deployer, Pruning};
 use crate::control::cutover::{Gate, Record, Target};
 use crate::control::report::{AbortReport, PromoteReport};
 use crate::control::state::ContainerState;
@@ -126,12 +126,14 @@ impl Deployer {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<PromoteReport, ControlError> {
-        let (mut report, baking) = {
+        let (mut report, baking, pruning) = {
             let _busy = self.writer.claim(service)?;
             self.end_bake(service);
             self.promote_claimed(service, progress).await?
         };
-        report.bake = self.bake(service, baking, progress, cancel).await?;
+        let baked = self.bake(service, baking, progress, cancel).await;
+        self.prune(service, pruning).await;
+        report.bake = baked?;
         Ok(report)
     }
 
@@ -139,7 +141,7 @@ impl Deployer {
         self: &Arc<Self>,
         service: &str,
         progress: &Progress,
-    ) -> Result<(PromoteReport, Baking), ControlError> {
+    ) -> Result<(PromoteReport, Baking, Pruning), ControlError> {
         let (_, settings) = self.writer.service_config(service)?;
         let container = container_settings(service, &settings)?;
         let canary = self
@@ -179,7 +181,10 @@ impl Deployer {
             )
         };
         let handover = self.cut_over(target, progress, announce).await?;
-        self.prune_images(service, &*engine, container.retain).await;
+        let pruning = Pruning {
+            engine,
+            retain: container.retain,
+        };
         let report = PromoteReport {
             service: service.to_string(),
             color: upstream.label.clone(),
@@ -195,7 +200,7 @@ impl Deployer {
             baseline,
             phase: Phase::Switch,
         };
-        Ok((report, baking))
+        Ok((report, baking, pruning))
     }
 
     /// Ends the service's canary: every client back on the active colour.

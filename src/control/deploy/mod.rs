@@ -73,6 +73,13 @@ impl ImageChoice {
     }
 }
 
+/// The image trimming a deploy leaves for after its bake window: the
+/// engine to remove images from and how many past ones to keep.
+pub(super) struct Pruning {
+    engine: Arc<dyn ContainerRuntime>,
+    retain: usize,
+}
+
 /// One deploy on its way: what it deploys where, decided before its
 /// container starts.
 struct Attempt<'a> {
@@ -191,7 +198,7 @@ impl Deployer {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<DeployReport, ControlError> {
-        let (mut report, baking) = {
+        let (mut report, baking, pruning) = {
             let _busy = self.writer.claim(service)?;
             self.end_bake(service);
             let result = self
@@ -202,7 +209,13 @@ impl Deployer {
         };
         // The claim is released: `abort`, `promote` and `rollback` may end
         // the window.
-        report.bake = self.bake(service, baking, progress, cancel).await?;
+        let baked = self.bake(service, baking, progress, cancel).await;
+        // Trimming old images waits for the engine (a few hundred ms per
+        // image removed): after the window, so judging starts at the swap.
+        if let Some(pruning) = pruning {
+            self.prune(service, pruning).await;
+        }
+        report.bake = baked?;
         Ok(report)
     }
 
@@ -227,7 +240,7 @@ impl Deployer {
         docker_config: Option<PathBuf>,
         progress: &Progress,
         cancel: &CancellationToken,
-    ) -> Result<(DeployReport, Baking), ControlError> {
+    ) -> Result<(DeployReport, Baking, Option<Pruning>), ControlError> {
         self.refuse_during_canary(service)?;
         if canary.is_some() && self.writer.active(service).is_none() {
             return Err(ControlError::Refused(format!(
@@ -272,7 +285,7 @@ impl Deployer {
                 baseline,
                 phase: Phase::Canary,
             };
-            return Ok((report, baking));
+            return Ok((report, baking, None));
         }
         let handover = self.switch_to(&attempt, &started, addr).await?;
         let first = handover.activation.old.is_none();
@@ -289,8 +302,10 @@ impl Deployer {
             },
         };
         let drain_ms = handover.drain_time.as_millis() as u64;
-        self.prune_images(service, &*attempt.engine, attempt.container.retain)
-            .await;
+        let pruning = Pruning {
+            engine: Arc::clone(&attempt.engine),
+            retain: attempt.container.retain,
+        };
         let Attempt {
             image,
             color,
@@ -318,7 +333,7 @@ impl Deployer {
             canary_share_bp: None,
             bake: None,
         };
-        Ok((report, baking))
+        Ok((report, baking, Some(pruning)))
     }
 
     /// Everything checked before a container starts: the service runs

@@ -152,6 +152,12 @@ impl Deployer {
 
     /// Removes deployed images beyond the newest `retain` + 1 (the active
     /// one plus `retain` rollback targets). Images still in use are kept.
+    /// Trims the images a deploy left for after its bake window.
+    pub(super) async fn prune(&self, service: &str, pruning: super::Pruning) {
+        self.prune_images(service, &*pruning.engine, pruning.retain)
+            .await;
+    }
+
     pub(super) async fn prune_images(
         &self,
         service: &str,

@@ -95,16 +95,20 @@ impl Deployer {
                 ))
             })?;
         progress.emit("rollback", format!("redeploying previous image {target}"));
-        self.deploy_claimed(
-            service,
-            ImageChoice::Image(target),
-            None,
-            docker_config,
-            progress,
-            cancel,
-        )
-        .await
-        .map(|(report, _)| RollbackReport::Redeploy(Box::new(report)))
+        let (report, _, pruning) = self
+            .deploy_claimed(
+                service,
+                ImageChoice::Image(target),
+                None,
+                docker_config,
+                progress,
+                cancel,
+            )
+            .await?;
+        if let Some(pruning) = pruning {
+            self.prune(service, pruning).await;
+        }
+        Ok(RollbackReport::Redeploy(Box::new(report)))
     }
 
     /// After a breached bake of a full switch: straight back to the warm
