@@ -301,7 +301,8 @@ impl Controller {
 
     /// Records an operation's outcome and duration for the metrics
     /// endpoint, and hands its result on. A refusal before any work (the
-    /// service busy or unknown) is an outcome too: `refused`.
+    /// service busy or unknown) is an outcome too: `refused`; a deploy
+    /// whose bake window broke and was rolled back is `rolled_back`.
     fn measure<T>(
         &self,
         operation: Operation,
@@ -312,6 +313,7 @@ impl Controller {
         let outcome = match &result {
             Ok(_) => "ok",
             Err(ControlError::Busy(_) | ControlError::UnknownService(_)) => "refused",
+            Err(ControlError::BakeFailed(_)) => "rolled_back",
             Err(_) => "failed",
         };
         self.writer

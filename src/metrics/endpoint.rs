@@ -50,10 +50,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let mut registry = Registry::default();
-    scrape.metrics.register_events(&mut registry);
-    registry.register_collector(Box::new(scrape));
-    let registry = Arc::new(registry);
+    let registry = Arc::new(registry(scrape));
     let listener = match listener {
         Some(listener) => listener,
         None => match tokio::select! {
@@ -95,6 +92,15 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// The registry a scrape encodes: the control-plane families, then the
+/// collector that reads the rest at scrape time.
+pub(crate) fn registry(scrape: Scrape) -> Registry {
+    let mut registry = Registry::default();
+    scrape.metrics.register_events(&mut registry);
+    registry.register_collector(Box::new(scrape));
+    registry
 }
 
 async fn retry_bind(addr: SocketAddr) -> Option<TcpListener> {

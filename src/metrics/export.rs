@@ -25,7 +25,11 @@ use crate::upstream::Upstream;
 /// The upstreams that serve now, by service (routing implements it for
 /// its shared cell, so this module need not know the snapshot).
 pub trait UpstreamSource: Send + Sync + 'static {
+    /// Every upstream taking new requests: active ones and canaries.
     fn each_upstream(&self, f: &mut dyn FnMut(&str, &Arc<Upstream>));
+
+    /// Each running canary: service, colour, share of new clients (0 to 1).
+    fn each_canary(&self, _f: &mut dyn FnMut(&str, &str, f64)) {}
 }
 
 /// Certificates' names and expiry (Unix seconds), read at each scrape.
@@ -150,6 +154,7 @@ impl Collector for Scrape {
         encode_in_flight(&mut encoder, &totals)?;
         encode_failures(&mut encoder, &totals)?;
         self.encode_connections(&mut encoder)?;
+        self.encode_canaries(&mut encoder)?;
         self.encode_certificates(&mut encoder)
     }
 }
@@ -213,6 +218,30 @@ impl Scrape {
                 let open = open.load(std::sync::atomic::Ordering::Relaxed);
                 metric.encode_family(&labels)?.encode_gauge(&open)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The canary split, while one runs (absent otherwise, so a finished
+    /// canary leaves no stale share behind).
+    fn encode_canaries(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let mut canaries = Vec::new();
+        self.source.each_canary(&mut |service, colour, share| {
+            canaries.push((service.to_string(), colour.to_string(), share))
+        });
+        if canaries.is_empty() {
+            return Ok(());
+        }
+        canaries.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut metric = encoder.encode_descriptor(
+            "cutover_canary_share_ratio",
+            "Share of newly assigned clients a running canary gets (0 to 1), by service and the canary's colour",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (service, colour, share) in &canaries {
+            let labels = [("service", service.as_str()), ("colour", colour.as_str())];
+            metric.encode_family(&labels)?.encode_gauge(share)?;
         }
         Ok(())
     }

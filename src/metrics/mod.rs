@@ -48,6 +48,14 @@ fn operation_histogram() -> Histogram {
     Histogram::new(OPERATION_BUCKETS)
 }
 
+/// Bounds of the breach-to-switch histogram, in seconds: the judge looks
+/// every 100 ms and the swap back takes milliseconds.
+const BREACH_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+fn breach_histogram() -> Histogram {
+    Histogram::new(BREACH_BUCKETS)
+}
+
 /// The listener a client connection came in on.
 #[derive(Debug, Clone, Copy)]
 pub enum Listener {
@@ -84,6 +92,11 @@ pub struct Metrics {
     operations: [Family<Labels, Counter>; 3],
     durations: [Durations; 3],
     health_checks: Family<Labels, Counter>,
+    /// Bake windows by service, phase and how they ended.
+    bakes: Family<Labels, Counter>,
+    /// Automatic rollbacks by service and phase: breach seen to the
+    /// previous colour taking new requests.
+    breach_to_switch: Durations,
     /// Upstreams seen by scrapes, for counters that outlive them.
     seen: std::sync::Mutex<export::Seen>,
 }
@@ -98,6 +111,8 @@ impl Metrics {
             operations: Default::default(),
             durations: [durations(), durations(), durations()],
             health_checks: Family::default(),
+            bakes: Family::default(),
+            breach_to_switch: Family::new_with_constructor(breach_histogram as fn() -> Histogram),
             seen: Default::default(),
         })
     }
@@ -164,6 +179,40 @@ impl Metrics {
         self.health_checks.get_or_create(&labels).inc();
     }
 
+    /// Records how a bake window of `service` ended: `phase` is `canary`
+    /// or `switch`, `outcome` `passed`, `breached` or `interrupted`.
+    pub fn bake(&self, service: &str, phase: &str, outcome: &str) {
+        let labels = vec![
+            ("service", service.to_string()),
+            ("phase", phase.to_string()),
+            ("outcome", outcome.to_string()),
+        ];
+        self.bakes.get_or_create(&labels).inc();
+    }
+
+    /// Records an automatic rollback after a bake breach: the time from
+    /// the breach being seen to the previous colour taking new requests.
+    pub fn automatic_rollback(&self, service: &str, phase: &str, breach_to_switch: Duration) {
+        let labels = vec![
+            ("service", service.to_string()),
+            ("phase", phase.to_string()),
+        ];
+        self.breach_to_switch
+            .get_or_create(&labels)
+            .observe(breach_to_switch.as_secs_f64());
+    }
+
+    /// How many bake windows ended with `outcome` (for tests).
+    #[cfg(test)]
+    pub fn bakes_counted(&self, service: &str, phase: &str, outcome: &str) -> u64 {
+        let labels = vec![
+            ("service", service.to_string()),
+            ("phase", phase.to_string()),
+            ("outcome", outcome.to_string()),
+        ];
+        self.bakes.get(&labels).map_or(0, |counter| counter.get())
+    }
+
     /// Registers the control-plane families (the rest is the collector's).
     fn register_events(&self, registry: &mut Registry) {
         let names = [
@@ -192,6 +241,17 @@ impl Metrics {
             "cutover_health_checks",
             "Health-check probes of new upstreams by service and outcome",
             self.health_checks.clone(),
+        );
+        registry.register(
+            "cutover_bakes",
+            "Bake windows by service, phase (canary, switch) and outcome (passed, breached, interrupted)",
+            self.bakes.clone(),
+        );
+        registry.register_with_unit(
+            "cutover_bake_breach_to_switch",
+            "Automatic rollbacks by service and phase: time from a bake breach being seen to new requests going to the previous colour",
+            Unit::Seconds,
+            self.breach_to_switch.clone(),
         );
     }
 }

@@ -50,13 +50,25 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
-/// The metrics endpoint reads the upstreams serving now from the cell.
+/// The metrics endpoint reads the upstreams serving now from the cell:
+/// each service's active upstream and its canary, if any.
 impl UpstreamSource for Shared {
     fn each_upstream(&self, f: &mut dyn FnMut(&str, &Arc<Upstream>)) {
         let snapshot = self.snapshot.load();
         for (name, slot) in &snapshot.services {
-            if let Some(upstream) = &slot.active {
+            let canary = slot.canary.as_ref().map(|canary| &canary.upstream);
+            for upstream in slot.active.iter().chain(canary) {
                 f(name, upstream);
+            }
+        }
+    }
+
+    fn each_canary(&self, f: &mut dyn FnMut(&str, &str, f64)) {
+        let snapshot = self.snapshot.load();
+        for (name, slot) in &snapshot.services {
+            if let Some(canary) = &slot.canary {
+                let share = f64::from(canary.share_bp) / f64::from(canary::FULL_SHARE);
+                f(name, &canary.upstream.label, share);
             }
         }
     }

@@ -248,6 +248,14 @@ impl Deployer {
         self.bakes.end(service);
     }
 
+    /// Counts a bake window's end for the metrics endpoint.
+    fn count_bake(&self, service: &str, phase: Phase, outcome: &str) {
+        self.writer
+            .shared()
+            .metrics
+            .bake(service, phase.name(), outcome);
+    }
+
     /// The last bake verdict of `service`, for status.
     pub(crate) fn last_bake(&self, service: &str) -> Option<BakeReport> {
         self.bakes.last(service)
@@ -333,6 +341,7 @@ impl Deployer {
         let elapsed = began.elapsed();
         match outcome {
             Outcome::Passed(window) => {
+                self.count_bake(service, phase, "passed");
                 let passed = report(&upstream, phase, "passed", &window, bake.window);
                 self.bakes.set(service, passed.clone());
                 progress.emit(
@@ -349,6 +358,7 @@ impl Deployer {
                 Ok(Some(passed))
             }
             Outcome::Ended(window) => {
+                self.count_bake(service, phase, "interrupted");
                 let ended = report(&upstream, phase, "interrupted", &window, elapsed);
                 self.bakes.set(service, ended.clone());
                 progress.emit(
@@ -443,6 +453,7 @@ impl Deployer {
             ),
         );
         tracing::warn!(service, color = %upstream.label, phase = phase.name(), requests = window.requests(), errors = window.server_errors(), "bake breached: {reason}");
+        self.count_bake(service, phase, "breached");
         let mut breached = report(upstream, phase, "breached", window, elapsed);
         breached.reason = Some(reason.clone());
         let rolled_back = self
@@ -450,7 +461,12 @@ impl Deployer {
             .await;
         let outcome = match rolled_back {
             Ok(published) => {
-                let ms = published.saturating_duration_since(observed).as_millis() as u64;
+                let took = published.saturating_duration_since(observed);
+                self.writer
+                    .shared()
+                    .metrics
+                    .automatic_rollback(service, phase.name(), took);
+                let ms = took.as_millis() as u64;
                 breached.breach_to_switch_ms = Some(ms);
                 format!("traffic went back to the previous colour {ms} ms after the breach was seen (breach_to_switch_ms={ms})")
             }

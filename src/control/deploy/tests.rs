@@ -273,13 +273,14 @@ mod state_machine {
         addr
     }
 
-    /// A service `web` run as containers, with its state in `dir`.
-    fn config(dir: &Path) -> Arc<Config> {
+    /// A service `web` run as containers, with its state in `dir`;
+    /// `extra` adds lines to the service's table.
+    fn config(dir: &Path, extra: &str) -> Arc<Config> {
         let text = format!(
             "[server]\nstate_dir = \"{}\"\n\
              [service.web]\nimage = \"web\"\nport = 8080\nstop_timeout = \"1s\"\n\
              keep_previous = \"30s\"\ndrain_timeout = \"5s\"\n\
-             health = {{ path = \"/health\", interval = \"1s\", timeout = \"1s\", deadline = \"5s\" }}\n",
+             health = {{ path = \"/health\", interval = \"1s\", timeout = \"1s\", deadline = \"5s\" }}\n{extra}",
             dir.display()
         );
         Arc::new(Config::parse(&text, "proxy.toml", dir).expect("config"))
@@ -288,7 +289,12 @@ mod state_machine {
     /// A controller (as the server builds it) whose deployer uses `engine`;
     /// a second one on the same directory is a restart.
     fn controller(dir: &Path, engine: &Arc<FakeEngine>) -> Arc<Controller> {
-        let config = config(dir);
+        controller_with(dir, engine, "")
+    }
+
+    /// [`controller`] with `extra` lines in the service's table.
+    fn controller_with(dir: &Path, engine: &Arc<FakeEngine>, extra: &str) -> Arc<Controller> {
+        let config = config(dir, extra);
         let shared = Arc::new(Shared {
             snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::build(config, None)),
             https_port: crate::routing::RedirectPort::new(None),
@@ -298,7 +304,7 @@ mod state_machine {
             acme: crate::tls::acme::AcmeCerts::new(),
             workers: crate::routing::WorkerLoad::new(0),
             access_log: crate::access_log::Sink::new(),
-            metrics: crate::metrics::Metrics::new(false),
+            metrics: crate::metrics::Metrics::new(true),
         });
         let engine = Arc::clone(engine);
         let connect: super::Connect = Box::new(move || {
@@ -527,6 +533,88 @@ mod state_machine {
         );
     }
 
+    /// A bake breach after a full switch: traffic goes back to blue, the
+    /// deploy fails as `rolled_back`, and the metrics count the breach and
+    /// the automatic rollback's time.
+    #[tokio::test(start_paused = true)]
+    async fn a_bake_breach_rolls_back_and_shows_in_the_metrics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
+        let controller = controller_with(dir.path(), &engine, bake);
+        let blue_addr = app(200).await;
+        engine.publish_next(blue_addr);
+        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        engine.publish_next(app(200).await);
+
+        let deploying = {
+            let controller = Arc::clone(&controller);
+            tokio::spawn(async move { deploy(&controller, "web:v2").await })
+        };
+        wait_until("green takes the traffic", || {
+            controller
+                .active("web")
+                .is_some_and(|active| active.label == "green")
+        })
+        .await;
+        let green = controller.active("web").expect("green");
+        for status in std::iter::repeat_n(200, 90).chain(std::iter::repeat_n(500, 10)) {
+            green.stats().record(status, Duration::from_millis(2));
+        }
+        let failed = deploying.await.expect("deploy task");
+        let Err(ControlError::BakeFailed(message)) = failed else {
+            panic!("the breach fails the deploy: {failed:?}");
+        };
+        assert!(message.contains("error rate 10.00%"), "{message}");
+        assert_eq!(serving(&controller), (blue, blue_addr));
+
+        let metrics = &controller.writer.shared().metrics;
+        assert_eq!(metrics.bakes_counted("web", "switch", "breached"), 1);
+        assert_eq!(metrics.bakes_counted("web", "switch", "passed"), 0);
+        assert_eq!(
+            metrics.operations_counted(Operation::Deploy, "web", "rolled_back"),
+            1
+        );
+        let text = metrics_text(&controller);
+        assert!(
+            text.contains(
+                "cutover_bakes_total{service=\"web\",phase=\"switch\",outcome=\"breached\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "cutover_bake_breach_to_switch_seconds_count{service=\"web\",phase=\"switch\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    /// The server's routing cell, reached through its controller, as the
+    /// metrics scrape reads it.
+    struct Cell(Arc<Controller>);
+
+    impl crate::metrics::UpstreamSource for Cell {
+        fn each_upstream(&self, f: &mut dyn FnMut(&str, &Arc<crate::upstream::Upstream>)) {
+            self.0.writer.shared().each_upstream(f)
+        }
+
+        fn each_canary(&self, f: &mut dyn FnMut(&str, &str, f64)) {
+            self.0.writer.shared().each_canary(f)
+        }
+    }
+
+    /// The metrics endpoint's text for `controller`'s server.
+    fn metrics_text(controller: &Arc<Controller>) -> String {
+        let metrics = &controller.writer.shared().metrics;
+        let cell = Arc::new(Cell(Arc::clone(controller)));
+        let scrape = crate::metrics::endpoint::scrape(metrics, cell, None);
+        let registry = crate::metrics::endpoint::registry(scrape);
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).expect("encode");
+        text
+    }
+
     /// The old colour runs for `keep_previous` (30 s) after the switch, then
     /// is stopped and removed: on the paused clock, no wall-clock wait.
     #[tokio::test(start_paused = true)]
@@ -616,6 +704,17 @@ mod state_machine {
                 engine.container(&green).is_some_and(|c| c.running),
                 "reconciliation keeps the canary's container"
             );
+            let text = metrics_text(&restarted);
+            assert!(
+                text.contains("cutover_canary_share_ratio{service=\"web\",colour=\"green\"} 0.1"),
+                "{text}"
+            );
+            assert!(
+                text.contains(
+                    "cutover_http_requests_in_flight{service=\"web\",colour=\"green\"} 0"
+                ),
+                "the canary's upstream is scraped too: {text}"
+            );
 
             let aborted = restarted
                 .abort("web", &Progress::log_only())
@@ -627,6 +726,8 @@ mod state_machine {
             let saved = StateStore::new(dir.path()).load().expect("state file");
             assert!(saved.services["web"].canary.is_none());
             assert_eq!(serving(&restarted), (blue, blue_addr));
+            let text = metrics_text(&restarted);
+            assert!(!text.contains("cutover_canary_share_ratio"), "{text}");
         }
     }
 }
