@@ -25,6 +25,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use support::cutover::*;
 use support::harness::*;
+use support::metrics;
 
 // ---------------------------------------------------------------------------
 // A client that keeps the sticky cookie, as a browser would
@@ -218,10 +219,12 @@ async fn failing_canary_gets_its_share_then_is_rolled_back() {
         "cbreach",
         Opts {
             extra: r#"bake = { window = "60s", max_error_rate = "1%", min_requests = 400 }"#,
+            metrics: true,
             ..Opts::default()
         },
     )
     .await;
+    let metrics = h.metrics.expect("metrics endpoint");
     let v1 = h.image("v1", &[]).await;
     let _v2 = h.image("v2", &[("FAIL_PERCENT", "10")]).await;
     h.deploy_ok(&v1).await;
@@ -258,6 +261,14 @@ async fn failing_canary_gets_its_share_then_is_rolled_back() {
     );
     let still = h.status().await;
     assert!(still.canary.is_some(), "no breach yet: {still:?}");
+    let text = metrics::scrape_text(metrics).await;
+    let svc = h.svc.as_str();
+    let share_label = [("service", svc), ("colour", canary.color.as_str())];
+    assert_eq!(
+        metrics::sample(&text, "cutover_canary_share_ratio", &share_label),
+        Some(0.1),
+        "{text}"
+    );
 
     // Go on until the bake breaks (bounded): the canary is aborted.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -296,6 +307,53 @@ async fn failing_canary_gets_its_share_then_is_rolled_back() {
     assert!(
         after.iter().all(|s| s.set_cookie.is_none()),
         "no cookie without a canary"
+    );
+
+    // The metrics saw it: the breach, the automatic rollback, the failed
+    // deploy, the canary's answers under its colour; no share left.
+    let text = metrics::scrape_text(metrics).await;
+    metrics::promtool_check(&text);
+    let breached = [
+        ("service", svc),
+        ("phase", "canary"),
+        ("outcome", "breached"),
+    ];
+    assert_eq!(
+        metrics::sample(&text, "cutover_bakes_total", &breached),
+        Some(1.0),
+        "{text}"
+    );
+    let rollbacks = [("service", svc), ("phase", "canary")];
+    assert_eq!(
+        metrics::sample(
+            &text,
+            "cutover_bake_breach_to_switch_seconds_count",
+            &rollbacks
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let rolled_back = [("service", svc), ("outcome", "rolled_back")];
+    assert_eq!(
+        metrics::sample(&text, "cutover_deploys_total", &rolled_back),
+        Some(1.0),
+        "{text}"
+    );
+    let canary_5xx = [
+        ("service", svc),
+        ("colour", canary.color.as_str()),
+        ("status_class", "5xx"),
+    ];
+    let counted = metrics::sample(&text, "cutover_http_requests_total", &canary_5xx);
+    assert!(
+        counted.is_some_and(|n| n >= bake.errors as f64),
+        "the canary's 5xx are counted under its colour ({counted:?}, bake saw {}): {text}",
+        bake.errors
+    );
+    assert_eq!(
+        metrics::sample(&text, "cutover_canary_share_ratio", &share_label),
+        None,
+        "no share once the canary is gone: {text}"
     );
     h.consistent().await;
     h.done();

@@ -9,15 +9,20 @@
 //! and `/metrics` on a proxy listener is only ever routed.
 
 mod common;
+/// The scrape helpers `tests/canary.rs` uses too (this file scrapes
+/// through `common`, checking headers as well).
+#[path = "support/metrics.rs"]
+#[allow(dead_code)]
+mod prom;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command as Process, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::*;
 use cutover::admin::Command;
+use prom::{promtool_check, sample};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -79,23 +84,6 @@ async fn scrape(metrics: SocketAddr) -> String {
     resp.text()
 }
 
-/// The value of the sample `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 /// Scrapes until `name{labels}` equals `want` (bounded), and returns the
 /// last scrape.
 async fn wait_for_sample(
@@ -116,33 +104,6 @@ async fn wait_for_sample(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// `promtool check metrics` on `text`. Fails (never skips) without it.
-fn promtool_check(text: &str) {
-    let mut child = Process::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|err| {
-            panic!(
-                "cannot run promtool ({err}): install Debian's `prometheus` package (.ci/run does)"
-            )
-        });
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(text.as_bytes()).expect("write to promtool");
-    }
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- scraped:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn requests(

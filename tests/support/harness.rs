@@ -36,6 +36,8 @@ pub struct Opts {
     pub env: Vec<(String, String)>,
     /// `[server] instance`; derived from the state directory when `None`.
     pub instance: Option<String>,
+    /// Serve the metrics endpoint on a free loopback port.
+    pub metrics: bool,
 }
 
 impl Default for Opts {
@@ -52,6 +54,7 @@ impl Default for Opts {
             state_dir: None,
             env: Vec::new(),
             instance: None,
+            metrics: false,
         }
     }
 }
@@ -70,6 +73,8 @@ pub struct Harness {
     /// The `cutover.instance` label of the containers this cutover starts:
     /// the configured name, or the canonical path of its state directory.
     pub instance: String,
+    /// The metrics endpoint, with [`Opts::metrics`].
+    pub metrics: Option<SocketAddr>,
     pub started: Instant,
 }
 
@@ -111,13 +116,21 @@ impl Harness {
             .as_ref()
             .map(|name| format!("instance = \"{name}\"\n"))
             .unwrap_or_default();
+        let metrics: Option<SocketAddr> = opts.metrics.then(|| {
+            format!("127.0.0.1:{}", free_port())
+                .parse()
+                .expect("metrics addr")
+        });
+        let metrics_line = metrics
+            .map(|addr| format!("metrics = \"{addr}\"\n"))
+            .unwrap_or_default();
         let config = format!(
             r#"
 [server]
 http = "{http}"
 admin_socket = "{dir}/admin.sock"
 state_dir = "{state_dir}"
-{instance_line}shutdown_timeout = "2s"
+{instance_line}{metrics_line}shutdown_timeout = "2s"
 
 [[site]]
 hosts = ["*"]
@@ -161,6 +174,7 @@ health = {{ path = "/health", interval = "{interval}", timeout = "1s", healthy_a
             svc,
             repo,
             instance,
+            metrics,
             started,
         }
     }

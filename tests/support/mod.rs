@@ -4,3 +4,4 @@
 pub mod cutover;
 pub mod harness;
 pub mod images;
+pub mod metrics;
