@@ -656,3 +656,90 @@ async fn canary_promote_and_automatic_rollback_lose_no_request_under_load() {
     let _ = v3;
     h.done();
 }
+
+// ---------------------------------------------------------------------------
+// 5. a crash during the bake window: the restart resumes it
+// ---------------------------------------------------------------------------
+
+/// cutover is SIGKILLed while a full switch to a failing version is being
+/// judged, before any request reached it. The restarted server resumes the
+/// window from the state file; the first real requests breach it, traffic
+/// goes back to the warm v1, and no request fails but v2's own 500s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_the_bake_window_is_resumed_and_still_rolls_back() {
+    let mut h = Harness::start(
+        "cresume",
+        Opts {
+            extra: r#"bake = { window = "60s", max_error_rate = "1%", min_requests = 200 }"#,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[("FAIL_PERCENT", "10")]).await;
+    h.deploy_ok(&v1).await;
+
+    let deploy = cli_in_background(
+        &h,
+        &["deploy", &h.svc, "--tag", "v2"],
+        Duration::from_secs(120),
+    );
+    let status = wait_status(&h, Duration::from_secs(30), "the switch to v2", |s| {
+        s.bake.as_ref().is_some_and(|b| b.state == "running")
+    })
+    .await;
+    assert_eq!(active(&status).image.as_deref(), Some(v2.as_str()));
+
+    // The crash: the attached deploy loses its server.
+    h.proxy.kill9();
+    let out = tokio::time::timeout(Duration::from_secs(30), deploy)
+        .await
+        .expect("the deploy command ends")
+        .expect("deploy task");
+    assert_ne!(
+        out.code,
+        Some(0),
+        "a deploy cut off by a crash is no success: {out}"
+    );
+
+    h.proxy.spawn().await;
+    let status = wait_status(&h, Duration::from_secs(10), "the resumed window", |s| {
+        s.bake.as_ref().is_some_and(|b| b.state == "running")
+    })
+    .await;
+    assert_eq!(active(&status).image.as_deref(), Some(v2.as_str()));
+    let bake = status.bake.clone().expect("bake");
+    assert_eq!(bake.phase, "switch", "{status:?}");
+
+    // Real requests: v2 fails 10% of them, the resumed judge sees it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0;
+    while active(&h.status().await).image.as_deref() == Some(v2.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "no automatic rollback after the restart:\n{}",
+            h.proxy.log_text()
+        );
+        let seen = cookieless(h.proxy.http, 4, 200).await;
+        sent += seen.len();
+        let failures: Vec<&Seen> = seen.iter().filter(|s| unexpected(s)).collect();
+        assert!(failures.is_empty(), "failed requests: {failures:?}");
+    }
+    let status = h.status().await;
+    let bake = status.bake.clone().expect("bake in status");
+    eprintln!(
+        "resumed window breached after {sent} requests: {} answers of v2, {} 5xx, breach_to_switch_ms {:?}",
+        bake.requests, bake.errors, bake.breach_to_switch_ms
+    );
+    assert_eq!(
+        (bake.state.as_str(), bake.phase.as_str()),
+        ("breached", "switch"),
+        "{status:?}"
+    );
+    assert!(bake.breach_to_switch_ms.is_some(), "{bake:?}");
+    assert_eq!(active(&status).image.as_deref(), Some(v1.as_str()));
+    let after = cookieless(h.proxy.http, 2, 100).await;
+    assert!(after.iter().all(|s| s.version == "v1" && s.status == 200));
+    h.consistent().await;
+    h.done();
+}

@@ -323,9 +323,11 @@ impl Controller {
         result
     }
 
-    /// Start-up reconciliation of the container services with the engine.
+    /// Start-up reconciliation of the container services with the engine,
+    /// then the bake windows the restart cut short are resumed.
     pub async fn reconcile(&self) {
-        self.deployer.reconcile().await
+        self.deployer.reconcile().await;
+        self.deployer.resume_bakes();
     }
 
     /// Applies the state file at start-up: each service it names resumes

@@ -63,6 +63,31 @@ pub struct ServiceState {
     /// container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryState>,
+    /// A bake window judging a colour: a restart resumes it, so a bad
+    /// version is still rolled back after a crash or an upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<BakeState>,
+}
+
+/// A running bake window (see `control::deploy::bake`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BakeState {
+    /// The colour judged.
+    pub color: String,
+    pub phase: BakePhase,
+    /// Unix seconds at which the window ends. A canary goes on being
+    /// judged after it, until promoted or aborted.
+    pub until: u64,
+}
+
+/// What a bake window judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BakePhase {
+    /// A canary beside the active colour.
+    Canary,
+    /// A colour that took all traffic, the previous one warm.
+    Switch,
 }
 
 /// A running canary.
@@ -306,6 +331,11 @@ mod tests {
                 history: vec!["web:v2".into()],
                 last_deploy: None,
                 canary: None,
+                bake: Some(BakeState {
+                    color: "green".into(),
+                    phase: BakePhase::Switch,
+                    until: 1_700_000_000,
+                }),
             },
         );
         store.save(&state).expect("save");

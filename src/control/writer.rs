@@ -286,6 +286,7 @@ impl Writer {
                     previous: record.previous,
                     history: record.history,
                     last_deploy: record.last_deploy,
+                    bake: record.bake,
                     canary: slot.canary.as_ref().map(|canary| CanaryState {
                         color: canary.upstream.label.clone(),
                         addr: canary.upstream.addr,

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::Deployer;
 use crate::config::BakeSettings;
 use crate::control::report::BakeReport;
-use crate::control::state::now_unix;
+use crate::control::state::{now_unix, BakePhase, BakeState};
 use crate::control::{ControlError, Progress};
 use crate::upstream::stats::StatsSnapshot;
 use crate::upstream::Upstream;
@@ -58,6 +58,24 @@ impl Phase {
             Phase::Unjudged => "unjudged",
         }
     }
+
+    /// As the state file records it (an unjudged deploy is not recorded).
+    fn persisted(self) -> Option<BakePhase> {
+        match self {
+            Phase::Canary => Some(BakePhase::Canary),
+            Phase::Switch => Some(BakePhase::Switch),
+            Phase::Unjudged => None,
+        }
+    }
+}
+
+impl From<BakePhase> for Phase {
+    fn from(phase: BakePhase) -> Phase {
+        match phase {
+            BakePhase::Canary => Phase::Canary,
+            BakePhase::Switch => Phase::Switch,
+        }
+    }
 }
 
 /// A window to judge: the new colour and its counters when it began.
@@ -65,6 +83,9 @@ pub(crate) struct Baking {
     pub upstream: Arc<Upstream>,
     pub baseline: StatsSnapshot,
     pub phase: Phase,
+    /// Unix seconds the window ends, when resuming one a restart cut
+    /// short; `None` starts a whole window now.
+    pub resumes_until: Option<u64>,
 }
 
 /// How a judged window ended.
@@ -290,8 +311,22 @@ impl Deployer {
             upstream,
             baseline,
             phase,
+            resumes_until,
         } = baking;
+        let window = match resumes_until {
+            Some(until) => Duration::from_secs(until.saturating_sub(now_unix())),
+            None => bake.window,
+        };
         let stop = self.bakes.begin(service, cancel);
+        let persisted = phase.persisted().map(|phase| BakeState {
+            color: upstream.label.clone(),
+            phase,
+            until: resumes_until
+                .unwrap_or_else(|| now_unix() + bake.window.as_secs_f64().ceil() as u64),
+        });
+        if resumes_until.is_none() {
+            self.remember_bake(service, persisted.clone()).await;
+        }
         let started = report(
             &upstream,
             phase,
@@ -303,10 +338,15 @@ impl Deployer {
         progress.emit(
             "bake",
             format!(
-                "judging {} ({}) for {:?}: at most {:.2}% 5xx{} once {} answers are in",
+                "judging {} ({}) for {:?}{}: at most {:.2}% 5xx{} once {} answers are in",
                 upstream.label,
                 phase.name(),
-                bake.window,
+                window,
+                if resumes_until.is_some() {
+                    " (what is left of its window after a restart)"
+                } else {
+                    ""
+                },
                 bake.max_error_rate * 100.0,
                 bake.max_p99
                     .map(|p| format!(", p99 at most {} ms", p.as_millis()))
@@ -315,14 +355,14 @@ impl Deployer {
             ),
         );
         let began = Instant::now();
-        let until = began + bake.window;
+        let until = began + window;
         let outcome = judge(
             &upstream,
             baseline,
             &bake,
             Some(until),
             &stop,
-            |window, elapsed, n| {
+            |figures_now, elapsed, n| {
                 if n % REPORT_EVERY == 0 {
                     progress.emit(
                         "bake",
@@ -330,8 +370,8 @@ impl Deployer {
                             "{} {:.1}s of {:?}: {}",
                             upstream.label,
                             elapsed.as_secs_f64(),
-                            bake.window,
-                            figures(window)
+                            window,
+                            figures(figures_now)
                         ),
                     );
                 }
@@ -342,7 +382,7 @@ impl Deployer {
         match outcome {
             Outcome::Passed(window) => {
                 self.count_bake(service, phase, "passed");
-                let passed = report(&upstream, phase, "passed", &window, bake.window);
+                let passed = report(&upstream, phase, "passed", &window, elapsed);
                 self.bakes.set(service, passed.clone());
                 progress.emit(
                     "baked",
@@ -353,12 +393,15 @@ impl Deployer {
                     ),
                 );
                 if phase == Phase::Canary {
-                    self.judge_canary_on(service, upstream, baseline, bake, stop);
+                    self.judge_canary_on(service, upstream, baseline, bake, stop, persisted);
+                } else {
+                    self.forget_bake(service, persisted.as_ref()).await;
                 }
                 Ok(Some(passed))
             }
             Outcome::Ended(window) => {
                 self.count_bake(service, phase, "interrupted");
+                self.ended_bake(service, persisted.as_ref()).await;
                 let ended = report(&upstream, phase, "interrupted", &window, elapsed);
                 self.bakes.set(service, ended.clone());
                 progress.emit(
@@ -383,9 +426,11 @@ impl Deployer {
                     observed,
                     elapsed,
                 };
-                Err(self
+                let failed = self
                     .breached(service, &upstream, phase, breach, &stop, progress)
-                    .await)
+                    .await;
+                self.forget_bake(service, persisted.as_ref()).await;
+                Err(failed)
             }
         }
     }
@@ -399,31 +444,124 @@ impl Deployer {
         baseline: StatsSnapshot,
         bake: BakeSettings,
         stop: CancellationToken,
+        persisted: Option<BakeState>,
     ) {
         let deployer = Arc::clone(self);
         let service = service.to_string();
         self.writer.spawn(async move {
             let outcome = judge(&upstream, baseline, &bake, None, &stop, |_, _, _| {}).await;
-            if let Outcome::Breached {
-                window,
-                reason,
-                observed,
-                elapsed,
-            } = outcome
-            {
-                let progress = Progress::log_only();
-                let breach = Breach {
+            match outcome {
+                Outcome::Breached {
                     window,
                     reason,
                     observed,
                     elapsed,
-                };
-                let err = deployer
-                    .breached(&service, &upstream, Phase::Canary, breach, &stop, &progress)
-                    .await;
-                tracing::error!(service, error = %err, "canary breached its bake thresholds");
+                } => {
+                    let progress = Progress::log_only();
+                    let breach = Breach {
+                        window,
+                        reason,
+                        observed,
+                        elapsed,
+                    };
+                    let err = deployer
+                        .breached(&service, &upstream, Phase::Canary, breach, &stop, &progress)
+                        .await;
+                    deployer.forget_bake(&service, persisted.as_ref()).await;
+                    tracing::error!(service, error = %err, "canary breached its bake thresholds");
+                }
+                Outcome::Ended(_) => deployer.ended_bake(&service, persisted.as_ref()).await,
+                Outcome::Passed(_) => {}
             }
         });
+    }
+
+    /// Records the running window in the state file, so a restart resumes
+    /// it. A failed write is logged: the window is judged all the same,
+    /// only a crash would end it.
+    async fn remember_bake(&self, service: &str, bake: Option<BakeState>) {
+        if bake.is_none() {
+            return;
+        }
+        if let Err(err) = self.commit(service, |record| record.bake = bake).await {
+            tracing::warn!(service, error = %err, "the bake window could not be recorded: a restart would not resume it");
+        }
+    }
+
+    /// Takes the window out of the state file, if it is still the one
+    /// recorded (a later operation may have recorded its own).
+    async fn forget_bake(&self, service: &str, bake: Option<&BakeState>) {
+        let Some(bake) = bake else {
+            return;
+        };
+        if self.records.get(service).bake.as_ref() != Some(bake) {
+            return;
+        }
+        let forgotten = self
+            .commit(service, |record| {
+                if record.bake.as_ref() == Some(bake) {
+                    record.bake = None;
+                }
+            })
+            .await;
+        if let Err(err) = forgotten {
+            tracing::warn!(service, error = %err, "the ended bake window could not be taken out of the state file");
+        }
+    }
+
+    /// A window ended before its verdict: by the shutdown (an upgrade or a
+    /// restart, which resumes it: it stays recorded) or by an operator's
+    /// operation (which decided instead: it is forgotten).
+    async fn ended_bake(&self, service: &str, bake: Option<&BakeState>) {
+        if !self.writer.shutdown_token().is_cancelled() {
+            self.forget_bake(service, bake).await;
+        }
+    }
+
+    /// At start-up, after reconciliation: resumes each bake window the
+    /// state file names whose colour still serves (the active one after a
+    /// switch, with its previous colour still warm; the canary). The rest
+    /// of the window is judged on the answers from now on, in the
+    /// background; a breach rolls back as it would have before the
+    /// restart, and is logged and shown in `status`.
+    pub(crate) fn resume_bakes(self: &Arc<Self>) {
+        for (service, saved) in self.records.bakes() {
+            let Some(upstream) = self.baked_upstream(&service, &saved) else {
+                tracing::info!(service, color = %saved.color, "the bake window the state file names no longer applies; dropped");
+                let deployer = Arc::clone(self);
+                self.writer.spawn(async move {
+                    deployer.forget_bake(&service, Some(&saved)).await;
+                });
+                continue;
+            };
+            tracing::info!(service, color = %saved.color, phase = ?saved.phase, "resuming the bake window cut short by the restart");
+            let deployer = Arc::clone(self);
+            let cancel = self.writer.shutdown_token();
+            self.writer.spawn(async move {
+                let baking = Baking {
+                    baseline: upstream.stats().snapshot(),
+                    upstream,
+                    phase: saved.phase.into(),
+                    resumes_until: Some(saved.until),
+                };
+                let progress = Progress::log_only();
+                if let Err(err) = deployer.bake(&service, baking, &progress, &cancel).await {
+                    tracing::error!(service, error = %err, "the resumed bake window failed");
+                }
+            });
+        }
+    }
+
+    /// The upstream a saved window judges, if it still serves in its role.
+    fn baked_upstream(&self, service: &str, saved: &BakeState) -> Option<Arc<Upstream>> {
+        let upstream = match saved.phase {
+            BakePhase::Switch => {
+                self.records.get(service).previous.as_ref()?;
+                self.writer.active(service)?
+            }
+            BakePhase::Canary => Arc::clone(&self.writer.canary(service)?.upstream),
+        };
+        (upstream.label == saved.color).then_some(upstream)
     }
 
     /// A breach: traffic back to the previous colour now, then the error

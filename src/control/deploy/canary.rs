@@ -199,6 +199,7 @@ impl Deployer {
             upstream,
             baseline,
             phase: Phase::Switch,
+            resumes_until: None,
         };
         Ok((report, baking, pruning))
     }

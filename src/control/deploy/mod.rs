@@ -284,6 +284,7 @@ impl Deployer {
                 upstream,
                 baseline,
                 phase: Phase::Canary,
+                resumes_until: None,
             };
             return Ok((report, baking, None));
         }
@@ -300,6 +301,7 @@ impl Deployer {
             } else {
                 Phase::Switch
             },
+            resumes_until: None,
         };
         let drain_ms = handover.drain_time.as_millis() as u64;
         let pruning = Pruning {

@@ -1,6 +1,7 @@
 //! What the deployer remembers about each service besides its active
 //! upstream: the warm previous colour, the deployed images, the last
-//! deploy, the container a running deploy is creating. Persisted with
+//! deploy, the container a running deploy is creating, the bake window
+//! running. Persisted with
 //! every snapshot write (see [`Writer::persist`](crate::control::writer::Writer::persist)).
 //!
 //! Read by anyone in the control plane; changed only inside
@@ -10,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use crate::control::state::{DeployRecord, PreviousState, State};
+use crate::control::state::{BakeState, DeployRecord, PreviousState, State};
 
 /// One service's record.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -20,6 +21,8 @@ pub(crate) struct ServiceRecord {
     pub last_deploy: Option<DeployRecord>,
     /// The container a running deploy is creating (see `State::starting`).
     pub starting: Option<String>,
+    /// The bake window running, for a restart to resume.
+    pub bake: Option<BakeState>,
 }
 
 /// Every service's record.
@@ -50,6 +53,19 @@ impl Records {
             .unwrap_or_default()
     }
 
+    /// The bake windows recorded, by service.
+    pub(crate) fn bakes(&self) -> Vec<(String, BakeState)> {
+        self.by_service
+            .lock()
+            .map(|records| {
+                records
+                    .iter()
+                    .filter_map(|(name, r)| Some((name.clone(), r.bake.clone()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Changes the service's record in memory; [`Deployer`](super::Deployer)
     /// saves it.
     pub(super) fn update(&self, service: &str, change: impl FnOnce(&mut ServiceRecord)) {
@@ -68,6 +84,7 @@ impl Records {
                     history: saved.history.clone(),
                     last_deploy: saved.last_deploy.clone(),
                     starting: None,
+                    bake: saved.bake.clone(),
                 }
             });
         }

@@ -127,8 +127,9 @@ impl Deployer {
                 "{service} has no warm previous colour to go back to"
             ))
         })?;
-        // The warm colour served until the switch; its record names where.
-        // (A restart re-reads its port; within a bake window there was none.)
+        // The warm colour served until the switch; its record names where
+        // (its container, still running, keeps its published port across a
+        // restart of cutover; the single probe below checks it answers).
         let addr = previous.addr;
         let warm = Warm { previous, addr };
         self.swap_back(service, warm, Gate::Once, &settings, &container, progress)

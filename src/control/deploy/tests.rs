@@ -56,7 +56,7 @@ mod state_machine {
 
     use crate::config::Config;
     use crate::control::report::RollbackReport;
-    use crate::control::state::StateStore;
+    use crate::control::state::{BakePhase, BakeState, StateStore};
     use crate::control::{ControlError, Controller, ImageChoice, Progress};
     use crate::docker::{ContainerInfo, ContainerRuntime, ContainerSpec, DockerError};
     use crate::metrics::Operation;
@@ -602,6 +602,126 @@ mod state_machine {
         fn each_canary(&self, f: &mut dyn FnMut(&str, &str, f64)) {
             self.0.writer.shared().each_canary(f)
         }
+    }
+
+    /// cutover stops during a full switch's bake window (an upgrade, a
+    /// crash): the window stays in the state file, the restart resumes it,
+    /// and a breach after the restart still rolls back to the warm colour.
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_resumes_the_bake_window_and_its_breach_rolls_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
+        let controller = controller_with(dir.path(), &engine, bake);
+        let blue_addr = app(200).await;
+        engine.publish_next(blue_addr);
+        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        let saved_bake = || {
+            StateStore::new(dir.path())
+                .load()
+                .expect("state file")
+                .services
+                .get("web")
+                .and_then(|service| service.bake.clone())
+        };
+        assert_eq!(saved_bake(), None, "a first deploy is not judged");
+        engine.publish_next(app(200).await);
+        // As the admin socket does: the operation's token is a child of
+        // the server's shutdown.
+        let cancel = controller.writer.shutdown_token().child_token();
+        let deploying = {
+            let controller = Arc::clone(&controller);
+            tokio::spawn(async move {
+                let choice = ImageChoice::Image("web:v2".into());
+                let progress = Progress::log_only();
+                controller
+                    .deploy("web", choice, None, None, &progress, &cancel)
+                    .await
+            })
+        };
+        wait_until("the window is recorded", || saved_bake().is_some()).await;
+        let recorded = saved_bake().expect("recorded");
+        assert_eq!(
+            (recorded.color.as_str(), recorded.phase),
+            ("green", BakePhase::Switch)
+        );
+        assert!(
+            recorded.until >= crate::control::state::now_unix() + 19,
+            "{recorded:?}"
+        );
+
+        // The server stops: the window ends unjudged and stays recorded.
+        controller.writer.shutdown_token().cancel();
+        deploying
+            .await
+            .expect("deploy task")
+            .expect("the switch stands");
+        assert_eq!(saved_bake(), Some(recorded.clone()));
+        drop(controller);
+
+        let restarted = controller_with(dir.path(), &engine, bake);
+        restarted.restore().await.expect("restore");
+        restarted.reconcile().await;
+        let green = restarted.active("web").expect("green serves");
+        assert_eq!(green.label, "green");
+        wait_until("the window is judged again", || {
+            restarted
+                .deployer
+                .last_bake("web")
+                .is_some_and(|bake| bake.state == "running")
+        })
+        .await;
+        for status in std::iter::repeat_n(200, 45).chain(std::iter::repeat_n(503, 5)) {
+            green.stats().record(status, Duration::from_millis(2));
+        }
+        wait_until("the breach rolls back to blue", || {
+            serving(&restarted).0 == blue
+        })
+        .await;
+        assert_eq!(serving(&restarted), (blue, blue_addr));
+        let verdict = restarted.deployer.last_bake("web").expect("a verdict");
+        assert_eq!(verdict.state, "breached", "{verdict:?}");
+        assert_eq!(
+            restarted
+                .writer
+                .shared()
+                .metrics
+                .bakes_counted("web", "switch", "breached"),
+            1
+        );
+        wait_until("the window leaves the state file", || {
+            saved_bake().is_none()
+        })
+        .await;
+    }
+
+    /// A restart after the window's colour was rolled back (or retired)
+    /// drops the stale window instead of judging the wrong colour.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_bake_window_is_dropped_at_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
+        let (controller, _, _) = blue_serving(&engine, dir.path()).await;
+        drop(controller);
+        let store = StateStore::new(dir.path());
+        let mut state = store.load().expect("state file");
+        let web = state.services.get_mut("web").expect("web");
+        web.bake = Some(BakeState {
+            color: "green".into(),
+            phase: BakePhase::Switch,
+            until: crate::control::state::now_unix() + 60,
+        });
+        store.save(&state).expect("save");
+
+        let restarted = controller_with(dir.path(), &engine, bake);
+        restarted.restore().await.expect("restore");
+        restarted.reconcile().await;
+        wait_until("the stale window is dropped", || {
+            store.load().expect("state").services["web"].bake.is_none()
+        })
+        .await;
+        assert_eq!(restarted.deployer.last_bake("web"), None, "nothing judged");
     }
 
     /// The metrics endpoint's text for `controller`'s server.
