@@ -743,3 +743,74 @@ async fn a_crash_during_the_bake_window_is_resumed_and_still_rolls_back() {
     h.consistent().await;
     h.done();
 }
+
+// ---------------------------------------------------------------------------
+// 6. a stepped rollout (`bake.steps`) under load
+// ---------------------------------------------------------------------------
+
+/// A plain deploy on a service whose bake lists steps goes 10% → 50% →
+/// 100% (a promote), each step judged; under cookie-less load no request
+/// fails and both versions answer along the way; the deploy exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_rollout_goes_through_its_shares_under_load() {
+    let h = Harness::start(
+        "csteps",
+        Opts {
+            extra: r#"bake = { window = "2s", max_error_rate = "1%", min_requests = 20, steps = ["10%", "50%", "100%"], step_interval = "1s" }"#,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let v1 = h.image("v1", &[]).await;
+    let v2 = h.image("v2", &[]).await;
+    h.deploy_ok(&v1).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, http) = (stop.clone(), h.proxy.http);
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut all = Vec::new();
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && all.len() < 200_000
+            {
+                all.extend(cookieless(http, 4, 100).await);
+            }
+            all
+        })
+    };
+    let out = h.proxy.cli(&["deploy", &h.svc, "--image", &v2]).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("load ends")
+        .expect("load task");
+    eprintln!("stepped deploy: {out}");
+    assert!(out.success(), "{out}");
+    let text = out.text();
+    for step in [
+        "takes 10% of new clients",
+        "step 2/3: ",
+        "takes 50% of new clients",
+        "step 3/3: 100%: promoting",
+        "passed its bake window",
+    ] {
+        assert!(text.contains(step), "no {step:?} in: {out}");
+    }
+    let failures: Vec<&Seen> = seen.iter().filter(|s| unexpected(s)).collect();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    let on_v2 = seen.iter().filter(|s| s.version == "v2").count();
+    eprintln!(
+        "{} requests during the rollout, {on_v2} answered by v2",
+        seen.len()
+    );
+    assert!(on_v2 > 0 && on_v2 < seen.len(), "both versions answered");
+    let status = h.consistent().await;
+    assert_eq!(active(&status).image.as_deref(), Some(v2.as_str()));
+    assert!(status.canary.is_none(), "{status:?}");
+    assert_eq!(
+        previous(&status).image.as_deref(),
+        Some(v1.as_str()),
+        "v1 kept warm"
+    );
+    h.done();
+}

@@ -272,7 +272,25 @@ pub struct Service {
     /// The bake window after a deploy, a canary or a promote: `None`
     /// judges nothing (the deploy ends at the switch, as before).
     pub bake: Option<BakeSettings>,
+    /// A stepped rollout (`bake = { steps = [...] }`): a plain `deploy`
+    /// goes through these canary shares, each judged for its interval.
+    pub steps: Option<Steps>,
 }
+
+/// `bake = { steps = ["10%", "50%", "100%"], step_interval = "2m" }`:
+/// the canary shares a deploy goes through, each judged by the bake
+/// thresholds for `interval` before the next; a last step of 100% is a
+/// promote (then the switch's own window).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Steps {
+    /// Ascending shares in basis points; only the last may be 10_000.
+    pub shares: Vec<u32>,
+    /// How long each step below 100% is judged.
+    pub interval: Duration,
+}
+
+/// Most steps a rollout may list: a handful is what rollouts use.
+const MAX_STEPS: usize = 10;
 
 /// `bake = { window = "2m", max_error_rate = "1%", min_requests = 200,
 /// max_p99 = "800ms" }`: what the new colour must keep to while it is
@@ -676,6 +694,9 @@ struct RawBake {
     max_error_rate: Option<String>,
     min_requests: Option<u64>,
     max_p99: Option<DurationValue>,
+    #[serde(default)]
+    steps: Vec<String>,
+    step_interval: Option<DurationValue>,
 }
 
 #[derive(Deserialize)]
@@ -957,7 +978,10 @@ impl<'a> Validator<'a> {
                 .map(|health| self.health(health))
                 .unwrap_or_default();
             let bake_span = raw.bake.as_ref().map(Spanned::span);
-            let bake = raw.bake.take().map(|bake| self.bake(bake));
+            let (bake, steps) = match raw.bake.take().map(|bake| self.bake(bake)) {
+                Some((bake, steps)) => (Some(bake), steps),
+                None => (None, None),
+            };
             if let (Some(bake), Some(container), Some(at)) = (&bake, &container, bake_span) {
                 if bake.window > container.keep_previous {
                     self.report(
@@ -980,6 +1004,7 @@ impl<'a> Validator<'a> {
                     pause_timeout: raw.pause_timeout.map_or(Duration::from_secs(30), |d| d.0),
                     container,
                     bake,
+                    steps,
                 },
             );
         }
@@ -1075,9 +1100,10 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn bake(&mut self, spanned: Spanned<RawBake>) -> BakeSettings {
+    fn bake(&mut self, spanned: Spanned<RawBake>) -> (BakeSettings, Option<Steps>) {
         let span = spanned.span();
-        let raw = spanned.into_inner();
+        let mut raw = spanned.into_inner();
+        let steps = self.steps(&span, &mut raw);
         let window = raw.window.map_or(Duration::from_secs(120), |d| d.0);
         if window.is_zero() {
             self.report(span.clone(), "bake window must be longer than 0s".into());
@@ -1090,12 +1116,61 @@ impl<'a> Validator<'a> {
                 0.01
             }
         };
-        BakeSettings {
+        let bake = BakeSettings {
             window,
             max_error_rate,
             min_requests: raw.min_requests.unwrap_or(100),
             max_p99: raw.max_p99.map(|d| d.0),
+        };
+        let steps = steps.map(|shares| Steps {
+            shares,
+            interval: raw.step_interval.map_or(window, |d| d.0),
+        });
+        (bake, steps)
+    }
+
+    /// The bake table's `steps`, checked: ascending shares above 0%, at
+    /// most 100% and only as the last.
+    fn steps(&mut self, span: &Range<usize>, raw: &mut RawBake) -> Option<Vec<u32>> {
+        let texts = std::mem::take(&mut raw.steps);
+        if texts.is_empty() {
+            if raw.step_interval.is_some() {
+                self.report(span.clone(), "bake step_interval without steps".into());
+            }
+            return None;
         }
+        if raw.step_interval.is_some_and(|d| d.0.is_zero()) {
+            self.report(
+                span.clone(),
+                "bake step_interval must be longer than 0s".into(),
+            );
+        }
+        if texts.len() > MAX_STEPS {
+            self.report(
+                span.clone(),
+                format!("bake steps: at most {MAX_STEPS} steps"),
+            );
+        }
+        let mut shares: Vec<u32> = Vec::with_capacity(texts.len());
+        for text in &texts {
+            let share = match parse_percent(text) {
+                Ok(fraction) => (fraction * 10_000.0).round() as u32,
+                Err(err) => {
+                    self.report(span.clone(), format!("bake steps: {err}"));
+                    return None;
+                }
+            };
+            let ascending = shares.last().is_none_or(|&last| share > last);
+            if share == 0 || share > 10_000 || !ascending {
+                self.report(
+                    span.clone(),
+                    format!("bake steps: {text:?} must be above 0% and the previous step, and at most 100%"),
+                );
+                return None;
+            }
+            shares.push(share);
+        }
+        Some(shares)
     }
 
     fn health(&mut self, spanned: Spanned<RawHealth>) -> HealthCheck {
@@ -1662,6 +1737,47 @@ health = { path = "/actuator/health", expect_json = { status = "UP" }, healthy_a
         );
         let err = parse("[service.web]\nupstream = \"127.0.0.1:1\"\nbake = {}\n").unwrap_err();
         assert!(err.to_string().contains("no `image`"), "{err}");
+    }
+
+    #[test]
+    fn bake_steps_parse_and_bad_ones_are_located() {
+        let base = "[server]\nstate_dir = \"s\"\n[service.web]\nimage = \"x\"\nport = 1\n";
+        let config = parse(&format!(
+            "{base}bake = {{ window = \"1m\", steps = [\"10%\", \"50%\", \"100%\"], step_interval = \"30s\" }}\n"
+        ))
+        .expect("valid");
+        let steps = config.services["web"].steps.clone().expect("steps");
+        assert_eq!(steps.shares, vec![1_000, 5_000, 10_000]);
+        assert_eq!(steps.interval, Duration::from_secs(30));
+        let config = parse(&format!("{base}bake = {{ steps = [\"5%\"] }}\n")).expect("valid");
+        let steps = config.services["web"].steps.clone().expect("steps");
+        assert_eq!(
+            (steps.shares, steps.interval),
+            (vec![500], Duration::from_secs(120)),
+            "the interval defaults to the window"
+        );
+        assert_eq!(parse(base).expect("valid").services["web"].steps, None);
+        for (bad, says) in [
+            (
+                "steps = [\"50%\", \"10%\"]",
+                "above 0% and the previous step",
+            ),
+            ("steps = [\"0%\"]", "above 0%"),
+            ("steps = [\"120%\"]", "0 to 100"),
+            ("steps = [\"lots\"]", "bake steps"),
+            ("step_interval = \"1m\"", "step_interval without steps"),
+            (
+                "steps = [\"10%\"], step_interval = \"0s\"",
+                "longer than 0s",
+            ),
+        ] {
+            let err = parse(&format!("{base}bake = {{ {bad} }}\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("proxy.toml:6:8:") && text.contains(says),
+                "{bad}: {text}"
+            );
+        }
     }
 
     /// Four mistakes that each stop serde: all four are listed, at their

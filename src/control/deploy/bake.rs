@@ -83,9 +83,20 @@ pub(crate) struct Baking {
     pub upstream: Arc<Upstream>,
     pub baseline: StatsSnapshot,
     pub phase: Phase,
-    /// Unix seconds the window ends, when resuming one a restart cut
-    /// short; `None` starts a whole window now.
-    pub resumes_until: Option<u64>,
+    pub length: Length,
+}
+
+/// How long a window runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Length {
+    /// The service's `bake.window`, from now.
+    Whole,
+    /// Until this Unix second: what a restart left of a recorded window.
+    Until(u64),
+    /// One step of a stepped rollout. A step before the last ends with its
+    /// verdict (the rollout goes on); the last is judged on afterwards, as
+    /// any canary is.
+    Step { length: Duration, last: bool },
 }
 
 /// How a judged window ended.
@@ -311,20 +322,23 @@ impl Deployer {
             upstream,
             baseline,
             phase,
-            resumes_until,
+            length,
         } = baking;
-        let window = match resumes_until {
-            Some(until) => Duration::from_secs(until.saturating_sub(now_unix())),
-            None => bake.window,
+        let window = match length {
+            Length::Whole => bake.window,
+            Length::Until(until) => Duration::from_secs(until.saturating_sub(now_unix())),
+            Length::Step { length, .. } => length,
         };
         let stop = self.bakes.begin(service, cancel);
         let persisted = phase.persisted().map(|phase| BakeState {
             color: upstream.label.clone(),
             phase,
-            until: resumes_until
-                .unwrap_or_else(|| now_unix() + bake.window.as_secs_f64().ceil() as u64),
+            until: match length {
+                Length::Until(until) => until,
+                _ => now_unix() + window.as_secs_f64().ceil() as u64,
+            },
         });
-        if resumes_until.is_none() {
+        if !matches!(length, Length::Until(_)) {
             self.remember_bake(service, persisted.clone()).await;
         }
         let started = report(
@@ -342,10 +356,10 @@ impl Deployer {
                 upstream.label,
                 phase.name(),
                 window,
-                if resumes_until.is_some() {
-                    " (what is left of its window after a restart)"
-                } else {
-                    ""
+                match length {
+                    Length::Until(_) => " (what is left of its window after a restart)",
+                    Length::Step { .. } => " (this step)",
+                    Length::Whole => "",
                 },
                 bake.max_error_rate * 100.0,
                 bake.max_p99
@@ -392,7 +406,8 @@ impl Deployer {
                         figures(&window)
                     ),
                 );
-                if phase == Phase::Canary {
+                let step_before_last = matches!(length, Length::Step { last: false, .. });
+                if phase == Phase::Canary && !step_before_last {
                     self.judge_canary_on(service, upstream, baseline, bake, stop, persisted);
                 } else {
                     self.forget_bake(service, persisted.as_ref()).await;
@@ -542,7 +557,7 @@ impl Deployer {
                     baseline: upstream.stats().snapshot(),
                     upstream,
                     phase: saved.phase.into(),
-                    resumes_until: Some(saved.until),
+                    length: Length::Until(saved.until),
                 };
                 let progress = Progress::log_only();
                 if let Err(err) = deployer.bake(&service, baking, &progress, &cancel).await {

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::bake::{Baking, Phase};
+use super::bake::{Baking, Length, Phase};
 use super::{container_settings, deploy_record, short, Attempt, Deployer, Pruning};
+use crate::config::Steps;
 use crate::control::cutover::{Gate, Record, Target};
-use crate::control::report::{AbortReport, PromoteReport};
+use crate::control::report::{AbortReport, BakeReport, PromoteReport};
 use crate::control::state::ContainerState;
 use crate::control::writer::Activation;
 use crate::control::{drain, ControlError, Progress};
@@ -118,6 +119,131 @@ impl Deployer {
         Ok((upstream, took))
     }
 
+    /// The shares a plain deploy of `service` steps through, when its bake
+    /// lists `steps` and there is an active colour to step away from (a
+    /// first deploy, and `--canary`, do not step).
+    pub(super) fn planned_steps(&self, service: &str, canary: Option<u32>) -> Option<Steps> {
+        if canary.is_some() || self.writer.active(service).is_none() {
+            return None;
+        }
+        let (_, settings) = self.writer.service_config(service).ok()?;
+        settings.bake?;
+        settings.steps.filter(|steps| {
+            steps
+                .shares
+                .first()
+                .is_some_and(|&first| first < FULL_SHARE)
+        })
+    }
+
+    /// A stepped rollout: the canary started at the first share; each step
+    /// is judged for `steps.interval`, then the share rises; a last step of
+    /// 100% is a promote (judged for the service's window). A breach at any
+    /// step aborts the canary and is the error the deploy fails with; an
+    /// operator's promote, abort or rollback, or the shutdown, ends the
+    /// rollout where it is.
+    pub(super) async fn step_through(
+        self: &Arc<Self>,
+        service: &str,
+        first: Baking,
+        steps: &Steps,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Option<BakeReport>, ControlError> {
+        let upstream = Arc::clone(&first.upstream);
+        let count = steps.shares.len();
+        let mut baking = Some(first);
+        let mut verdict = None;
+        for (index, &share) in steps.shares.iter().enumerate() {
+            let step = format!("step {}/{count}", index + 1);
+            if share == FULL_SHARE {
+                progress.emit(
+                    "step",
+                    format!("{step}: 100%: promoting {}", upstream.label),
+                );
+                return Ok(self.promote(service, progress, cancel).await?.bake);
+            }
+            let judged = match baking.take() {
+                Some(first) => first,
+                None => {
+                    self.set_share(service, &upstream, share, progress, &step)
+                        .await?;
+                    Baking {
+                        baseline: upstream.stats().snapshot(),
+                        upstream: Arc::clone(&upstream),
+                        phase: Phase::Canary,
+                        length: Length::Whole,
+                    }
+                }
+            };
+            let last = index + 1 == count;
+            let judged = Baking {
+                length: Length::Step {
+                    length: steps.interval,
+                    last,
+                },
+                ..judged
+            };
+            verdict = self.bake(service, judged, progress, cancel).await?;
+            if verdict
+                .as_ref()
+                .is_none_or(|report| report.state != "passed")
+            {
+                // Ended by an operator or the shutdown (or the bake was
+                // taken out of the config): the rollout stops here.
+                break;
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// Raises the running canary to `share_bp` for the next step; refused
+    /// when the canary is no longer `upstream` (an operator promoted,
+    /// aborted or rolled back meanwhile).
+    async fn set_share(
+        self: &Arc<Self>,
+        service: &str,
+        upstream: &Arc<Upstream>,
+        share_bp: u32,
+        progress: &Progress,
+        step: &str,
+    ) -> Result<(), ControlError> {
+        let _busy = self.writer.claim(service)?;
+        let running = self
+            .writer
+            .canary(service)
+            .is_some_and(|canary| Arc::ptr_eq(&canary.upstream, upstream));
+        let (true, Some(active)) = (running, self.writer.active(service)) else {
+            return Err(ControlError::Refused(format!(
+                "the canary of {service} changed during its rollout (promoted, aborted or rolled back): its steps stop"
+            )));
+        };
+        let canary = Canary::new(service, &active, Arc::clone(upstream), share_bp);
+        let before = self.records.get(service);
+        let image = upstream
+            .container
+            .as_ref()
+            .map_or_else(|| upstream.label.clone(), |c| c.image.clone());
+        let message = format!("canary at {} ({step})", share_text(share_bp));
+        self.records.update(service, |record| {
+            record.last_deploy = Some(deploy_record(&image, true, &message));
+        });
+        if let Err(err) = self.writer.set_canary(service, Some(canary)).await {
+            self.records.update(service, |record| *record = before);
+            return Err(err);
+        }
+        progress.emit(
+            "step",
+            format!(
+                "{step}: {} takes {} of new clients beside {}",
+                upstream.label,
+                share_text(share_bp),
+                active.label
+            ),
+        );
+        Ok(())
+    }
+
     /// Switches everything to the service's canary (drain, keep the old
     /// colour warm), then judges it for the bake window.
     pub async fn promote(
@@ -199,7 +325,7 @@ impl Deployer {
             upstream,
             baseline,
             phase: Phase::Switch,
-            resumes_until: None,
+            length: Length::Whole,
         };
         Ok((report, baking, pruning))
     }

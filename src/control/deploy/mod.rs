@@ -44,7 +44,7 @@ use super::{check_health, next_color, ControlError, Progress};
 use crate::config::{Config, ContainerSettings, Service};
 use crate::docker::{ContainerInfo, ContainerRuntime, ContainerSpec};
 use crate::upstream::Upstream;
-use bake::{Bakes, Baking, Phase};
+use bake::{Bakes, Baking, Length, Phase};
 pub use canary::parse_share;
 use engine::EngineHandle;
 pub(crate) use engine::{docker, Connect};
@@ -198,6 +198,8 @@ impl Deployer {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<DeployReport, ControlError> {
+        let steps = self.planned_steps(service, canary);
+        let canary = canary.or_else(|| steps.as_ref().map(|steps| steps.shares[0]));
         let (mut report, baking, pruning) = {
             let _busy = self.writer.claim(service)?;
             self.end_bake(service);
@@ -209,7 +211,13 @@ impl Deployer {
         };
         // The claim is released: `abort`, `promote` and `rollback` may end
         // the window.
-        let baked = self.bake(service, baking, progress, cancel).await;
+        let baked = match &steps {
+            Some(steps) if baking.phase == Phase::Canary => {
+                self.step_through(service, baking, steps, progress, cancel)
+                    .await
+            }
+            _ => self.bake(service, baking, progress, cancel).await,
+        };
         // Trimming old images waits for the engine (a few hundred ms per
         // image removed): after the window, so judging starts at the swap.
         if let Some(pruning) = pruning {
@@ -284,7 +292,7 @@ impl Deployer {
                 upstream,
                 baseline,
                 phase: Phase::Canary,
-                resumes_until: None,
+                length: Length::Whole,
             };
             return Ok((report, baking, None));
         }
@@ -301,7 +309,7 @@ impl Deployer {
             } else {
                 Phase::Switch
             },
-            resumes_until: None,
+            length: Length::Whole,
         };
         let drain_ms = handover.drain_time.as_millis() as u64;
         let pruning = Pruning {

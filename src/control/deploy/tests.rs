@@ -770,13 +770,106 @@ mod state_machine {
 
     mod canary {
         //! Canary deploys against the fake engine: the split survives a
-        //! restart with its container, and abort removes that container.
+        //! restart with its container, abort removes that container, and
+        //! a stepped rollout goes through its shares or stops at a breach.
 
         use std::sync::Arc;
 
         use tokio_util::sync::CancellationToken;
 
         use super::*;
+
+        const STEPS: &str = "bake = { window = \"5s\", min_requests = 20, steps = [\"10%\", \"50%\", \"100%\"], step_interval = \"2s\" }\n";
+
+        /// Blue serving, then a plain deploy of green running in the
+        /// background through `STEPS`.
+        async fn stepping(
+            dir: &Path,
+            engine: &Arc<FakeEngine>,
+        ) -> (
+            Arc<Controller>,
+            String,
+            tokio::task::JoinHandle<Result<String, ControlError>>,
+        ) {
+            let controller = controller_with(dir, engine, STEPS);
+            engine.publish_next(app(200).await);
+            let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+            engine.publish_next(app(200).await);
+            let deploying = {
+                let controller = Arc::clone(&controller);
+                tokio::spawn(async move { deploy(&controller, "web:v2").await })
+            };
+            (controller, blue, deploying)
+        }
+
+        fn share(controller: &Controller) -> Option<u32> {
+            controller
+                .writer
+                .canary("web")
+                .map(|canary| canary.share_bp)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_stepped_rollout_goes_through_its_shares_then_promotes() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let engine = Arc::new(FakeEngine::default());
+            let (controller, _, deploying) = stepping(dir.path(), &engine).await;
+            wait_until("10%", || share(&controller) == Some(1_000)).await;
+            wait_until("50%", || share(&controller) == Some(5_000)).await;
+            let saved = StateStore::new(dir.path()).load().expect("state file");
+            assert_eq!(
+                saved.services["web"].canary.as_ref().map(|c| c.share_bp),
+                Some(5_000)
+            );
+            let green = deploying.await.expect("task").expect("the rollout passes");
+            assert_eq!(serving(&controller).0, green, "promoted at the last step");
+            assert_eq!(share(&controller), None);
+            let bake = controller.deployer.last_bake("web").expect("a verdict");
+            assert_eq!(
+                (bake.phase.as_str(), bake.state.as_str()),
+                ("switch", "passed")
+            );
+            let metrics = &controller.writer.shared().metrics;
+            assert_eq!(
+                metrics.bakes_counted("web", "canary", "passed"),
+                2,
+                "two steps"
+            );
+            assert_eq!(metrics.bakes_counted("web", "switch", "passed"), 1);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_breach_at_a_step_aborts_the_rollout() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let engine = Arc::new(FakeEngine::default());
+            let (controller, blue, deploying) = stepping(dir.path(), &engine).await;
+            wait_until("50%", || share(&controller) == Some(5_000)).await;
+            let canary = controller.writer.canary("web").expect("canary");
+            for status in std::iter::repeat_n(200, 15).chain(std::iter::repeat_n(500, 5)) {
+                canary
+                    .upstream
+                    .stats()
+                    .record(status, Duration::from_millis(1));
+            }
+            let failed = deploying.await.expect("task");
+            let Err(ControlError::BakeFailed(message)) = failed else {
+                panic!("the breach fails the deploy: {failed:?}");
+            };
+            assert!(message.contains("error rate 25.00%"), "{message}");
+            assert_eq!(share(&controller), None, "the canary is aborted");
+            assert_eq!(serving(&controller).0, blue);
+            let green = canary
+                .upstream
+                .container
+                .as_ref()
+                .expect("container")
+                .id
+                .clone();
+            assert!(
+                engine.container(&green).is_none(),
+                "its container is removed"
+            );
+        }
 
         #[tokio::test(start_paused = true)]
         async fn a_restart_keeps_the_split_and_the_canary_container_until_abort() {
