@@ -192,12 +192,14 @@ pub(crate) async fn judge(
     }
 }
 
-/// What a judge saw when a threshold broke.
+/// What a judge saw when a threshold broke, and the window's record in
+/// the state file.
 struct Breach {
     window: StatsSnapshot,
     reason: String,
     observed: Instant,
     elapsed: Duration,
+    persisted: Option<BakeState>,
 }
 
 /// The running windows (to end them) and the last verdict of each service
@@ -440,12 +442,11 @@ impl Deployer {
                     reason,
                     observed,
                     elapsed,
+                    persisted,
                 };
-                let failed = self
+                Err(self
                     .breached(service, &upstream, phase, breach, &stop, progress)
-                    .await;
-                self.forget_bake(service, persisted.as_ref()).await;
-                Err(failed)
+                    .await)
             }
         }
     }
@@ -478,11 +479,11 @@ impl Deployer {
                         reason,
                         observed,
                         elapsed,
+                        persisted,
                     };
                     let err = deployer
                         .breached(&service, &upstream, Phase::Canary, breach, &stop, &progress)
                         .await;
-                    deployer.forget_bake(&service, persisted.as_ref()).await;
                     tracing::error!(service, error = %err, "canary breached its bake thresholds");
                 }
                 Outcome::Ended(_) => deployer.ended_bake(&service, persisted.as_ref()).await,
@@ -596,6 +597,7 @@ impl Deployer {
             reason,
             observed,
             elapsed,
+            persisted,
         } = breach;
         let window = &window;
         progress.emit(
@@ -619,6 +621,11 @@ impl Deployer {
                     .shared()
                     .metrics
                     .automatic_rollback(service, phase.name(), took);
+                // Decided: a restart has nothing to resume. A rollback that
+                // did not happen (the service claimed by an operator's
+                // operation or an upgrade's hand-off) leaves the window
+                // recorded, for whoever serves next to judge.
+                self.forget_bake(service, persisted.as_ref()).await;
                 let ms = took.as_millis() as u64;
                 breached.breach_to_switch_ms = Some(ms);
                 format!("traffic went back to the previous colour {ms} ms after the breach was seen (breach_to_switch_ms={ms})")
@@ -646,8 +653,20 @@ impl Deployer {
         stop: &CancellationToken,
         progress: &Progress,
     ) -> Result<Instant, ControlError> {
-        // An operator's operation that claimed the service first decides.
-        let _busy = self.writer.claim(service)?;
+        // An operator's operation that claimed the service first decides:
+        // it ends this window (`stop`). An upgrade's hand-off claims every
+        // service without deciding anything: wait for it, a tick at a
+        // time, until it gives the claim back (it failed) or this process
+        // stops (the new one resumes the window from the state file).
+        let _busy = loop {
+            match self.writer.claim(service) {
+                Ok(busy) => break busy,
+                Err(ControlError::Busy(_)) if !stop.is_cancelled() => {
+                    tokio::time::sleep(TICK).await
+                }
+                Err(err) => return Err(err),
+            }
+        };
         if stop.is_cancelled() {
             return Err(ControlError::Failed(
                 "another operation changed the service first".into(),

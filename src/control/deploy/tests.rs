@@ -724,6 +724,57 @@ mod state_machine {
         assert_eq!(restarted.deployer.last_bake("web"), None, "nothing judged");
     }
 
+    /// A breach while an upgrade's hand-off holds every service's claim:
+    /// the rollback waits for the claim instead of giving up, and happens
+    /// once the claim is back (the hand-off failed and this process serves
+    /// on).
+    #[tokio::test(start_paused = true)]
+    async fn a_breach_during_a_hand_off_waits_for_the_claim() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(FakeEngine::default());
+        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
+        let controller = controller_with(dir.path(), &engine, bake);
+        let blue_addr = app(200).await;
+        engine.publish_next(blue_addr);
+        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        engine.publish_next(app(200).await);
+        let deploying = {
+            let controller = Arc::clone(&controller);
+            tokio::spawn(async move { deploy(&controller, "web:v2").await })
+        };
+        wait_until("the window runs", || {
+            controller
+                .deployer
+                .last_bake("web")
+                .is_some_and(|bake| bake.state == "running")
+        })
+        .await;
+        let green = controller.active("web").expect("green");
+        let hand_off = controller
+            .writer
+            .claim("web")
+            .expect("claim, as upgrade does");
+        for status in std::iter::repeat_n(200, 45).chain(std::iter::repeat_n(503, 5)) {
+            green.stats().record(status, Duration::from_millis(2));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            controller.active("web").map(|a| a.label.clone()).as_deref(),
+            Some("green"),
+            "nothing moves while the hand-off holds the claim"
+        );
+        assert!(!deploying.is_finished(), "the deploy waits for its verdict");
+        drop(hand_off);
+        let failed = deploying.await.expect("deploy task");
+        assert!(
+            matches!(failed, Err(ControlError::BakeFailed(_))),
+            "{failed:?}"
+        );
+        assert_eq!(serving(&controller), (blue, blue_addr));
+        let verdict = controller.deployer.last_bake("web").expect("verdict");
+        assert!(verdict.breach_to_switch_ms.is_some(), "{verdict:?}");
+    }
+
     /// The metrics endpoint's text for `controller`'s server.
     fn metrics_text(controller: &Arc<Controller>) -> String {
         let metrics = &controller.writer.shared().metrics;
