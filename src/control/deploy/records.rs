@@ -1,8 +1,8 @@
 //! What the deployer remembers about each service besides its active
 //! upstream: the warm previous colour, the deployed images, the last
 //! deploy, the container a running deploy is creating, the bake window
-//! running. Persisted with
-//! every snapshot write (see [`Writer::persist`](crate::control::writer::Writer::persist)).
+//! running. Persisted with every snapshot write (see
+//! [`Writer::persist`](crate::control::writer::Writer::persist)).
 //!
 //! Read by anyone in the control plane; changed only inside
 //! [`deploy`](super), through [`Deployer::commit`](super::Deployer::commit)
