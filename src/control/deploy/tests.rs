@@ -355,7 +355,16 @@ mod state_machine {
         engine: &Arc<FakeEngine>,
         dir: &Path,
     ) -> (Arc<Controller>, String, SocketAddr) {
-        let controller = controller(dir, engine);
+        blue_serving_with(engine, dir, "").await
+    }
+
+    /// [`blue_serving`] with `extra` lines in the service's table.
+    async fn blue_serving_with(
+        engine: &Arc<FakeEngine>,
+        dir: &Path,
+        extra: &str,
+    ) -> (Arc<Controller>, String, SocketAddr) {
+        let controller = controller_with(dir, engine, extra);
         let addr = app(200).await;
         engine.publish_next(addr);
         let blue = deploy(&controller, "web:v1").await.expect("first deploy");
@@ -533,6 +542,11 @@ mod state_machine {
         );
     }
 
+    /// A bake window long enough to outlast what the tests below do, that
+    /// breaks at more than 1% 5xx once 50 answers are in.
+    const BAKE_20S: &str =
+        "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
+
     /// A bake breach after a full switch: traffic goes back to blue, the
     /// deploy fails as `rolled_back`, and the metrics count the breach and
     /// the automatic rollback's time.
@@ -540,11 +554,7 @@ mod state_machine {
     async fn a_bake_breach_rolls_back_and_shows_in_the_metrics() {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Arc::new(FakeEngine::default());
-        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
-        let controller = controller_with(dir.path(), &engine, bake);
-        let blue_addr = app(200).await;
-        engine.publish_next(blue_addr);
-        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        let (controller, blue, blue_addr) = blue_serving_with(&engine, dir.path(), BAKE_20S).await;
         engine.publish_next(app(200).await);
 
         let deploying = {
@@ -611,11 +621,7 @@ mod state_machine {
     async fn a_restart_resumes_the_bake_window_and_its_breach_rolls_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Arc::new(FakeEngine::default());
-        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
-        let controller = controller_with(dir.path(), &engine, bake);
-        let blue_addr = app(200).await;
-        engine.publish_next(blue_addr);
-        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        let (controller, blue, blue_addr) = blue_serving_with(&engine, dir.path(), BAKE_20S).await;
         let saved_bake = || {
             StateStore::new(dir.path())
                 .load()
@@ -659,7 +665,7 @@ mod state_machine {
         assert_eq!(saved_bake(), Some(recorded.clone()));
         drop(controller);
 
-        let restarted = controller_with(dir.path(), &engine, bake);
+        let restarted = controller_with(dir.path(), &engine, BAKE_20S);
         restarted.restore().await.expect("restore");
         restarted.reconcile().await;
         let green = restarted.active("web").expect("green serves");
@@ -701,7 +707,6 @@ mod state_machine {
     async fn a_stale_bake_window_is_dropped_at_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Arc::new(FakeEngine::default());
-        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
         let (controller, _, _) = blue_serving(&engine, dir.path()).await;
         drop(controller);
         let store = StateStore::new(dir.path());
@@ -714,7 +719,7 @@ mod state_machine {
         });
         store.save(&state).expect("save");
 
-        let restarted = controller_with(dir.path(), &engine, bake);
+        let restarted = controller_with(dir.path(), &engine, BAKE_20S);
         restarted.restore().await.expect("restore");
         restarted.reconcile().await;
         wait_until("the stale window is dropped", || {
@@ -732,11 +737,7 @@ mod state_machine {
     async fn a_breach_during_a_hand_off_waits_for_the_claim() {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Arc::new(FakeEngine::default());
-        let bake = "bake = { window = \"20s\", max_error_rate = \"1%\", min_requests = 50 }\n";
-        let controller = controller_with(dir.path(), &engine, bake);
-        let blue_addr = app(200).await;
-        engine.publish_next(blue_addr);
-        let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+        let (controller, blue, blue_addr) = blue_serving_with(&engine, dir.path(), BAKE_20S).await;
         engine.publish_next(app(200).await);
         let deploying = {
             let controller = Arc::clone(&controller);
@@ -842,9 +843,7 @@ mod state_machine {
             String,
             tokio::task::JoinHandle<Result<String, ControlError>>,
         ) {
-            let controller = controller_with(dir, engine, STEPS);
-            engine.publish_next(app(200).await);
-            let blue = deploy(&controller, "web:v1").await.expect("first deploy");
+            let (controller, blue, _) = blue_serving_with(engine, dir, STEPS).await;
             engine.publish_next(app(200).await);
             let deploying = {
                 let controller = Arc::clone(&controller);
